@@ -1,0 +1,130 @@
+"""Reading scans and writing masks, with the affine always kept beside the voxels.
+
+Writes are atomic: the image goes to a temporary file in the target folder and is
+renamed over the target only once complete, so a killed run never leaves a
+half-written mask behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from meshseg.errors import InputError, OutputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass
+class Volume:
+    """A 3-D scan: voxel values (scaling applied), voxel-to-RAS+ mm affine, header."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "<array>"
+
+
+def is_nifti_path(path: Path) -> bool:
+    """True when the file name ends in .nii or .nii.gz."""
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def load_volume(path: str | Path) -> Volume:
+    """Read a NIfTI file into a float32 `Volume`; a 4-D file with one volume becomes 3-D.
+
+    Raises:
+        InputError: the file is missing, not NIfTI, corrupted, or not 3-D.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a NIfTI file")
+    if not is_nifti_path(path):
+        raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+    try:
+        img = nib.load(path)
+    except (nib.filebasedimages.ImageFileError, ValueError) as err:
+        raise InputError(f"{path}: not a readable NIfTI image ({_short(err)})") from err
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise InputError(f"{path}: corrupted or truncated file ({_short(err)})") from err
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(f"{path}: image is {len(img.shape)}-D with shape {img.shape}; "
+                         "a single 3-D volume is needed")
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as err:
+        raise InputError(f"{path}: corrupted or truncated file ({_short(err)})") from err
+    return Volume(data=data, affine=img.affine.astype(np.float64), header=img.header, path=path)
+
+
+def save_like(data: np.ndarray, like: Volume, path: str | Path, dtype: type) -> None:
+    """Write `data` on `like`'s grid (affine, qform/sform and their codes kept), atomically."""
+    header = like.header.copy()
+    header.set_data_dtype(dtype)
+    img = type_for(header)(np.asarray(data, dtype=dtype), None, header=header)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header.set_xyzt_units(*like.header.get_xyzt_units())
+    write_atomic(img, path)
+
+
+def save_array(data: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
+    """Write a new NIfTI image (both qform and sform set to `affine`, code 'scanner')."""
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    write_atomic(img, path)
+
+
+def type_for(header: nib.Nifti1Header) -> type:
+    """The image class matching a header (NIfTI-1 or NIfTI-2)."""
+    return nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+
+
+def write_atomic(img: nib.Nifti1Image, path: str | Path) -> None:
+    """Save `img` to a temporary file beside `path`, then rename it into place.
+
+    Raises:
+        OutputError: the folder is missing or not writable, or the disk is full.
+    """
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}",
+                                   dir=path.parent)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write here ({err.strerror})") from err
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _short(err: BaseException) -> str:
+    """First line of an exception message, for one-line errors."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

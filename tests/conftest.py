@@ -1,0 +1,59 @@
+"""Shared fixtures: small synthetic NIfTI files on any grid, and the shared model's path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+SHARED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "brainchop-t2-lesion-11ch"
+
+
+def grid_affine(zooms=(1.0, 1.0, 1.0), angles_deg=(0.0, 0.0, 0.0), axcodes_flip=(1, 1, 1),
+                origin=(0.0, 0.0, 0.0), perm=(0, 1, 2)) -> np.ndarray:
+    """A voxel-to-RAS affine: axis permutation, flips, rotation (oblique) and zooms."""
+    from scipy.spatial.transform import Rotation
+
+    base = np.eye(3)[:, list(perm)] * np.asarray(axcodes_flip, float)
+    rot = Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix()
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ base @ np.diag(zooms)
+    affine[:3, 3] = origin
+    return affine
+
+
+def blob(shape, center, radius) -> np.ndarray:
+    """A solid ball (bool array) in voxel units."""
+    grid = np.indices(shape).astype(np.float32)
+    dist2 = sum((g - c) ** 2 for g, c in zip(grid, center))
+    return dist2 <= radius**2
+
+
+@pytest.fixture
+def write_nifti(tmp_path):
+    """Write an array as NIfTI: write_nifti(data, affine=None, name=..., dtype=None, slope=None)."""
+
+    def _write(data, affine=None, name="scan.nii.gz", dtype=None, slope=None, inter=None) -> Path:
+        affine = np.eye(4) if affine is None else affine
+        data = np.asarray(data)
+        img = nib.Nifti1Image(data.astype(dtype) if dtype else data, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=2)
+        if slope is not None:
+            img.header.set_slope_inter(slope, inter or 0.0)
+        path = tmp_path / name
+        nib.save(img, path)
+        return path
+
+    return _write
+
+
+@pytest.fixture
+def shared_model() -> Path:
+    """The brainchop model.json from ../shared; skip when that folder is not beside the repo."""
+    path = SHARED_MODEL / "model.json"
+    if not path.exists():
+        pytest.skip(f"shared brainchop model not found at {path}")
+    return path
