@@ -1,0 +1,201 @@
+"""Whole-volume MeshNet inference, one layer at a time, in slabs along the first axis.
+
+MeshNet's receptive field spans most of the head, so cutting the volume into patches would
+change the result. Instead each layer runs over the whole volume, computed in slabs of rows
+along D (axis i of the conformed array): a slab of output rows reads the matching input rows
+plus a halo of `padding` rows on each side. Only two activation volumes exist at a time (the
+layer's input and output, on the CPU); the convolution's temporary memory (and, on CUDA, the
+GPU memory) is bounded by one slab. The result equals the plain full-volume forward pass.
+
+Activations are kept channels-last, (D, H, W, C) in memory, with `margin` zero rows before and
+after the volume along D: any slab plus its halo is then a dense view of that buffer (no padding
+copies, one straight copy to and from the GPU), and channels-last is also the layout that the
+oneDNN CPU kernels run fastest on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meshseg.errors import DeviceError
+from meshseg.model import ACTIVATIONS, FoldedLayer
+
+# Automatic slab size: rows whose input + output activations of a layer fill this many bytes.
+# On the CPU the slab only bounds the convolution's scratch memory (inputs are views), and
+# speed hardly depends on it; on CUDA a slab is what sits on the GPU, so use a share of the free
+# memory and leave the rest to cuDNN's workspace and the caching allocator.
+CPU_SLAB_BYTES = 64 * 2**20
+CUDA_FREE_SHARE = 8
+
+BYTES_PER_FLOAT = 4
+
+
+def _slab_rows(layer: FoldedLayer, shape_dhw: tuple[int, int, int], device: torch.device,
+               slab: int | None) -> int:
+    """Rows per slab: `slab` when given, else the byte budget divided by one row's in+out size."""
+    depth, height, width = shape_dhw
+    if slab is not None:
+        return min(slab, depth)
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        budget = free_bytes // CUDA_FREE_SHARE
+    else:
+        budget = CPU_SLAB_BYTES
+    c_out, c_in = layer.weight.shape[:2]
+    row_bytes = (c_in + c_out) * height * width * BYTES_PER_FLOAT
+    return int(min(depth, max(1, budget // row_bytes)))
+
+
+def _channels_last_buffer(channels: int, depth: int, height: int, width: int, margin: int,
+                          pin: bool) -> torch.Tensor:
+    """A (1, C, margin + D + margin, H, W) float32 tensor stored as (D, H, W, C), margins zeroed.
+
+    Built as a permuted view rather than with memory_format= so pinned allocation (CUDA) needs
+    no extra support; slicing it along D keeps it a dense channels-last block.
+    """
+    storage = torch.empty((1, depth + 2 * margin, height, width, channels), pin_memory=pin)
+    buffer = storage.permute(0, 4, 1, 2, 3)
+    buffer[:, :, :margin].zero_()
+    buffer[:, :, margin + depth:].zero_()
+    return buffer
+
+
+def _run_layer(x: torch.Tensor, out: torch.Tensor, layer: FoldedLayer, margin: int,
+               rows: int, device: torch.device) -> None:
+    """out[rows of the volume] = act(conv(x)), slab by slab; x and out are margin buffers."""
+    depth = x.shape[2] - 2 * margin
+    pad = layer.padding
+    weight = layer.weight.to(device)
+    bias = layer.bias.to(device)
+    activation = ACTIVATIONS[layer.activation](inplace=True) if layer.activation else None
+    on_cuda = device.type == "cuda"
+    for start in range(0, depth, rows):
+        stop = min(start + rows, depth)
+        # Input rows start-pad .. stop+pad; rows beyond the volume fall in the zeroed margin,
+        # which is exactly the zero padding that padding=dilation gives at the border.
+        window = x[:, :, margin + start - pad:margin + stop + pad]
+        if on_cuda:
+            window = window.to(device, non_blocking=True)
+        y = F.conv3d(window, weight, bias, padding=(0, pad, pad), dilation=layer.dilation)
+        if activation is not None:
+            y = activation(y)
+        out[:, :, margin + start:margin + stop].copy_(y, non_blocking=on_cuda)
+    if on_cuda:
+        # The copies back to (pinned) host memory are asynchronous: wait before the host reads.
+        torch.cuda.synchronize(device)
+
+
+def run_layers(x: torch.Tensor, layers: list[FoldedLayer], device: torch.device,
+               slab: int | None = None,
+               on_layer: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Run the folded network over a whole volume: (C_in, D, H, W) -> logits (n_classes, D, H, W).
+
+    x is float32 on the CPU; the result is float32 on the CPU. Each layer is computed in slabs of
+    `slab` rows along D (None: chosen per layer so that one slab's input + output take about
+    64 MiB on the CPU, or 1/8 of the free GPU memory on CUDA). On CUDA each input slab with its
+    halo is copied to the GPU, convolved, and copied back into pinned host memory, so GPU memory
+    stays bounded by one slab whatever the volume size. `on_layer(done, total)` is called after
+    each layer with done = 1 .. total.
+
+    CUDA convolutions follow PyTorch's global precision settings (cuDNN may use TF32 on Ampere
+    and newer GPUs, about 1e-3 relative error); this function does not change them.
+
+    Raises:
+        ValueError: x is not a 4-D float32 CPU tensor matching the first layer, or slab < 1.
+    """
+    if x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"run_layers needs a 4-D float32 CPU tensor, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    if not layers:
+        raise ValueError("run_layers needs at least one layer")
+    if x.shape[0] != layers[0].weight.shape[1]:
+        raise ValueError(f"input has {x.shape[0]} channels; the first layer expects "
+                         f"{layers[0].weight.shape[1]}")
+    if slab is not None and slab < 1:
+        raise ValueError(f"slab must be a positive number of rows, got {slab}")
+    _, depth, height, width = x.shape
+    margin = max(layer.padding for layer in layers)
+    pin = device.type == "cuda"
+    with torch.inference_mode():
+        current = _channels_last_buffer(x.shape[0], depth, height, width, margin, pin)
+        current[0, :, margin:margin + depth].copy_(x)
+        for index, layer in enumerate(layers):
+            out = _channels_last_buffer(layer.weight.shape[0], depth, height, width, margin, pin)
+            rows = _slab_rows(layer, (depth, height, width), device, slab)
+            _run_layer(current, out, layer, margin, rows, device)
+            current = out  # the previous input is released here: two volumes at a time
+            if on_layer is not None:
+                on_layer(index + 1, len(layers))
+    # Cloned outside inference mode: callers get an ordinary tensor they may modify in place.
+    return current[0, :, margin:margin + depth].clone(memory_format=torch.contiguous_format)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Smallest box (one slice per axis) holding every True voxel of a non-empty mask."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def lesion_probability(volume01: np.ndarray, layers: list[FoldedLayer], device: torch.device,
+                       margin: int = 18, slab: int | None = None,
+                       on_layer: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Lesion (class 1) probability for a conformed volume scaled to 0..1, as brainchop runs it.
+
+    The network sees the bounding box of the voxels > 0 padded with `margin` zero voxels on
+    every side (brainchop's 18), whether or not the box touches the volume border, so the
+    context beyond the head is zeros either way. Softmax over the classes gives probabilities;
+    like brainchop, which removes the padding before putting labels back, only the bounding box
+    is written: the result is float32 of volume01's shape, 0 outside the box. An all-zero
+    volume returns zeros without running the network.
+    """
+    volume01 = np.asarray(volume01, dtype=np.float32)
+    if volume01.ndim != 3:
+        raise ValueError(f"lesion_probability needs a 3-D volume, got shape {volume01.shape}")
+    probability = np.zeros(volume01.shape, dtype=np.float32)
+    foreground = volume01 > 0
+    if not foreground.any():
+        return probability
+    box = _bounding_box(foreground)
+    crop = np.pad(volume01[box], margin)  # brainchop pads with zeros, not with image voxels
+    logits = run_layers(torch.from_numpy(crop)[None], layers, device, slab=slab,
+                        on_layer=on_layer)
+    inner = tuple(slice(margin, n - margin) for n in crop.shape)
+    probability[box] = torch.softmax(logits[(slice(None), *inner)], dim=0)[1].numpy()
+    return probability
+
+
+_CUDA_NAME = re.compile(r"cuda(:\d+)?")
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn a --device value into a torch device, never falling back silently.
+
+    "auto" -> the first CUDA device when CUDA works, else the CPU; "cpu"; "cuda" / "cuda:N".
+
+    Raises:
+        DeviceError: an unknown name, or CUDA (or device N) that this machine does not have.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not _CUDA_NAME.fullmatch(name):
+        raise DeviceError(f"--device {name}: unknown device (use auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        reason = ("this PyTorch build has no CUDA support" if torch.version.cuda is None
+                  else "no usable NVIDIA GPU or driver was found")
+        raise DeviceError(f"--device {name}: CUDA is not available on this machine ({reason})")
+    device = torch.device(name)
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise DeviceError(f"--device {name}: this machine has {count} CUDA device(s) "
+                          f"(cuda:0 to cuda:{count - 1})")
+    return device

@@ -1,0 +1,130 @@
+"""Slab-wise layer-by-layer inference equals the plain full-volume MeshNet forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from meshseg.errors import DeviceError
+from meshseg.infer import lesion_probability, resolve_device, run_layers
+from meshseg.model import MeshNet, MeshNetConfig, fold
+from tests.conftest import blob
+from tests.test_model import randomise_batch_norms
+
+CPU = torch.device("cpu")
+
+
+def small_meshnet(in_channels: int = 1, activation: str = "elu", seed: int = 0) -> MeshNet:
+    """A narrow eval-mode MeshNet with all 9 paper dilations and random batch norms."""
+    torch.manual_seed(seed)
+    model = MeshNet(MeshNetConfig(channels=3, activation=activation, in_channels=in_channels))
+    randomise_batch_norms(model, seed)
+    return model.eval()
+
+
+def forward(model: MeshNet, x: torch.Tensor) -> torch.Tensor:
+    """The reference: one full-volume forward pass, (C, D, H, W) -> (n_classes, D, H, W)."""
+    with torch.no_grad():
+        return model(x[None])[0]
+
+
+@pytest.mark.parametrize("slab", [1, 3, 7, None])
+@pytest.mark.parametrize(("shape", "in_channels", "activation"), [
+    ((20, 24, 18), 1, "elu"),
+    ((9, 21, 5), 2, "relu"),  # D and W smaller than the largest dilation (16)
+])
+def test_run_layers_equals_full_volume_forward(shape, in_channels, activation, slab):
+    model = small_meshnet(in_channels, activation)
+    x = torch.rand(in_channels, *shape, generator=torch.Generator().manual_seed(3))
+    logits = run_layers(x, fold(model), CPU, slab=slab)
+    assert logits.dtype == torch.float32 and logits.is_contiguous()
+    assert not logits.is_inference()
+    torch.testing.assert_close(logits, forward(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_run_layers_reports_each_layer():
+    calls = []
+    layers = fold(small_meshnet())
+    run_layers(torch.rand(1, 4, 5, 6), layers, CPU, on_layer=lambda i, n: calls.append((i, n)))
+    assert calls == [(i, len(layers)) for i in range(1, len(layers) + 1)]
+
+
+@pytest.mark.parametrize(("x", "slab", "message"), [
+    (torch.rand(2, 4, 4, 4), None, "channels"),
+    (torch.rand(4, 4, 4), None, "4-D"),
+    (torch.rand(1, 4, 4, 4, dtype=torch.float64), None, "float32"),
+    (torch.rand(1, 4, 4, 4), 0, "slab"),
+])
+def test_run_layers_rejects_bad_arguments(x, slab, message):
+    with pytest.raises(ValueError, match=message):
+        run_layers(x, fold(small_meshnet()), CPU, slab=slab)
+
+
+def test_run_layers_needs_layers():
+    with pytest.raises(ValueError, match="at least one layer"):
+        run_layers(torch.rand(1, 4, 4, 4), [], CPU)
+
+
+@pytest.mark.parametrize(("center", "margin"), [((14, 12, 10), 18), ((3, 12, 20), 4)])
+def test_lesion_probability_is_softmax_of_the_padded_crop(center, margin):
+    """The second case's head touches the volume border: the crop still gets `margin` zeros."""
+    shape = (28, 26, 24)
+    head = blob(shape, center, 6)
+    rng = np.random.default_rng(0)
+    volume = np.where(head, rng.uniform(0.2, 1.0, shape), 0).astype(np.float32)
+    model = small_meshnet()
+
+    probability = lesion_probability(volume, fold(model), CPU, margin=margin, slab=5)
+
+    box = tuple(slice(idx.min(), idx.max() + 1) for idx in np.nonzero(head))
+    crop = torch.from_numpy(np.pad(volume[box], margin))[None]
+    inner = tuple(slice(margin, n - margin) for n in crop.shape[1:])
+    expected = np.zeros(shape, np.float32)
+    expected[box] = torch.softmax(forward(model, crop), dim=0)[(1, *inner)].numpy()
+    assert probability.dtype == np.float32 and probability.shape == shape
+    np.testing.assert_allclose(probability, expected, rtol=1e-5, atol=1e-6)
+    assert probability[box].min() > 0
+
+
+def test_lesion_probability_of_an_empty_volume_is_zero_without_running():
+    calls = []
+    probability = lesion_probability(np.zeros((6, 7, 8), np.float32), fold(small_meshnet()), CPU,
+                                     on_layer=lambda i, n: calls.append(i))
+    assert probability.shape == (6, 7, 8) and not probability.any() and calls == []
+
+
+def test_resolve_device_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == CPU
+    assert resolve_device("cpu") == CPU
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(DeviceError, match=f"--device {name}: CUDA is not available"):
+            resolve_device(name)
+
+
+def test_resolve_device_with_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DeviceError, match="2 CUDA device"):
+        resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("name", ["gpu", "CUDA", "cuda:", "mps", ""])
+def test_resolve_device_rejects_unknown_names(name):
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device(name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_run_layers_on_cuda_equals_cpu(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare at float32 precision
+    model = small_meshnet()
+    x = torch.rand(1, 20, 24, 18, generator=torch.Generator().manual_seed(5))
+    for slab in (3, None):
+        logits = run_layers(x, fold(model), torch.device("cuda"), slab=slab)
+        assert logits.device == CPU
+        torch.testing.assert_close(logits, forward(model, x), rtol=1e-4, atol=1e-4)
