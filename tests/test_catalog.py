@@ -1,0 +1,129 @@
+"""Model catalogue: checkpoints load without code execution, pulls verify sha256."""
+
+import functools
+import hashlib
+import http.server
+import pickle
+import shutil
+import threading
+
+import pytest
+import torch
+
+from meshseg import catalog
+from meshseg.errors import WeightsError
+from meshseg.model import MeshNet, MeshNetConfig
+from meshseg.weights import load_checkpoint, save_checkpoint, sha256_file
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHSEG_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def fake_remote(tmp_path, monkeypatch):
+    """A downloadable catalogue entry served from a local folder."""
+    source = tmp_path / "mirror"
+    source.mkdir()
+    files = {"a.bin": b"alpha" * 100, "b.json": b'{"x": 1}'}
+    for name, content in files.items():
+        (source / name).write_bytes(content)
+    entry = catalog.CatalogEntry(
+        name="fake", description="test", architecture="MeshNet-2", channels=2, parameters=1,
+        fmt="meshseg", entry_file="a.bin", license="MIT", source=source.as_uri() + "/",
+        files={n: hashlib.sha256(c).hexdigest() for n, c in files.items()})
+    monkeypatch.setattr(catalog, "REMOTE", (entry,))
+    return entry, source
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = MeshNet(MeshNetConfig(channels=3, activation="elu"))
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, {"note": "test"})
+    loaded, meta = load_checkpoint(path)
+    assert meta == {"note": "test"} and loaded.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+
+
+def test_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(WeightsError, match="evil.safetensors"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_pull_verifies_and_caches(home, fake_remote):
+    entry, _ = fake_remote
+    folder = catalog.pull("fake")
+    assert folder == home / "models" / "fake"
+    assert entry.is_local()
+
+
+def test_pull_refuses_checksum_mismatch(home, fake_remote):
+    entry, source = fake_remote
+    (source / "a.bin").write_bytes(b"tampered")
+    with pytest.raises(WeightsError, match="checksum mismatch.*refused"):
+        catalog.pull("fake")
+    folder = home / "models" / "fake"
+    assert not (folder / "a.bin").exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert not entry.is_local()
+
+
+def test_pull_over_http_on_loopback(home, fake_remote):
+    entry, source = fake_remote
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(source))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        catalog.pull("fake", mirror=url)
+        assert entry.is_local()
+        with pytest.raises(WeightsError, match="download failed"):
+            catalog.download(url + "missing.bin", home / "x.bin", "0" * 64)
+    finally:
+        server.shutdown()
+
+
+def test_unknown_model_and_unpulled_model(home):
+    with pytest.raises(WeightsError, match="no such model.*brainchop-t2-lesion"):
+        catalog.load("nonexistent")
+    with pytest.raises(WeightsError, match="meshseg models pull brainchop-t2-lesion"):
+        catalog.load("brainchop-t2-lesion")
+
+
+def test_brainchop_entry_matches_shared_files(home, shared_model):
+    """The pinned checksums are those of the shared copy; pulling from it as a mirror works."""
+    catalog.pull("brainchop-t2-lesion", mirror=shared_model.parent.as_uri())
+    model = catalog.load("brainchop-t2-lesion")
+    assert model.parameters == 26556 and model.postprocess == "largest"
+
+
+def test_bundled_cards_match_their_checkpoints():
+    cards = catalog.bundled()
+    assert sum(card.default for card in cards) == 1, "exactly one bundled default model"
+    for card in cards:
+        path = card.folder / card.entry_file
+        assert sha256_file(path) == card.files[card.entry_file]
+        model, meta = load_checkpoint(path)
+        assert model.config.channels == card.channels
+        assert sum(p.numel() for p in model.parameters()) == card.parameters
+        assert meta.get("trained"), "a bundled model must record how it was trained"
+
+
+def test_load_by_path(tmp_path, shared_model):
+    copy = tmp_path / "bc"
+    shutil.copytree(shared_model.parent, copy)
+    assert catalog.load(str(copy / "model.json")).parameters == 26556
