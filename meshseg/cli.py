@@ -1,0 +1,163 @@
+"""The ``meshseg`` command: parse options, call the library, render results, set the exit code.
+
+Exit status: 0 every input succeeded (or was already done), 1 an input, the model
+or an output failed, 2 a usage error (bad option, nothing to do, device not available).
+Heavy imports (torch) happen inside commands so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from meshseg import __version__
+from meshseg.errors import DeviceError, MeshsegError, OutputError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> None:
+    """Print one error line (no traceback) and exit."""
+    click.echo(f"meshseg: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meshseg")
+def main() -> None:
+    """Chronic stroke lesion segmentation on T2-weighted MRI with MeshNet."""
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output file (one input, .nii/.nii.gz) or folder. "
+                   "Default: <name>_lesion.nii.gz beside each input.")
+@click.option("-m", "--model", "model_spec", metavar="MODEL",
+              help="Model name (see `meshseg models list`), a .safetensors checkpoint, "
+                   "or a brainchop model.json. Default: the bundled model.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N. auto picks CUDA when present.")
+@click.option("--prob", is_flag=True, help="Also write the lesion probability map (float32).")
+@click.option("--overwrite", is_flag=True, help="Redo inputs whose outputs already exist.")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write a per-input report (.json or .csv).")
+@click.option("--largest/--all-lesions", "largest", default=None,
+              help="Keep only the largest connected lesion, or all. Default: the model's "
+                   "own choice (brainchop models keep the largest).")
+@click.option("--slab", type=click.IntRange(min=1), default=None,
+              help="Slab thickness in voxels for layer-by-layer inference (bounds memory).")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None, device: str,
+            prob: bool, overwrite: bool, report: Path | None, largest: bool | None,
+            slab: int | None, quiet: bool) -> None:
+    """Segment lesions in each INPUT (NIfTI files, folders or globs)."""
+    from meshseg import catalog
+    from meshseg.cohort import expand_inputs, plan_outputs
+    from meshseg.infer import resolve_device
+    from meshseg.io import is_nifti_path
+
+    if report is not None and report.suffix.lower() not in (".json", ".csv"):
+        raise click.BadParameter("must end in .json or .csv", param_hint="--report")
+    if report is not None and not report.parent.is_dir():
+        raise click.BadParameter(f"folder {report.parent} does not exist", param_hint="--report")
+    paths = expand_inputs(list(inputs))
+    if not paths:
+        fail("no NIfTI files found in " + ", ".join(inputs), EXIT_USAGE)
+    if output is not None and not is_nifti_path(output):
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            fail(f"{output}: cannot create output folder ({err.strerror or err})", EXIT_USAGE)
+    try:
+        torch_device = resolve_device(device)
+        plans = plan_outputs(paths, output, prob)
+    except (DeviceError, OutputError) as err:
+        fail(str(err), EXIT_USAGE)
+    try:
+        model = catalog.load(model_spec)
+    except MeshsegError as err:
+        fail(str(err))
+    postprocess = None if largest is None else ("largest" if largest else "none")
+    from meshseg.progress import run_cohort
+
+    try:
+        results = run_cohort(paths, plans, model, torch_device, overwrite=overwrite,
+                             postprocess=postprocess, slab=slab, report=report, quiet=quiet)
+    except MeshsegError as err:
+        fail(str(err))
+    sys.exit(EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK)
+
+
+@main.group()
+def models() -> None:
+    """List and download models."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models_list(as_json: bool) -> None:
+    """Show every known model, where it comes from and whether it is available offline."""
+    import json
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from meshseg import catalog
+
+    rows = []
+    for entry in catalog.entries():
+        row = asdict(entry)
+        row["local"] = entry.is_local()
+        row["folder"] = str(entry.folder)
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "architecture", "channels", "parameters", "source", "sha256", "local")
+    for row in rows:
+        shas = "\n".join(f"{name} {sha[:12]}…" for name, sha in row["files"].items())
+        name = row["name"] + (" (default)" if row["default"] else "")
+        table.add_row(name, row["architecture"], str(row["channels"]),
+                      f"{row['parameters']:,}", row["source"], shas,
+                      "yes" if row["local"] else "no")
+    Console().print(table)
+
+
+@models.command("pull")
+@click.argument("name")
+@click.option("--from", "mirror", metavar="URL",
+              help="Download from this base address instead (a mirror, or file:///folder/).")
+def models_pull(name: str, mirror: str | None) -> None:
+    """Download model NAME into the cache ($MESHSEG_HOME) and verify its sha256."""
+    from meshseg import catalog
+
+    try:
+        folder = catalog.pull(name, mirror)
+    except MeshsegError as err:
+        fail(str(err))
+    click.echo(f"{name}: verified in {folder}")
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path),
+                default="example_t2.nii.gz")
+@click.option("--mask", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the true lesion mask here.")
+@click.option("--seed", default=0, show_default=True, help="Random seed of the synthetic head.")
+def example(output: Path, mask: Path | None, seed: int) -> None:
+    """Write a synthetic T2-weighted head with a chronic stroke lesion (for trying predict)."""
+    from meshseg.synth import write_pair
+
+    try:
+        volume_ml = write_pair(seed, output, mask)
+    except MeshsegError as err:
+        fail(str(err))
+    click.echo(f"{output}: synthetic T2 head, seed {seed}, true lesion {volume_ml:.1f} mL")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The main job: load -> validate -> conform -> infer -> un-conform -> write.
+
+`segment` is the pure pipeline on a `Volume`; `segment_file` adds reading,
+writing and the per-input record that cohort reports are made of.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from meshseg.catalog import LoadedModel
+from meshseg.conform import conform, to_unit_range, unconform
+from meshseg.errors import MeshsegError
+from meshseg.infer import lesion_probability
+from meshseg.io import Volume, load_volume, save_like
+from meshseg.validate import check_volume
+
+Progress = Callable[[str, float], None]
+"""Called with a stage name (load, conform, layers, unconform, write) and its fraction done."""
+
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connected, as brainchop counts lesions
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where one input's results go."""
+
+    mask: Path
+    prob: Path | None = None
+
+    def done(self) -> bool:
+        """True when every requested output exists (the mask is written last)."""
+        return self.mask.exists() and (self.prob is None or self.prob.exists())
+
+
+@dataclass
+class Result:
+    """One input's outcome: a row of the cohort report."""
+
+    input: str
+    output: str
+    status: str  # "ok", "skipped" or "failed"
+    model: str
+    device: str
+    lesion_ml: float | None = None
+    voxels: int | None = None
+    components: int | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+
+def segment(volume: Volume, model: LoadedModel, device: torch.device,
+            slab: int | None = None, progress: Progress | None = None) -> np.ndarray:
+    """Lesion probability (float32) on the volume's own grid."""
+    report = progress or (lambda stage, fraction: None)
+    check_volume(volume)
+    report("conform", 0.0)
+    conformed, record = conform(volume)
+    report("conform", 1.0)
+    prob = lesion_probability(to_unit_range(conformed), model.layers, device, slab=slab,
+                              on_layer=lambda i, n: report("layers", i / n))
+    report("unconform", 0.0)
+    native = unconform(prob, record)
+    report("unconform", 1.0)
+    return native
+
+
+def to_mask(prob: np.ndarray, postprocess: str = "none") -> np.ndarray:
+    """Threshold at 0.5 (equal to argmax of two classes); 'largest' keeps one lesion."""
+    mask = prob > 0.5
+    if postprocess == "largest" and mask.any():
+        labels, count = ndimage.label(mask, structure=CONNECTIVITY)
+        if count > 1:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            mask = labels == int(sizes.argmax())
+    return mask.astype(np.uint8)
+
+
+def lesion_stats(mask: np.ndarray, affine: np.ndarray) -> tuple[float, int, int]:
+    """(volume in mL, voxel count, number of 26-connected lesions) of a 0/1 mask."""
+    voxels = int(mask.sum())
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    components = ndimage.label(mask, structure=CONNECTIVITY)[1] if voxels else 0
+    return voxels * voxel_ml, voxels, int(components)
+
+
+def segment_file(path: Path, outputs: Outputs, model: LoadedModel, device: torch.device, *,
+                 overwrite: bool = False, postprocess: str | None = None,
+                 slab: int | None = None, progress: Progress | None = None) -> Result:
+    """Segment one file; user-facing problems become a failed Result, never an exception."""
+    start = time.perf_counter()
+    result = Result(input=str(path), output=str(outputs.mask), status="ok",
+                    model=model.name, device=str(device))
+    if outputs.done() and not overwrite:
+        result.status = "skipped"
+        return result
+    report = progress or (lambda stage, fraction: None)
+    try:
+        report("load", 0.0)
+        volume = load_volume(path)
+        report("load", 1.0)
+        prob = segment(volume, model, device, slab=slab, progress=report)
+        mask = to_mask(prob, postprocess or model.postprocess)
+        report("write", 0.0)
+        if outputs.prob is not None:
+            save_like(prob, volume, outputs.prob, np.float32)
+        save_like(mask, volume, outputs.mask, np.uint8)
+        report("write", 1.0)
+        result.lesion_ml, result.voxels, result.components = lesion_stats(mask, volume.affine)
+    except MeshsegError as err:
+        result.status, result.error = "failed", str(err)
+    except MemoryError:
+        result.status, result.error = "failed", f"{path}: out of memory (try a smaller --slab)"
+    result.seconds = round(time.perf_counter() - start, 3)
+    return result

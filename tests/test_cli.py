@@ -1,0 +1,167 @@
+"""The predict command end to end: outputs, cohorts, resume, reports, errors, exit codes."""
+
+import gzip
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from meshseg.cli import main
+from meshseg.model import MeshNet, MeshNetConfig
+from meshseg.weights import save_checkpoint
+from tests.conftest import blob, grid_affine
+
+THRESHOLD = 0.6
+
+
+@pytest.fixture(scope="module")
+def threshold_model(tmp_path_factory):
+    """A hand-set MeshNet that marks voxels brighter than THRESHOLD (of the 0..1 range).
+
+    Every 3x3x3 conv passes channel 0 through its centre tap; the last layer compares it
+    with THRESHOLD. Its output is known exactly, so geometry errors show up in tests.
+    """
+    model = MeshNet(MeshNetConfig(channels=2))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.zero_()
+                module.bias.zero_()
+                if module.kernel_size == (3, 3, 3):
+                    module.weight[0, 0, 1, 1, 1] = 1.0
+            elif isinstance(module, torch.nn.BatchNorm3d):
+                module.reset_parameters()
+                module.eps = 0.0
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        last.weight[1, 0] = 50.0
+        last.bias[1] = -50.0 * THRESHOLD
+    path = tmp_path_factory.mktemp("model") / "threshold.safetensors"
+    save_checkpoint(path, model.eval(), {"note": "test fixture, not a trained model"})
+    return str(path)
+
+
+def head(shape=(40, 44, 24), center=(20, 22, 12), seed=0):
+    """A dim ellipsoid 'head' with a bright ball inside; returns (image, ball mask)."""
+    rng = np.random.default_rng(seed)
+    image = np.where(blob(shape, center, 14), 300.0, 0.0) + rng.random(shape) * 5
+    ball = blob(shape, (center[0] + 3, center[1] - 2, center[2]), 5)
+    image[ball] = 1000.0
+    return image.astype(np.float32), ball
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_predict_writes_native_grid_mask(write_nifti, tmp_path, threshold_model):
+    affine = grid_affine(zooms=(1.1, 0.9, 2.5), angles_deg=(8, -12, 5), perm=(0, 2, 1),
+                         axcodes_flip=(-1, 1, 1), origin=(10, -5, 20))
+    image, ball = head()
+    src = write_nifti(image, affine, dtype=np.int16)
+    out = tmp_path / "out" / "mask.nii.gz"
+    out.parent.mkdir()
+    result = run("predict", src, "-o", out, "-m", threshold_model, "--prob", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    img = nib.load(out)
+    assert img.shape == image.shape and img.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+    assert (int(img.header["qform_code"]), int(img.header["sform_code"])) == (1, 2)
+    mask = np.asarray(img.dataobj) > 0
+    dice = 2 * (mask & ball).sum() / (mask.sum() + ball.sum())
+    assert dice > 0.85, dice
+    prob = nib.load(out.parent / "mask_lesion_prob.nii.gz")
+    assert prob.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asarray(prob.dataobj) > 0.5, mask)
+
+
+def test_cohort_report_resume_and_bad_inputs(write_nifti, tmp_path, threshold_model):
+    good_a = write_nifti(head()[0], name="a.nii.gz")
+    good_b = write_nifti(head(seed=1)[0], grid_affine(zooms=(2, 2, 2)), name="b.nii")
+    bad = {
+        "nan.nii.gz": "NaN or Inf",
+        "zero.nii.gz": "all zero",
+        "flat.nii.gz": "3-D",
+        "multi.nii.gz": "3-D",
+        "huge_voxels.nii.gz": "voxel size",
+        "corrupt.nii.gz": "corrupted or truncated",
+        "text.nii.gz": "not a readable NIfTI",
+    }
+    image = head()[0]
+    write_nifti(np.full(image.shape, np.nan, np.float32), name="nan.nii.gz")
+    write_nifti(np.zeros(image.shape, np.float32), name="zero.nii.gz")
+    write_nifti(image[:, :, 0], name="flat.nii.gz")
+    write_nifti(np.stack([image, image], -1), name="multi.nii.gz")
+    write_nifti(image, np.diag([40.0, 40, 40, 1]), name="huge_voxels.nii.gz")
+    whole = good_a.read_bytes()
+    (tmp_path / "corrupt.nii.gz").write_bytes(whole[: len(whole) // 3])
+    (tmp_path / "text.nii.gz").write_bytes(gzip.compress(b"hello"))
+    missing = tmp_path / "missing.nii.gz"
+    report = tmp_path / "report.csv"
+
+    result = run("predict", tmp_path, missing, "-m", threshold_model, "--report", report, "-q")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line]
+    assert "Traceback" not in result.output
+    for name, problem in bad.items():
+        hits = [line for line in errors if name in line]
+        assert len(hits) == 1 and problem in hits[0], (name, errors)
+    assert any("missing.nii.gz: no such file" in line for line in errors)
+    mask_a = tmp_path / "a_lesion.nii.gz"
+    assert mask_a.exists() and (tmp_path / "b_lesion.nii.gz").exists()
+
+    import csv
+    rows = {os.path.basename(r["input"]): r for r in csv.DictReader(report.open())}
+    assert rows["a.nii.gz"]["status"] == "ok" and float(rows["a.nii.gz"]["lesion_ml"]) > 0
+    assert rows["a.nii.gz"]["components"] == "1"
+    assert rows["nan.nii.gz"]["status"] == "failed" and "NaN" in rows["nan.nii.gz"]["error"]
+    assert len(rows) == 2 + len(bad) + 1  # outputs of an earlier run are never inputs
+
+    before = mask_a.stat().st_mtime_ns
+    again = run("predict", good_a, "-m", threshold_model, "--report", tmp_path / "r.json")
+    assert again.exit_code == 0 and "skipped" in again.output
+    assert mask_a.stat().st_mtime_ns == before
+    assert json.loads((tmp_path / "r.json").read_text())[0]["status"] == "skipped"
+    redo = run("predict", good_a, "-m", threshold_model, "--overwrite", "-q")
+    assert redo.exit_code == 0 and mask_a.stat().st_mtime_ns != before
+
+
+def test_output_folder_and_unwritable_output(write_nifti, tmp_path, threshold_model):
+    src = write_nifti(head()[0])
+    result = run("predict", src, "-o", tmp_path / "results", "-m", threshold_model, "-q")
+    assert result.exit_code == 0
+    assert (tmp_path / "results" / "scan_lesion.nii.gz").exists()
+    result = run("predict", src, "-o", tmp_path / "nowhere" / "m.nii.gz", "-m", threshold_model)
+    assert result.exit_code == 1 and "m.nii.gz: cannot write" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "x.nii.gz", "{a}", "{b}"], "2 inputs"),
+    (["{empty}"], "no NIfTI files"),
+    (["{a}", "--device", "cuda"], "CUDA is not available"),
+    (["{a}", "--report", "r.txt"], ".json or .csv"),
+    (["{a}", "-m", "no-such-model"], "no such model"),
+])
+def test_usage_errors(write_nifti, tmp_path, threshold_model, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    names = {"a": write_nifti(head()[0], name="a.nii.gz"),
+             "b": write_nifti(head()[0], name="b.nii.gz"), "empty": tmp_path / "empty"}
+    names["empty"].mkdir()
+    argv = [a.format(**names) for a in args]
+    if "-m" not in argv:
+        argv += ["-m", threshold_model]
+    result = run("predict", *argv)
+    assert result.exit_code == (1 if "no such model" in message else 2), result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_models_list_json():
+    result = run("models", "list", "--json")
+    assert result.exit_code == 0
+    names = [row["name"] for row in json.loads(result.output)]
+    assert "brainchop-t2-lesion" in names

@@ -1,0 +1,100 @@
+"""Reading scans, one-line errors for bad files, and atomic writes."""
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from meshseg.errors import InputError, OutputError
+from meshseg.io import load_volume, save_like
+from meshseg.validate import check_volume
+from tests.conftest import grid_affine
+
+
+def test_load_applies_scaling_and_keeps_affine(write_nifti):
+    affine = grid_affine(zooms=(0.9, 0.9, 3.0), angles_deg=(10, 0, 5), origin=(5, -20, 30))
+    data = np.arange(10 * 12 * 8, dtype=np.int16).reshape(10, 12, 8)
+    path = write_nifti(data, affine, slope=2.0, inter=1.0)
+    vol = load_volume(path)
+    assert vol.data.dtype == np.float32
+    np.testing.assert_allclose(vol.data, data * 2.0 + 1.0)
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-5)
+
+
+def test_4d_with_one_volume_becomes_3d(write_nifti):
+    vol = load_volume(write_nifti(np.ones((9, 9, 9, 1), np.float32)))
+    assert vol.data.shape == (9, 9, 9)
+
+
+@pytest.mark.parametrize("shape", [(9, 9), (9, 9, 9, 2)])
+def test_not_3d_is_refused(write_nifti, shape):
+    path = write_nifti(np.ones(shape, np.float32))
+    with pytest.raises(InputError, match=f"{path.name}.*3-D"):
+        load_volume(path)
+
+
+def test_missing_non_nifti_and_corrupted(tmp_path, write_nifti):
+    with pytest.raises(InputError, match="no such file"):
+        load_volume(tmp_path / "absent.nii.gz")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(InputError, match="not a NIfTI file"):
+        load_volume(text)
+    fake = tmp_path / "fake.nii.gz"
+    fake.write_bytes(gzip.compress(b"not a nifti header at all" * 20))
+    with pytest.raises(InputError, match="fake.nii.gz"):
+        load_volume(fake)
+    good = write_nifti(np.random.default_rng(0).random((30, 30, 30), dtype=np.float32))
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputError, match="truncated.nii.gz: corrupted or truncated"):
+        load_volume(truncated)
+
+
+@pytest.mark.parametrize("data, zooms, message", [
+    (np.full((20, 20, 20), np.nan, np.float32), 1.0, "NaN or Inf"),
+    (np.zeros((20, 20, 20), np.float32), 1.0, "all zero"),
+    (np.ones((20, 20, 3), np.float32), 1.0, "implausible dimensions"),
+    (np.ones((20, 20, 20), np.float32) * np.arange(20), 50.0, "implausible voxel size"),
+])
+def test_validation_refuses_unusable_scans(write_nifti, data, zooms, message):
+    path = write_nifti(data, np.diag([zooms, zooms, zooms, 1.0]))
+    with pytest.raises(InputError, match=message):
+        check_volume(load_volume(path))
+
+
+def test_save_like_keeps_grid_and_codes(write_nifti, tmp_path):
+    affine = grid_affine(zooms=(1.1, 0.9, 2.5), angles_deg=(0, 12, 0), perm=(1, 0, 2))
+    src = write_nifti(np.ones((8, 9, 10, 1), np.int16), affine, slope=3.0)
+    vol = load_volume(src)
+    out = tmp_path / "mask.nii.gz"
+    save_like(np.ones((8, 9, 10)), vol, out, np.uint8)
+    img = nib.load(out)
+    assert img.shape == (8, 9, 10) and img.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+    assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 2
+    assert np.asarray(img.dataobj).max() == 1  # no scaling carried over from the input
+
+
+def test_failed_write_leaves_nothing(write_nifti, tmp_path, monkeypatch):
+    vol = load_volume(write_nifti(np.ones((8, 8, 8), np.float32)))
+    out = tmp_path / "mask.nii.gz"
+    out.write_bytes(b"previous result")
+
+    def broken_save(img, filename):
+        with open(filename, "wb") as handle:
+            handle.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", broken_save)
+    with pytest.raises(OutputError, match="mask.nii.gz: cannot write"):
+        save_like(np.ones((8, 8, 8)), vol, out, np.uint8)
+    assert out.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "scan.nii.gz"]
+
+
+def test_unwritable_folder(write_nifti, tmp_path):
+    vol = load_volume(write_nifti(np.ones((8, 8, 8), np.float32)))
+    with pytest.raises(OutputError, match="cannot write here"):
+        save_like(np.ones((8, 8, 8)), vol, tmp_path / "missing" / "m.nii.gz", np.uint8)
