@@ -11,6 +11,8 @@ import gzip
 import os
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,30 +100,53 @@ def type_for(header: nib.Nifti1Header) -> type:
     return nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
 
 
-def write_atomic(img: nib.Nifti1Image, path: str | Path) -> None:
-    """Save `img` to a temporary file beside `path`, then rename it into place.
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ".part") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
     Raises:
-        OutputError: the folder is missing or not writable, or the disk is full.
+        OutputError: the folder is missing or not writable, or the rename fails.
     """
     path = Path(path)
-    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}",
-                                   dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from colleagues
+        os.close(fd)
     except OSError as err:
-        raise OutputError(f"{path}: cannot write here ({err.strerror})") from err
-    os.close(fd)
+        raise OutputError(f"{path}: cannot write here ({err.strerror or err})") from err
     try:
-        nib.save(img, tmp)
+        yield Path(tmp)
+        _commit(Path(tmp), path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Flush the finished temporary file to disk and rename it over `path`."""
+    try:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as err:
         raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+
+def write_atomic(img: nib.Nifti1Image, path: str | Path) -> None:
+    """Save a NIfTI image so that `path` is either absent, the old file, or complete."""
+    suffix = ".part.nii.gz" if str(path).lower().endswith(".gz") else ".part.nii"
+    with atomic_path(path, suffix=suffix) as tmp:
+        try:
+            nib.save(img, tmp)
+        except OSError as err:
+            raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
+
+
+def _umask() -> int:
+    """The process umask (reading it requires setting it; restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _short(err: BaseException) -> str:
