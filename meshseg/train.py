@@ -1,0 +1,539 @@
+"""Train MeshNet on conformed T2w scans and lesion masks (the recipe of Fedorov et al. 2025).
+
+Defaults follow the paper: whole 256^3 volumes, batch 1, AdamW (lr 1e-3, weight decay 3e-5,
+eps 1e-4), a one-cycle schedule starting at lr/100 with 1% warm-up, cross-entropy with
+label smoothing 0.01 and class weights 0.5/1.0, 50 epochs, half precision on CUDA, and
+several restarts of which the best by validation Dice is kept. Validation Dice is the mean
+over validation volumes of the argmax lesion Dice, on whole volumes (on one fixed crop per
+volume, placed over lesion, when training on crops).
+
+A run folder holds config.toml, split.json (the exact pairs), metrics.csv (one row per
+epoch and restart), last.pt (resume state, rewritten atomically after every epoch, loadable
+without running code) and best.safetensors (the best validation Dice so far).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import pickle
+import random
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader
+
+from meshseg.data import (
+    ConformedCache,
+    LesionDataset,
+    Pair,
+    check_pairs,
+    default_cache_dir,
+    load_dataset,
+    split_by_subject,
+)
+from meshseg.errors import DeviceError, InputError, OutputError
+from meshseg.infer import resolve_device
+from meshseg.io import atomic_path
+from meshseg.model import ACTIVATIONS, MeshNet, MeshNetConfig
+from meshseg.weights import save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE, SPLIT_FILE, METRICS_FILE = "config.toml", "split.json", "metrics.csv"
+STATE_FILE, BEST_FILE = "last.pt", "best.safetensors"
+METRIC_COLUMNS = ("restart", "epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds")
+STATE_FORMAT = "meshseg-train-state/1"
+PATH_FIELDS = ("data", "out", "val_data", "cache")
+
+
+def _help(text: str, default: Any = None) -> Any:
+    """A dataclass field carrying its one-line help (for the CLI) in metadata["help"]."""
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; saved as the run's config.toml."""
+
+    data: Path = _help("Training pairs: a .csv manifest (image,mask[,subject,acq]) or a BIDS "
+                       "folder with lesion masks under derivatives/.", MISSING)
+    out: Path = _help("Run folder to create; holds config, metrics, last.pt, best.safetensors.",
+                      MISSING)
+    val_data: Path | None = _help("Validation pairs (.csv or BIDS folder); default: hold out "
+                                  "val_fraction of the training subjects.")
+    val_fraction: float = _help("Share of subjects held out for validation without val_data.",
+                                0.2)
+    channels: int = _help("MeshNet channels per layer (paper: 26; 16 and 5 are smaller).", 26)
+    activation: str = _help("Activation after each batch norm: relu (paper) or elu.", "relu")
+    epochs: int = _help("Passes over the training data per restart.", 50)
+    lr: float = _help("Peak learning rate of the one-cycle schedule (AdamW).", 1e-3)
+    weight_decay: float = _help("AdamW decoupled weight decay.", 3e-5)
+    eps: float = _help("AdamW epsilon (large, so half-precision steps stay finite).", 1e-4)
+    div_factor: float = _help("One-cycle starting rate is lr / div_factor.", 100.0)
+    pct_start: float = _help("Share of all steps spent warming up to lr, then cosine decay.",
+                             0.01)
+    label_smoothing: float = _help("Cross-entropy label smoothing.", 0.01)
+    class_weights: tuple[float, float] = _help("Cross-entropy weights: background, lesion.",
+                                               (0.5, 1.0))
+    batch_size: int = _help("Volumes (or crops) per optimisation step.", 1)
+    restarts: int = _help("Independent re-initialisations; the best validation Dice is kept.", 1)
+    seed: int = _help("Seed of the split, initialisations and sampling (CPU runs repeat "
+                      "exactly).", 0)
+    device: str = _help("auto, cpu, cuda or cuda:N; auto picks CUDA when present.", "auto")
+    amp: bool | None = _help("Half precision (autocast + GradScaler); default on CUDA only.")
+    checkpointing: bool = _help("Recompute each block during backward: far less memory, "
+                                "each block runs forward twice.", False)
+    crop: int | None = _help("Train on random crop^3 patches (CPU); default whole volumes. "
+                             "Validation then uses one fixed crop over lesion per volume.")
+    crop_lesion_p: float = _help("Probability that a training crop is placed over lesion.", 0.5)
+    flip_lr: bool = _help("Randomly mirror the hemispheres (left-right) during training.", False)
+    downsample: int = _help("Block-average volumes by this factor (2 -> 128^3, 2 mm) for quick "
+                            "experiments; such a model expects downsampled input.", 1)
+    steps_per_epoch: int | None = _help("Batches per epoch; default one pass over the pairs.")
+    num_workers: int = _help("Data-loading worker processes (0: load in the main process).", 0)
+    cache: Path | None = _help("Folder of conformed volumes shared by runs; default "
+                               "~/.cache/meshseg/conformed.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """TOML-safe form: paths as strings, tuples as lists, None settings left out."""
+        out = {}
+        for key, value in asdict(self).items():
+            if value is not None:
+                out[key] = (str(value) if key in PATH_FIELDS
+                            else list(value) if isinstance(value, tuple) else value)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; missing settings take their defaults.
+
+        Raises:
+            InputError: unknown settings, or data/out missing.
+        """
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise InputError(f"unknown training settings: {', '.join(unknown)}")
+        if "data" not in d or "out" not in d:
+            raise InputError("training settings need both data and out")
+        values = {k: Path(v) if k in PATH_FIELDS else v for k, v in d.items()}
+        if isinstance(values.get("class_weights"), list):
+            values["class_weights"] = tuple(values["class_weights"])
+        return cls(**values)
+
+    def check(self) -> None:
+        """Refuse settings that cannot train.
+
+        Raises:
+            InputError: the first setting that breaks its rule, named with its value.
+        """
+        for name, ok, rule in _RULES:
+            value = getattr(self, name)
+            if not ok(value):
+                raise InputError(f"training setting {name}={value!r}: must be {rule}")
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("data", lambda v: isinstance(v, Path), "a path"),
+    ("out", lambda v: isinstance(v, Path), "a path"),
+    ("val_data", lambda v: v is None or isinstance(v, Path), "unset or a path"),
+    ("cache", lambda v: v is None or isinstance(v, Path), "unset or a path"),
+    ("val_fraction", lambda v: _number(v) and 0 < v < 1, "between 0 and 1"),
+    ("channels", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("activation", lambda v: v in ACTIVATIONS, f"one of {', '.join(sorted(ACTIVATIONS))}"),
+    ("epochs", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("lr", lambda v: _number(v) and v > 0, "> 0"),
+    ("weight_decay", lambda v: _number(v) and v >= 0, ">= 0"),
+    ("eps", lambda v: _number(v) and v > 0, "> 0"),
+    ("div_factor", lambda v: _number(v) and v >= 1, ">= 1"),
+    ("pct_start", lambda v: _number(v) and 0 <= v <= 1, "between 0 and 1"),
+    ("label_smoothing", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("class_weights", lambda v: isinstance(v, tuple) and len(v) == 2
+     and all(_number(w) and w > 0 for w in v), "two positive numbers (background, lesion)"),
+    ("batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("restarts", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("seed", lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    ("amp", lambda v: v is None or isinstance(v, bool), "true, false or unset"),
+    ("checkpointing", lambda v: isinstance(v, bool), "true or false"),
+    ("crop", lambda v: v is None or (_int(v) and v >= 1), "unset or an integer >= 1"),
+    ("crop_lesion_p", lambda v: _number(v) and 0 <= v <= 1, "between 0 and 1"),
+    ("flip_lr", lambda v: isinstance(v, bool), "true or false"),
+    ("downsample", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("steps_per_epoch", lambda v: v is None or (_int(v) and v >= 1), "unset or an integer >= 1"),
+    ("num_workers", lambda v: _int(v) and v >= 0, "an integer >= 0"),
+)
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    """Write config.toml atomically."""
+    with atomic_path(path, suffix=".part.toml") as tmp:
+        tmp.write_text(tomli_w.dumps(config.to_dict()), encoding="utf-8")
+
+
+def load_config(path: Path) -> TrainConfig:
+    """Read a config.toml written by `save_config`.
+
+    Raises:
+        InputError: missing, not TOML, or not training settings.
+    """
+    try:
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror or err})") from err
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{path}: not valid TOML ({err})") from err
+    try:
+        return TrainConfig.from_dict(values)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from err
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def fit(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -> Path:
+    """Check the data, create the run folder and train; returns the run folder.
+
+    `on_epoch` receives each metrics row (see METRIC_COLUMNS) plus epochs, restarts and
+    best_val_dice, after the epoch's state is safely on disk.
+
+    Raises:
+        InputError: bad settings or data problems (all listed); OutputError: the run
+            folder already holds a run or cannot be written; DeviceError: see `resolve_device`.
+    """
+    config.check()
+    config = replace(config, **{k: getattr(config, k).resolve() for k in PATH_FIELDS
+                                if getattr(config, k) is not None})
+    run_dir = config.out
+    if (run_dir / CONFIG_FILE).exists():
+        raise OutputError(f"{run_dir}: already holds a training run (resume it or pick "
+                          "another folder)")
+    setup = _prepare(config, *_select_pairs(config))
+    train_pairs, val_pairs = setup.train_set.pairs, setup.val_set.pairs
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{run_dir}: cannot create run folder ({err.strerror})") from err
+    save_config(config, run_dir / CONFIG_FILE)
+    with atomic_path(run_dir / SPLIT_FILE, suffix=".part.json") as tmp:
+        tmp.write_text(json.dumps({"train": [p.to_dict() for p in train_pairs],
+                                   "val": [p.to_dict() for p in val_pairs]}, indent=1))
+    return _train(config, run_dir, setup, None, on_epoch)
+
+
+def resume(run_dir: Path, on_epoch: Callable[[dict], None] | None = None) -> Path:
+    """Continue a run after its last finished epoch (a killed epoch starts over).
+
+    A finished run is left alone (logged). Model, optimiser, schedule, GradScaler and all
+    random generators continue exactly, so a CPU run resumed gives the same metrics.
+
+    Raises:
+        InputError: the folder holds no run, or its files are damaged.
+    """
+    run_dir = Path(run_dir).resolve()
+    config = replace(load_config(run_dir / CONFIG_FILE), out=run_dir)
+    config.check()
+    state = _load_state(run_dir / STATE_FILE) if (run_dir / STATE_FILE).exists() else None
+    if state is not None and (state["restart"], state["epoch"]) == (config.restarts - 1,
+                                                                      config.epochs):
+        logger.info("%s: already finished (%d restart(s) of %d epochs); nothing to do",
+                    run_dir, config.restarts, config.epochs)
+        return run_dir
+    try:
+        split = json.loads((run_dir / SPLIT_FILE).read_text(encoding="utf-8"))
+        train_pairs, val_pairs = ([Pair.from_dict(d) for d in split[k]] for k in ("train", "val"))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{run_dir / SPLIT_FILE}: missing or damaged ({err})") from err
+    _refuse_problems(check_pairs(train_pairs + val_pairs))
+    return _train(config, run_dir, _prepare(config, train_pairs, val_pairs), state, on_epoch)
+
+
+def _select_pairs(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
+    """Training and validation pairs, checked; raises with every problem found."""
+    pairs = load_dataset(config.data)
+    if config.val_data is None:
+        train_pairs, val_pairs = split_by_subject(pairs, config.val_fraction, config.seed)
+    else:
+        train_pairs, val_pairs = pairs, load_dataset(config.val_data)
+    _refuse_problems(check_pairs(train_pairs + val_pairs))  # also flags a scan in both sets
+    logger.info("%d training and %d validation pairs", len(train_pairs), len(val_pairs))
+    return train_pairs, val_pairs
+
+
+def _refuse_problems(problems: list[str]) -> None:
+    """Log every data problem and raise one error summarising them."""
+    for problem in problems:
+        logger.error("%s", problem)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise InputError(f"{len(problems)} problem(s) in the training data: "
+                         f"{'; '.join(problems[:3])}{more}")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Parts:
+    """What one restart trains and saves: model, optimiser, schedule, scaler, sampling RNG."""
+
+    model: MeshNet
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.OneCycleLR
+    scaler: torch.amp.GradScaler
+    rng: np.random.Generator
+
+
+def _build(config: TrainConfig, restart: int, total_steps: int, device: torch.device,
+           amp: bool) -> _Parts:
+    """A freshly initialised restart; every generator is seeded from (seed, restart)."""
+    seed = int(np.random.SeedSequence([config.seed, restart]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    random.seed(seed)
+    model = MeshNet(MeshNetConfig(channels=config.channels,
+                                  activation=config.activation)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay, eps=config.eps)
+    scheduler = one_cycle(optimizer, config, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    return _Parts(model, optimizer, scheduler, scaler, np.random.default_rng(seed))
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, config: TrainConfig,
+              total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The one-cycle schedule: lr/div_factor, up to lr over pct_start of the steps, cosine down.
+
+    torch's OneCycleLR divides by zero when the warm-up ends exactly at step 0
+    (pct_start * total_steps == 1, e.g. 1% of 100 steps); that case gets its intended
+    one-step warm-up by moving the end of warm-up half a step later.
+    """
+    pct_start = config.pct_start
+    if float(pct_start * total_steps) - 1 == 0:
+        pct_start = 1.5 / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=total_steps, div_factor=config.div_factor,
+        pct_start=pct_start)
+
+
+@dataclass
+class _Setup:
+    """Device, precision and data of a run: all that can fail before a run file is written."""
+
+    device: torch.device
+    amp: bool
+    train_set: LesionDataset
+    val_set: LesionDataset
+
+
+def _prepare(config: TrainConfig, train_pairs: list[Pair], val_pairs: list[Pair]) -> _Setup:
+    """Pick the device and conform (or find in the cache) every pair."""
+    device = resolve_device(config.device)
+    amp = device.type == "cuda" if config.amp is None else config.amp
+    if amp and device.type != "cuda":
+        raise DeviceError(f"half precision (amp) needs a CUDA device, not {device}")
+    cache = ConformedCache(config.cache or default_cache_dir())
+    common = {"crop": config.crop, "downsample": config.downsample, "seed": config.seed}
+    return _Setup(device, amp,
+                  LesionDataset(train_pairs, cache, lesion_p=config.crop_lesion_p,
+                                flip_lr=config.flip_lr, **common),
+                  LesionDataset(val_pairs, cache, lesion_p=1.0, **common))
+
+
+def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None,
+           on_epoch: Callable[[dict], None] | None) -> Path:
+    """Run the remaining epochs of every restart, saving state after each epoch."""
+    device, amp = setup.device, setup.amp
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one fixed input shape: pick the fastest kernels
+    val_loader = DataLoader(setup.val_set, batch_size=1, num_workers=config.num_workers)
+    steps = config.steps_per_epoch or math.ceil(len(setup.train_set) / config.batch_size)
+    criterion = nn.CrossEntropyLoss(weight=torch.tensor(config.class_weights, device=device),
+                                    label_smoothing=config.label_smoothing)
+    rows = list(state["metrics"]) if state else []
+    best = dict(state["best"]) if state else {"val_dice": -1.0}
+    _write_metrics(run_dir / METRICS_FILE, rows)  # drops rows of an epoch killed before last.pt
+    start_restart, start_epoch = (state["restart"], state["epoch"] + 1) if state else (0, 1)
+    if start_epoch > config.epochs:
+        start_restart, start_epoch = start_restart + 1, 1
+    for restart in range(start_restart, config.restarts):
+        parts = _build(config, restart, steps * config.epochs, device, amp)
+        first = start_epoch if restart == start_restart else 1
+        if first > 1:
+            _restore(parts, state)
+        for epoch in range(first, config.epochs + 1):
+            started = time.perf_counter()
+            train_loss, lr = _train_epoch(config, setup, parts, criterion, steps)
+            val_loss, val_dice = _validate(parts.model, val_loader, criterion, device, amp)
+            row = {"restart": restart + 1, "epoch": epoch, "train_loss": train_loss,
+                   "val_loss": val_loss, "val_dice": val_dice, "lr": lr,
+                   "seconds": round(time.perf_counter() - started, 3)}
+            rows.append(row)
+            if val_dice > best["val_dice"]:
+                best = {"val_dice": val_dice, "restart": restart + 1, "epoch": epoch}
+                save_checkpoint(run_dir / BEST_FILE, parts.model,
+                                {**best, "seed": config.seed, "config": config.to_dict()})
+            _save_state(run_dir / STATE_FILE, parts, restart, epoch, best, rows)
+            _write_metrics(run_dir / METRICS_FILE, rows)
+            logger.info("restart %d/%d epoch %d/%d: train loss %.4f, val loss %.4f, "
+                        "val Dice %.4f, lr %.2e, %.1f s", restart + 1, config.restarts, epoch,
+                        config.epochs, train_loss, val_loss, val_dice, lr, row["seconds"])
+            if on_epoch is not None:
+                on_epoch({**row, "epochs": config.epochs, "restarts": config.restarts,
+                          "best_val_dice": best["val_dice"]})
+    logger.info("%s: best validation Dice %.4f (restart %d, epoch %d)", run_dir,
+                best["val_dice"], best["restart"], best["epoch"])
+    return run_dir
+
+
+def _epoch_keys(rng: np.random.Generator, n: int, samples: int) -> list[tuple[int, int]]:
+    """This epoch's (pair index, draw) keys: shuffled passes over the pairs, cut to `samples`."""
+    order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(samples / n))])[:samples]
+    draws = rng.integers(0, 2**62, size=samples)
+    return [(int(i), int(d)) for i, d in zip(order, draws)]
+
+
+def _train_epoch(config: TrainConfig, setup: _Setup, parts: _Parts, criterion: nn.Module,
+                 steps: int) -> tuple[float, float]:
+    """`steps` optimiser steps on freshly drawn samples; returns (mean loss, last step's lr)."""
+    device = setup.device
+    keys = _epoch_keys(parts.rng, len(setup.train_set), steps * config.batch_size)
+    loader = DataLoader(setup.train_set, batch_size=config.batch_size, sampler=keys,
+                        num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    parts.model.train()
+    total, lr = 0.0, 0.0
+    for image, mask in loader:
+        image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        parts.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=setup.amp):
+            loss = criterion(forward(parts.model, image, config.checkpointing), mask)
+        parts.scaler.scale(loss).backward()
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        lr = parts.optimizer.param_groups[0]["lr"]
+        parts.scheduler.step()
+        total += loss.item()
+    return total / len(loader), lr
+
+
+def forward(model: MeshNet, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    """Logits (N, 2, D, H, W). With `checkpointing` only each block's input is kept and the
+    block's inner activations (convolution, norm) are recomputed during backward."""
+    if not checkpointing:
+        return model(x)
+    for block in model.blocks:
+        x = checkpoint(block, x, use_reentrant=False,
+                       context_fn=lambda b=block: (nullcontext(), _running_stats_frozen(b)))
+    return model.classifier(x)
+
+
+@contextmanager
+def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Keep batch-norm running statistics unchanged while a checkpointed block is recomputed,
+    so each batch counts once, exactly as without checkpointing (momentum 0 = no update)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+@torch.no_grad()
+def _validate(model: MeshNet, loader: DataLoader, criterion: nn.Module, device: torch.device,
+              amp: bool) -> tuple[float, float]:
+    """(mean loss, mean Dice of argmax lesion vs mask) over the validation volumes."""
+    model.eval()
+    losses, dices = [], []
+    for image, mask in loader:
+        image, mask = image.to(device), mask.to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = model(image)
+            losses.append(criterion(logits, mask).item())
+        dices.append(dice(logits.argmax(1) == 1, mask == 1))
+    return float(np.mean(losses)), float(np.mean(dices))
+
+
+def dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """2|P&T| / (|P|+|T|) of two boolean volumes; 1.0 when both are empty (nothing missed)."""
+    total = int(pred.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
+
+
+# ---------------------------------------------------------------------------- run files
+
+
+def _save_state(path: Path, parts: _Parts, restart: int, epoch: int, best: dict,
+                rows: list[dict]) -> None:
+    """Write last.pt atomically: only tensors, numbers, strings, lists and dicts."""
+    version, internal, gauss = random.getstate()
+    state = {
+        "format": STATE_FORMAT, "restart": restart, "epoch": epoch, "best": best,
+        "metrics": rows, "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": parts.rng.bit_generator.state,
+                "python": [version, list(internal), gauss]},
+    }
+    with atomic_path(path, suffix=".part.pt") as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path) -> dict:
+    """Read last.pt without running code (weights_only).
+
+    Raises:
+        InputError: unreadable or not a meshseg training state.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise InputError(f"{path}: unreadable resume state ({err})") from err
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise InputError(f"{path}: not a meshseg training state")
+    return state
+
+
+def _restore(parts: _Parts, state: dict) -> None:
+    """Put a restart back where last.pt left it."""
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    parts.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    parts.rng.bit_generator.state = state["rng"]["numpy"]
+    version, internal, gauss = state["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    """Rewrite metrics.csv atomically from the rows that last.pt vouches for."""
+    with atomic_path(path, suffix=".part.csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)

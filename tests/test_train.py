@@ -1,0 +1,226 @@
+"""Training: config round trip, run files, resume after a kill, reproducibility, checkpointing.
+
+Volumes stay on their own 24^3 grid (`fake_conform_pair`) and train on 12^3 crops, so no
+256^3 volume ever reaches the network here.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshseg import data
+from meshseg.errors import DeviceError, InputError, OutputError
+from meshseg.model import MeshNet, MeshNetConfig
+from meshseg.train import (
+    METRIC_COLUMNS,
+    TrainConfig,
+    dice,
+    fit,
+    forward,
+    load_config,
+    one_cycle,
+    resume,
+    save_config,
+)
+from meshseg.weights import load_checkpoint
+from tests.conftest import grid_affine
+from tests.test_data import fake_conform_pair, write_pair
+
+LOSS_COLUMNS = ("restart", "epoch", "train_loss", "val_loss", "val_dice", "lr")
+
+
+class Killed(Exception):
+    """Stands in for the process dying right after an epoch was saved."""
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch) -> TrainConfig:
+    """Four subjects (three train, one validate), tiny MeshNet, 12^3 crops, CPU."""
+    monkeypatch.setattr(data, "conform_pair", fake_conform_pair)
+    rows = ["image,mask,subject"]
+    for i, centre in enumerate([(6, 7, 8), (16, 12, 10), (9, 15, 17), (12, 12, 12)]):
+        pair = write_pair(tmp_path / "in", f"s{i}", center=centre, radius=3, seed=i)
+        rows.append(f"{pair.image.name},{pair.mask.name},s{i}")
+    (tmp_path / "in" / "train.csv").write_text("\n".join(rows) + "\n")
+    return TrainConfig(data=tmp_path / "in" / "train.csv", out=tmp_path / "run", channels=3,
+                       epochs=1, crop=12, val_fraction=0.25, steps_per_epoch=2, device="cpu",
+                       cache=tmp_path / "cache", seed=7)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def losses(run_dir: Path) -> list[tuple[str, ...]]:
+    """Every metrics column except the wall time."""
+    return [tuple(row[c] for c in LOSS_COLUMNS) for row in read_metrics(run_dir)]
+
+
+def test_config_round_trips_through_toml(tmp_path):
+    config = TrainConfig(data=Path("/d/train.csv"), out=Path("/runs/a"), crop=64, amp=True,
+                         class_weights=(0.25, 2.0), val_data=None)
+    save_config(config, tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml") == config
+    (tmp_path / "bad.toml").write_text('data = "x"\nout = "y"\nepoch = 3\n')
+    with pytest.raises(InputError, match="bad.toml: unknown training settings: epoch"):
+        load_config(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochs": 0}, "epochs=0: must be an integer >= 1"),
+    ({"activation": "gelu"}, "activation='gelu': must be one of elu, relu"),
+    ({"class_weights": (1.0,)}, "class_weights=.*two positive numbers"),
+    ({"val_fraction": 1.0}, "val_fraction=1.0: must be between 0 and 1"),
+    ({"crop": 0}, "crop=0"),
+    ({"crop": 25}, "crop 25: must be between 1 and the volume side 24"),
+])
+def test_bad_settings_are_refused_by_name(config, change, message):
+    with pytest.raises(InputError, match=message):
+        fit(replace(config, **change))
+    assert not config.out.exists()
+
+
+def test_fit_writes_the_run_files(config, caplog):
+    records = []
+    with caplog.at_level(logging.INFO, logger="meshseg.train"):
+        run_dir = fit(config, on_epoch=records.append)
+
+    assert run_dir == config.out
+    assert {p.name for p in run_dir.iterdir()} == {"config.toml", "split.json", "metrics.csv",
+                                                   "last.pt", "best.safetensors"}
+    assert load_config(run_dir / "config.toml") == config
+    rows = read_metrics(run_dir)
+    assert list(rows[0]) == list(METRIC_COLUMNS) and len(rows) == 1
+    assert records[0]["epoch"] == 1 and records[0]["epochs"] == 1
+    assert records[0]["best_val_dice"] == records[0]["val_dice"]
+    model, meta = load_checkpoint(run_dir / "best.safetensors")
+    assert model.config.channels == 3
+    assert meta["val_dice"] == float(rows[0]["val_dice"]) and meta["seed"] == 7
+    assert (meta["restart"], meta["epoch"]) == (1, 1) and meta["config"]["crop"] == 12
+    assert "restart 1/1 epoch 1/1: train loss" in caplog.text
+    with pytest.raises(OutputError, match="already holds a training run"):
+        fit(config)
+
+
+def test_data_problems_stop_training_before_the_run_folder(config):
+    (config.data.parent / "s2_mask.nii.gz").unlink()
+    with pytest.raises(InputError, match="1 problem.*s2_mask.nii.gz: no such file"):
+        fit(config)
+    assert not config.out.exists()
+
+
+def test_same_seed_same_metrics_other_seed_differs(config, tmp_path):
+    fit(config)
+    fit(replace(config, out=tmp_path / "again"))
+    fit(replace(config, out=tmp_path / "other", seed=8))
+    assert losses(config.out) == losses(tmp_path / "again")
+    assert losses(config.out) != losses(tmp_path / "other")
+
+
+def test_killed_run_resumes_to_the_same_result(config, tmp_path, caplog):
+    straight = replace(config, epochs=2, restarts=2, out=tmp_path / "straight")
+    fit(straight)
+
+    killed = replace(straight, out=tmp_path / "killed")
+
+    def die_after_first_restart(record: dict) -> None:
+        if (record["restart"], record["epoch"]) == (1, 2):
+            raise Killed
+
+    def die_after_epoch_one(record: dict) -> None:
+        if record["epoch"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(killed, on_epoch=die_after_epoch_one)
+    assert len(read_metrics(killed.out)) == 1
+    with pytest.raises(Killed):  # picks up at restart 1 epoch 2, dies at the restart boundary
+        resume(killed.out, on_epoch=die_after_first_restart)
+    with pytest.raises(Killed):  # resumes into restart 2, dies after its first epoch
+        resume(killed.out, on_epoch=die_after_epoch_one)
+    resume(killed.out)
+
+    assert losses(killed.out) == losses(straight.out)
+    assert len(losses(killed.out)) == 4
+    best = load_checkpoint(killed.out / "best.safetensors")[1]
+    assert best["val_dice"] == max(float(r["val_dice"]) for r in read_metrics(killed.out))
+    before = (killed.out / "last.pt").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="meshseg.train"):
+        resume(killed.out)
+    assert "already finished" in caplog.text
+    assert (killed.out / "last.pt").stat().st_mtime_ns == before
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    with pytest.raises(InputError, match="config.toml: cannot read"):
+        resume(tmp_path)
+
+
+def test_amp_on_cpu_is_refused_before_the_run_folder(config):
+    with pytest.raises(DeviceError, match="needs a CUDA device"):
+        fit(replace(config, amp=True))
+    assert not config.out.exists()
+
+
+def test_checkpointing_changes_memory_not_results():
+    torch.manual_seed(0)
+    plain = MeshNet(MeshNetConfig(channels=3)).train()
+    saved = MeshNet(MeshNetConfig(channels=3)).train()
+    saved.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 1, 10, 10, 10)
+    forward(plain, x).square().mean().backward()
+    forward(saved, x, checkpointing=True).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), saved.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), saved.buffers()):  # BN stats counted once
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("total_steps", [100, 1000])
+def test_one_cycle_warms_up_from_lr_over_div_factor_then_decays(total_steps):
+    # 1% of 100 steps is the exact-one-step warm-up that torch's OneCycleLR divides by zero on.
+    config = TrainConfig(data=Path("d"), out=Path("o"))
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    schedule = one_cycle(optimizer, config, total_steps)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(config.lr / config.div_factor)
+    peak = max(range(total_steps), key=rates.__getitem__)
+    assert rates[peak] == pytest.approx(config.lr, rel=0.01) and peak <= total_steps // 100
+    assert rates[-1] < rates[0]
+
+
+def test_dice():
+    t = torch.tensor
+    assert dice(t([True, True, False]), t([True, False, False])) == pytest.approx(2 / 3)
+    assert dice(t([False, False]), t([False, False])) == 1.0
+    assert dice(t([True, False]), t([False, False])) == 0.0
+
+
+@pytest.mark.slow
+def test_fit_end_to_end_through_real_conform(tmp_path):
+    """Oblique 2 mm scans go through the real 256^3 conform and cache; 32^3 crops train."""
+    affine = grid_affine(zooms=(2.0, 2.0, 2.0), angles_deg=(8, 0, -5), origin=(-24, -30, -20))
+    rows = ["image,mask"]
+    for i, centre in enumerate([(8, 10, 12), (16, 12, 10), (12, 15, 17)]):
+        pair = write_pair(tmp_path / "in", f"sub-{i}_T2w", center=centre, radius=4,
+                          affine=affine, seed=i)
+        rows.append(f"{pair.image.name},{pair.mask.name}")
+    (tmp_path / "in" / "train.csv").write_text("\n".join(rows) + "\n")
+    config = TrainConfig(data=tmp_path / "in" / "train.csv", out=tmp_path / "run", channels=2,
+                         epochs=2, crop=32, downsample=2, flip_lr=True, steps_per_epoch=2,
+                         val_fraction=0.3, device="cpu", cache=tmp_path / "cache")
+    fit(config)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+    assert [row["epoch"] for row in read_metrics(config.out)] == ["1", "2"]
+    assert load_checkpoint(config.out / "best.safetensors")[1]["config"]["downsample"] == 2
