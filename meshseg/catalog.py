@@ -179,7 +179,9 @@ def load(spec: str | None) -> LoadedModel:
         return _load_entry(default_entry())
     path = Path(spec)
     if path.suffix in (".json", ".safetensors") and (path.exists() or os.sep in spec):
-        return _load_path(path, name=str(path), postprocess="none")
+        # brainchop keeps only the largest lesion by default; its models keep that default here
+        return _load_path(path, name=str(path),
+                          postprocess="largest" if path.suffix == ".json" else "none")
     return _load_entry(find(spec))
 
 

@@ -142,6 +142,100 @@ def models_pull(name: str, mirror: str | None) -> None:
     click.echo(f"{name}: verified in {folder}")
 
 
+def _config_options(config_cls: type, skip: tuple[str, ...]):
+    """Click options generated from a config dataclass, so flags and settings never drift.
+
+    Every option defaults to None (unset): the dataclass keeps the one true default.
+    """
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+
+    def decorate(command):
+        for spec in reversed(dataclasses.fields(config_cls)):
+            if spec.name in skip:
+                continue
+            kind = hints[spec.name]
+            args = typing.get_args(kind)
+            base = next((a for a in args if a is not type(None)), kind) if args else kind
+            flag = "--" + spec.name.replace("_", "-")
+            shown = spec.metadata["help"] + (f" [default: {spec.default}]"
+                                             if spec.default is not None else "")
+            if base is bool:
+                option = click.option(f"{flag}/--no-{flag[2:]}", spec.name, default=None,
+                                      help=shown)
+            elif typing.get_origin(base) is tuple:
+                option = click.option(flag, spec.name, nargs=len(typing.get_args(base)),
+                                      type=typing.get_args(base)[0], default=None, help=shown)
+            else:
+                option = click.option(flag, spec.name, type=base, default=None, help=shown)
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _train_config_options(command):
+    from meshseg.config import TrainConfig
+
+    return _config_options(TrainConfig, skip=("data", "out"))(command)
+
+
+@main.command()
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Training pairs: a .csv manifest (image,mask[,subject,acq]) or a BIDS folder.")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder to create.")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Continue the run in this folder from its last finished epoch.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@_train_config_options
+def train(data: Path | None, out: Path | None, resume_dir: Path | None, quiet: bool,
+          **settings) -> None:
+    """Train MeshNet with the paper's recipe (every setting is a flag; see docs/training.md)."""
+    from meshseg import train as training
+    from meshseg.config import TrainConfig
+
+    _log_to_console(quiet)
+    given = {k: v for k, v in settings.items() if v is not None}
+    on_epoch = None if quiet else _print_epoch
+    try:
+        if resume_dir is not None:
+            if data or out or given:
+                raise click.UsageError("--resume takes no other settings (they are in "
+                                       f"{resume_dir / training.CONFIG_FILE})")
+            run_dir = training.resume(resume_dir, on_epoch=on_epoch)
+        else:
+            if data is None or out is None:
+                raise click.UsageError("give --data and --out (or --resume RUN_DIR)")
+            config = TrainConfig(data=data, out=out, **given)
+            run_dir = training.fit(config, on_epoch=on_epoch)
+    except DeviceError as err:
+        fail(str(err), EXIT_USAGE)
+    except MeshsegError as err:
+        fail(str(err))
+    click.echo(f"{run_dir}: best model in {run_dir / training.BEST_FILE}")
+
+
+def _print_epoch(record: dict) -> None:
+    click.echo(f"restart {record['restart']}/{record['restarts']} epoch "
+               f"{record['epoch']}/{record['epochs']}: train loss {record['train_loss']:.4f}, "
+               f"val loss {record['val_loss']:.4f}, val Dice {record['val_dice']:.3f} "
+               f"(best {record['best_val_dice']:.3f}), {record['seconds']:.0f} s")
+
+
+def _log_to_console(quiet: bool) -> None:
+    """Show the library's log lines (warnings only with -q) through Rich on stderr."""
+    import logging
+
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=Console(stderr=True), show_path=False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(message)s", handlers=[handler], force=True)
+
+
 @main.command()
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path),
                 default="example_t2.nii.gz")

@@ -21,20 +21,18 @@ import math
 import pickle
 import random
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import tomli_w
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
+from meshseg.config import PATH_FIELDS, TrainConfig, load_config, save_config
 from meshseg.data import (
     ConformedCache,
     LesionDataset,
@@ -47,7 +45,7 @@ from meshseg.data import (
 from meshseg.errors import DeviceError, InputError, OutputError
 from meshseg.infer import resolve_device
 from meshseg.io import atomic_path
-from meshseg.model import ACTIVATIONS, MeshNet, MeshNetConfig
+from meshseg.model import MeshNet, MeshNetConfig
 from meshseg.weights import save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -56,158 +54,6 @@ CONFIG_FILE, SPLIT_FILE, METRICS_FILE = "config.toml", "split.json", "metrics.cs
 STATE_FILE, BEST_FILE = "last.pt", "best.safetensors"
 METRIC_COLUMNS = ("restart", "epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds")
 STATE_FORMAT = "meshseg-train-state/1"
-PATH_FIELDS = ("data", "out", "val_data", "cache")
-
-
-def _help(text: str, default: Any = None) -> Any:
-    """A dataclass field carrying its one-line help (for the CLI) in metadata["help"]."""
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run; saved as the run's config.toml."""
-
-    data: Path = _help("Training pairs: a .csv manifest (image,mask[,subject,acq]) or a BIDS "
-                       "folder with lesion masks under derivatives/.", MISSING)
-    out: Path = _help("Run folder to create; holds config, metrics, last.pt, best.safetensors.",
-                      MISSING)
-    val_data: Path | None = _help("Validation pairs (.csv or BIDS folder); default: hold out "
-                                  "val_fraction of the training subjects.")
-    val_fraction: float = _help("Share of subjects held out for validation without val_data.",
-                                0.2)
-    channels: int = _help("MeshNet channels per layer (paper: 26; 16 and 5 are smaller).", 26)
-    activation: str = _help("Activation after each batch norm: relu (paper) or elu.", "relu")
-    epochs: int = _help("Passes over the training data per restart.", 50)
-    lr: float = _help("Peak learning rate of the one-cycle schedule (AdamW).", 1e-3)
-    weight_decay: float = _help("AdamW decoupled weight decay.", 3e-5)
-    eps: float = _help("AdamW epsilon (large, so half-precision steps stay finite).", 1e-4)
-    div_factor: float = _help("One-cycle starting rate is lr / div_factor.", 100.0)
-    pct_start: float = _help("Share of all steps spent warming up to lr, then cosine decay.",
-                             0.01)
-    label_smoothing: float = _help("Cross-entropy label smoothing.", 0.01)
-    class_weights: tuple[float, float] = _help("Cross-entropy weights: background, lesion.",
-                                               (0.5, 1.0))
-    batch_size: int = _help("Volumes (or crops) per optimisation step.", 1)
-    restarts: int = _help("Independent re-initialisations; the best validation Dice is kept.", 1)
-    seed: int = _help("Seed of the split, initialisations and sampling (CPU runs repeat "
-                      "exactly).", 0)
-    device: str = _help("auto, cpu, cuda or cuda:N; auto picks CUDA when present.", "auto")
-    amp: bool | None = _help("Half precision (autocast + GradScaler); default on CUDA only.")
-    checkpointing: bool = _help("Recompute each block during backward: far less memory, "
-                                "each block runs forward twice.", False)
-    crop: int | None = _help("Train on random crop^3 patches (CPU); default whole volumes. "
-                             "Validation then uses one fixed crop over lesion per volume.")
-    crop_lesion_p: float = _help("Probability that a training crop is placed over lesion.", 0.5)
-    flip_lr: bool = _help("Randomly mirror the hemispheres (left-right) during training.", False)
-    downsample: int = _help("Block-average volumes by this factor (2 -> 128^3, 2 mm) for quick "
-                            "experiments; such a model expects downsampled input.", 1)
-    steps_per_epoch: int | None = _help("Batches per epoch; default one pass over the pairs.")
-    num_workers: int = _help("Data-loading worker processes (0: load in the main process).", 0)
-    cache: Path | None = _help("Folder of conformed volumes shared by runs; default "
-                               "~/.cache/meshseg/conformed.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """TOML-safe form: paths as strings, tuples as lists, None settings left out."""
-        out = {}
-        for key, value in asdict(self).items():
-            if value is not None:
-                out[key] = (str(value) if key in PATH_FIELDS
-                            else list(value) if isinstance(value, tuple) else value)
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of `to_dict`; missing settings take their defaults.
-
-        Raises:
-            InputError: unknown settings, or data/out missing.
-        """
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise InputError(f"unknown training settings: {', '.join(unknown)}")
-        if "data" not in d or "out" not in d:
-            raise InputError("training settings need both data and out")
-        values = {k: Path(v) if k in PATH_FIELDS else v for k, v in d.items()}
-        if isinstance(values.get("class_weights"), list):
-            values["class_weights"] = tuple(values["class_weights"])
-        return cls(**values)
-
-    def check(self) -> None:
-        """Refuse settings that cannot train.
-
-        Raises:
-            InputError: the first setting that breaks its rule, named with its value.
-        """
-        for name, ok, rule in _RULES:
-            value = getattr(self, name)
-            if not ok(value):
-                raise InputError(f"training setting {name}={value!r}: must be {rule}")
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("data", lambda v: isinstance(v, Path), "a path"),
-    ("out", lambda v: isinstance(v, Path), "a path"),
-    ("val_data", lambda v: v is None or isinstance(v, Path), "unset or a path"),
-    ("cache", lambda v: v is None or isinstance(v, Path), "unset or a path"),
-    ("val_fraction", lambda v: _number(v) and 0 < v < 1, "between 0 and 1"),
-    ("channels", lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    ("activation", lambda v: v in ACTIVATIONS, f"one of {', '.join(sorted(ACTIVATIONS))}"),
-    ("epochs", lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    ("lr", lambda v: _number(v) and v > 0, "> 0"),
-    ("weight_decay", lambda v: _number(v) and v >= 0, ">= 0"),
-    ("eps", lambda v: _number(v) and v > 0, "> 0"),
-    ("div_factor", lambda v: _number(v) and v >= 1, ">= 1"),
-    ("pct_start", lambda v: _number(v) and 0 <= v <= 1, "between 0 and 1"),
-    ("label_smoothing", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
-    ("class_weights", lambda v: isinstance(v, tuple) and len(v) == 2
-     and all(_number(w) and w > 0 for w in v), "two positive numbers (background, lesion)"),
-    ("batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    ("restarts", lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    ("seed", lambda v: _int(v) and v >= 0, "an integer >= 0"),
-    ("amp", lambda v: v is None or isinstance(v, bool), "true, false or unset"),
-    ("checkpointing", lambda v: isinstance(v, bool), "true or false"),
-    ("crop", lambda v: v is None or (_int(v) and v >= 1), "unset or an integer >= 1"),
-    ("crop_lesion_p", lambda v: _number(v) and 0 <= v <= 1, "between 0 and 1"),
-    ("flip_lr", lambda v: isinstance(v, bool), "true or false"),
-    ("downsample", lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    ("steps_per_epoch", lambda v: v is None or (_int(v) and v >= 1), "unset or an integer >= 1"),
-    ("num_workers", lambda v: _int(v) and v >= 0, "an integer >= 0"),
-)
-
-
-def save_config(config: TrainConfig, path: Path) -> None:
-    """Write config.toml atomically."""
-    with atomic_path(path, suffix=".part.toml") as tmp:
-        tmp.write_text(tomli_w.dumps(config.to_dict()), encoding="utf-8")
-
-
-def load_config(path: Path) -> TrainConfig:
-    """Read a config.toml written by `save_config`.
-
-    Raises:
-        InputError: missing, not TOML, or not training settings.
-    """
-    try:
-        with open(path, "rb") as handle:
-            values = tomllib.load(handle)
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror or err})") from err
-    except tomllib.TOMLDecodeError as err:
-        raise InputError(f"{path}: not valid TOML ({err})") from err
-    try:
-        return TrainConfig.from_dict(values)
-    except InputError as err:
-        raise InputError(f"{path}: {err}") from err
-
 
 # ---------------------------------------------------------------------------- entry points
 

@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-SHARED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "brainchop-t2-lesion-11ch"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_MODEL = SHARED / "models" / "brainchop-t2-lesion-11ch"
 
 
 def grid_affine(zooms=(1.0, 1.0, 1.0), angles_deg=(0.0, 0.0, 0.0), axcodes_flip=(1, 1, 1),

@@ -80,7 +80,7 @@ def test_predict_writes_native_grid_mask(write_nifti, tmp_path, threshold_model)
 
 def test_cohort_report_resume_and_bad_inputs(write_nifti, tmp_path, threshold_model):
     good_a = write_nifti(head()[0], name="a.nii.gz")
-    good_b = write_nifti(head(seed=1)[0], grid_affine(zooms=(2, 2, 2)), name="b.nii")
+    write_nifti(head(seed=1)[0], grid_affine(zooms=(2, 2, 2)), name="b.nii")
     bad = {
         "nan.nii.gz": "NaN or Inf",
         "zero.nii.gz": "all zero",

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from nibabel.freesurfer.mghformat import MGHHeader
 
-from tests.conftest import blob, grid_affine
 from meshseg.conform import (
     CONFORMED_SHAPE,
     ConformRecord,
@@ -18,6 +17,7 @@ from meshseg.conform import (
     unconform,
 )
 from meshseg.io import Volume, load_volume
+from tests.conftest import blob, grid_affine
 
 # (shape, zooms mm, rotation degrees, axis flips, axis permutation, origin mm)
 NATIVE_GRIDS = {
