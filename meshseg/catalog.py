@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshseg.errors import OutputError, WeightsError
+from meshseg.export import onnx_parameters, read_onnx
 from meshseg.io import atomic_path
 from meshseg.model import FoldedLayer, count_parameters, fold
 from meshseg.tfjs import load_tfjs
@@ -71,10 +72,11 @@ class LoadedModel:
     """Inference-ready layers plus what reports and `models list` say about them."""
 
     name: str
-    layers: list[FoldedLayer]
+    layers: list[FoldedLayer]  # empty for a model given as an .onnx file
     architecture: str
     parameters: int
     postprocess: str
+    onnx: bytes | None = None  # the graph itself, for a model given as an .onnx file
 
 
 def home() -> Path:
@@ -174,11 +176,11 @@ def download(url: str, target: Path, sha256: str, timeout: float = 60.0) -> None
 
 
 def load(spec: str | None) -> LoadedModel:
-    """Load a model by catalogue name, by path (.safetensors or model.json), or the default."""
+    """Load a model by catalogue name, by path (.safetensors, model.json, .onnx) or the default."""
     if spec is None:
         return _load_entry(default_entry())
     path = Path(spec)
-    if path.suffix in (".json", ".safetensors") and (path.exists() or os.sep in spec):
+    if path.suffix in (".json", ".safetensors", ".onnx") and (path.exists() or os.sep in spec):
         # brainchop keeps only the largest lesion by default; its models keep that default here
         return _load_path(path, name=str(path),
                           postprocess="largest" if path.suffix == ".json" else "none")
@@ -195,6 +197,10 @@ def _load_entry(entry: CatalogEntry) -> LoadedModel:
 
 
 def _load_path(path: Path, name: str, postprocess: str) -> LoadedModel:
+    if path.suffix == ".onnx":
+        graph = read_onnx(path)
+        return LoadedModel(name=name, layers=[], postprocess=postprocess, architecture="ONNX",
+                           parameters=onnx_parameters(graph), onnx=graph)
     if path.suffix == ".json":
         tf = load_tfjs(path)
         return LoadedModel(name=name, layers=tf.layers, postprocess=postprocess,

@@ -47,17 +47,21 @@ def main() -> None:
 @click.option("--largest/--all-lesions", "largest", default=None,
               help="Keep only the largest connected lesion, or all. Default: the model's "
                    "own choice (brainchop models keep the largest).")
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default=None,
+              help="torch (layer by layer) or onnx (onnxruntime). Default: onnx for an .onnx "
+                   "model, else torch.")
 @click.option("--slab", type=click.IntRange(min=1), default=None,
               help="Slab thickness in voxels for layer-by-layer inference (bounds memory).")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None, device: str,
             prob: bool, overwrite: bool, report: Path | None, largest: bool | None,
-            slab: int | None, quiet: bool) -> None:
+            backend: str | None, slab: int | None, quiet: bool) -> None:
     """Segment lesions in each INPUT (NIfTI files, folders or globs)."""
     from meshseg import catalog
     from meshseg.cohort import expand_inputs, plan_outputs
     from meshseg.infer import resolve_device
     from meshseg.io import is_nifti_path
+    from meshseg.predict import runner
 
     if report is not None and report.suffix.lower() not in (".json", ".csv"):
         raise click.BadParameter("must end in .json or .csv", param_hint="--report")
@@ -78,14 +82,17 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
         fail(str(err), EXIT_USAGE)
     try:
         model = catalog.load(model_spec)
+        run = runner(model, torch_device, backend or ("onnx" if model.onnx else "torch"), slab)
+    except DeviceError as err:
+        fail(str(err), EXIT_USAGE)
     except MeshsegError as err:
         fail(str(err))
     postprocess = None if largest is None else ("largest" if largest else "none")
     from meshseg.progress import run_cohort
 
     try:
-        results = run_cohort(paths, plans, model, torch_device, overwrite=overwrite,
-                             postprocess=postprocess, slab=slab, report=report, quiet=quiet)
+        results = run_cohort(paths, plans, model, run, str(torch_device), overwrite=overwrite,
+                             postprocess=postprocess, report=report, quiet=quiet)
     except MeshsegError as err:
         fail(str(err))
     sys.exit(EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK)
@@ -234,6 +241,35 @@ def _log_to_console(quiet: bool) -> None:
     handler = RichHandler(console=Console(stderr=True), show_path=False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(message)s", handlers=[handler], force=True)
+
+
+@main.group()
+def export() -> None:
+    """Export a model to another format."""
+
+
+@export.command("onnx")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .onnx file to write.")
+def export_onnx_command(model_spec: str, output: Path) -> None:
+    """Write MODEL (name, .safetensors or model.json) as ONNX with dynamic D, H, W axes.
+
+    The export is checked against the PyTorch network on a small random volume.
+    """
+    from meshseg import catalog
+    from meshseg.export import export_onnx, verify_onnx
+
+    try:
+        model = catalog.load(model_spec)
+        if not model.layers:
+            raise click.UsageError(f"{model_spec} is already an ONNX model")
+        export_onnx(model.layers, output, name=model.name)
+        error = verify_onnx(model.layers, output)
+    except MeshsegError as err:
+        fail(str(err))
+    click.echo(f"{output}: {model.architecture}, {model.parameters:,} parameters; "
+               f"max |onnxruntime - torch| = {error:.1e} on a random volume")
 
 
 @main.command()

@@ -144,9 +144,20 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def lesion_probability(volume01: np.ndarray, layers: list[FoldedLayer], device: torch.device,
-                       margin: int = 18, slab: int | None = None,
-                       on_layer: Callable[[int, int], None] | None = None) -> np.ndarray:
+OnLayer = Callable[[int, int], None]
+Runner = Callable[[torch.Tensor, OnLayer | None], torch.Tensor]
+"""A network on some backend: ((C_in, D, H, W) float32 CPU tensor, on_layer) -> logits
+(n_classes, D, H, W) on the CPU; on_layer(done, total) reports progress."""
+
+
+def torch_runner(layers: list[FoldedLayer], device: torch.device,
+                 slab: int | None = None) -> Runner:
+    """The layer-by-layer PyTorch backend as a `Runner`."""
+    return lambda x, on_layer=None: run_layers(x, layers, device, slab=slab, on_layer=on_layer)
+
+
+def lesion_probability(volume01: np.ndarray, run: Runner, margin: int = 18,
+                       on_layer: OnLayer | None = None) -> np.ndarray:
     """Lesion (class 1) probability for a conformed volume scaled to 0..1, as brainchop runs it.
 
     The network sees the bounding box of the voxels > 0 padded with `margin` zero voxels on
@@ -165,8 +176,7 @@ def lesion_probability(volume01: np.ndarray, layers: list[FoldedLayer], device: 
         return probability
     box = _bounding_box(foreground)
     crop = np.pad(volume01[box], margin)  # brainchop pads with zeros, not with image voxels
-    logits = run_layers(torch.from_numpy(crop)[None], layers, device, slab=slab,
-                        on_layer=on_layer)
+    logits = run(torch.from_numpy(crop)[None], on_layer)
     inner = tuple(slice(margin, n - margin) for n in crop.shape)
     probability[box] = torch.softmax(logits[(slice(None), *inner)], dim=0)[1].numpy()
     return probability

@@ -17,8 +17,9 @@ from scipy import ndimage
 
 from meshseg.catalog import LoadedModel
 from meshseg.conform import conform, to_unit_range, unconform
-from meshseg.errors import MeshsegError
-from meshseg.infer import lesion_probability
+from meshseg.errors import MeshsegError, WeightsError
+from meshseg.export import onnx_runner, to_onnx
+from meshseg.infer import Runner, lesion_probability, torch_runner
 from meshseg.io import Volume, load_volume, save_like
 from meshseg.validate import check_volume
 
@@ -56,15 +57,28 @@ class Result:
     error: str = ""
 
 
-def segment(volume: Volume, model: LoadedModel, device: torch.device,
-            slab: int | None = None, progress: Progress | None = None) -> np.ndarray:
+def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
+           slab: int | None = None) -> Runner:
+    """The network on the chosen backend: layer-by-layer torch, or onnxruntime.
+
+    Raises:
+        WeightsError: an ONNX-only model asked to run on the torch backend.
+    """
+    if backend == "onnx":
+        return onnx_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device)
+    if not model.layers:
+        raise WeightsError(f"{model.name}: an ONNX model runs only with --backend onnx")
+    return torch_runner(model.layers, device, slab=slab)
+
+
+def segment(volume: Volume, run: Runner, progress: Progress | None = None) -> np.ndarray:
     """Lesion probability (float32) on the volume's own grid."""
     report = progress or (lambda stage, fraction: None)
     check_volume(volume)
     report("conform", 0.0)
     conformed, record = conform(volume)
     report("conform", 1.0)
-    prob = lesion_probability(to_unit_range(conformed), model.layers, device, slab=slab,
+    prob = lesion_probability(to_unit_range(conformed), run,
                               on_layer=lambda i, n: report("layers", i / n))
     report("unconform", 0.0)
     native = unconform(prob, record)
@@ -92,13 +106,13 @@ def lesion_stats(mask: np.ndarray, affine: np.ndarray) -> tuple[float, int, int]
     return voxels * voxel_ml, voxels, int(components)
 
 
-def segment_file(path: Path, outputs: Outputs, model: LoadedModel, device: torch.device, *,
+def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, device: str, *,
                  overwrite: bool = False, postprocess: str | None = None,
-                 slab: int | None = None, progress: Progress | None = None) -> Result:
+                 progress: Progress | None = None) -> Result:
     """Segment one file; user-facing problems become a failed Result, never an exception."""
     start = time.perf_counter()
     result = Result(input=str(path), output=str(outputs.mask), status="ok",
-                    model=model.name, device=str(device))
+                    model=model.name, device=device)
     if outputs.done() and not overwrite:
         result.status = "skipped"
         return result
@@ -107,7 +121,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, device: torch
         report("load", 0.0)
         volume = load_volume(path)
         report("load", 1.0)
-        prob = segment(volume, model, device, slab=slab, progress=report)
+        prob = segment(volume, run, progress=report)
         mask = to_mask(prob, postprocess or model.postprocess)
         report("write", 0.0)
         if outputs.prob is not None:

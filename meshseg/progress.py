@@ -5,18 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from meshseg.catalog import LoadedModel
 from meshseg.cohort import write_report
+from meshseg.infer import Runner
 from meshseg.predict import Outputs, Result, segment_file
 
 
-def run_cohort(paths: list[Path], plans: list[Outputs], model: LoadedModel,
-               device: torch.device, *, overwrite: bool, postprocess: str | None,
-               slab: int | None, report: Path | None, quiet: bool) -> list[Result]:
+def run_cohort(paths: list[Path], plans: list[Outputs], model: LoadedModel, run: Runner,
+               device: str, *, overwrite: bool, postprocess: str | None,
+               report: Path | None, quiet: bool) -> list[Result]:
     """Segment every input in turn; the report is rewritten after each so a kill keeps it."""
     console = Console(stderr=True)
     live = console.is_terminal and not quiet
@@ -32,8 +32,8 @@ def run_cohort(paths: list[Path], plans: list[Outputs], model: LoadedModel,
                 bars.update(stage, description=f"{_path.name}: {name}",
                             completed=round(100 * fraction))
 
-            result = segment_file(path, outputs, model, device, overwrite=overwrite,
-                                  postprocess=postprocess, slab=slab, progress=on_stage)
+            result = segment_file(path, outputs, model, run, device, overwrite=overwrite,
+                                  postprocess=postprocess, progress=on_stage)
             results.append(result)
             if report is not None:
                 write_report(results, report)

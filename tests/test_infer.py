@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from meshseg.errors import DeviceError
-from meshseg.infer import lesion_probability, resolve_device, run_layers
+from meshseg.infer import lesion_probability, resolve_device, run_layers, torch_runner
 from meshseg.model import MeshNet, MeshNetConfig, fold
 from tests.conftest import blob
 from tests.test_model import randomise_batch_norms
@@ -75,7 +75,8 @@ def test_lesion_probability_is_softmax_of_the_padded_crop(center, margin):
     volume = np.where(head, rng.uniform(0.2, 1.0, shape), 0).astype(np.float32)
     model = small_meshnet()
 
-    probability = lesion_probability(volume, fold(model), CPU, margin=margin, slab=5)
+    probability = lesion_probability(volume, torch_runner(fold(model), CPU, slab=5),
+                                     margin=margin)
 
     box = tuple(slice(idx.min(), idx.max() + 1) for idx in np.nonzero(head))
     crop = torch.from_numpy(np.pad(volume[box], margin))[None]
@@ -89,8 +90,8 @@ def test_lesion_probability_is_softmax_of_the_padded_crop(center, margin):
 
 def test_lesion_probability_of_an_empty_volume_is_zero_without_running():
     calls = []
-    probability = lesion_probability(np.zeros((6, 7, 8), np.float32), fold(small_meshnet()), CPU,
-                                     on_layer=lambda i, n: calls.append(i))
+    probability = lesion_probability(np.zeros((6, 7, 8), np.float32),
+                                     lambda x, on_layer: calls.append(x))
     assert probability.shape == (6, 7, 8) and not probability.any() and calls == []
 
 

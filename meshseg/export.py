@@ -1,0 +1,132 @@
+"""MeshNet as an ONNX graph, and an onnxruntime backend for predict.
+
+The graph is assembled directly from the folded layers with onnx.helper rather than
+traced with torch.onnx.export: a MeshNet is a plain chain of Conv and activation nodes,
+building it needs no tracer (whose TorchScript path is deprecated and whose dynamo path
+pulls in onnxscript), it works as well for imported brainchop models, and the spatial
+axes are dynamic by construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, helper, numpy_helper
+
+from meshseg.errors import DeviceError, WeightsError
+from meshseg.io import atomic_path
+from meshseg.model import FoldedLayer
+
+OPSET = 17
+IR_VERSION = 8  # the IR version of opset 17; newer onnx writes versions older runtimes refuse
+INPUT, OUTPUT = "volume", "logits"
+_ONNX_ACTIVATIONS = {"relu": "Relu", "elu": "Elu"}
+
+
+def to_onnx(layers: list[FoldedLayer], name: str = "meshnet") -> onnx.ModelProto:
+    """(1, C_in, D, H, W) -> logits (1, n_classes, D, H, W), with D, H, W dynamic."""
+    nodes, weights = [], []
+    current = INPUT
+    for index, layer in enumerate(layers):
+        w, b = f"w{index}", f"b{index}"
+        weights += [numpy_helper.from_array(layer.weight.numpy(), w),
+                    numpy_helper.from_array(layer.bias.numpy(), b)]
+        conv_out = OUTPUT if index == len(layers) - 1 and not layer.activation else f"c{index}"
+        k, pad = layer.weight.shape[-1], layer.padding
+        nodes.append(helper.make_node("Conv", [current, w, b], [conv_out], kernel_shape=[k] * 3,
+                                      dilations=[layer.dilation] * 3, pads=[pad] * 6))
+        current = conv_out
+        if layer.activation:
+            act_out = OUTPUT if index == len(layers) - 1 else f"a{index}"
+            nodes.append(helper.make_node(_ONNX_ACTIVATIONS[layer.activation], [current],
+                                          [act_out]))
+            current = act_out
+    c_in, n_classes = layers[0].weight.shape[1], layers[-1].weight.shape[0]
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [1, c_in, "D", "H", "W"])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [1, n_classes, "D", "H", "W"])],
+        initializer=weights)
+    model = helper.make_model(graph, producer_name="meshseg", ir_version=IR_VERSION,
+                              opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def export_onnx(layers: list[FoldedLayer], path, name: str = "meshnet") -> None:
+    """Write the ONNX graph atomically."""
+    model = to_onnx(layers, name)
+    with atomic_path(path, suffix=".part.onnx") as tmp:
+        onnx.save(model, str(tmp))
+
+
+def verify_onnx(layers: list[FoldedLayer], path, shape: tuple[int, int, int] = (24, 28, 20),
+                tolerance: float = 1e-4) -> float:
+    """Largest |onnxruntime - torch| logit difference on a random volume; refuses a mismatch.
+
+    Raises:
+        WeightsError: the difference exceeds `tolerance` (relative to the logits' scale).
+    """
+    from meshseg.infer import run_layers
+
+    x = torch.from_numpy(np.random.default_rng(0).random((1, *shape), dtype=np.float32))
+    device = torch.device("cpu")
+    expected = run_layers(x, layers, device)
+    got = onnx_runner(read_onnx(path), device)(x)
+    error = float((got - expected).abs().max())
+    if error > tolerance * max(1.0, float(expected.abs().max())):
+        raise WeightsError(f"{path}: ONNX output differs from PyTorch by {error:.2e}")
+    return error
+
+
+def read_onnx(path) -> bytes:
+    """An .onnx file's bytes, checked to be a model with one volume input.
+
+    Raises:
+        WeightsError: missing, not ONNX, or not a single 5-D input.
+    """
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except (OSError, ValueError, DecodeError, onnx.checker.ValidationError) as err:
+        raise WeightsError(f"{path}: not a readable ONNX model ({err})") from err
+    inputs = model.graph.input
+    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 5:
+        raise WeightsError(f"{path}: expected one (1, C, D, H, W) input")
+    return model.SerializeToString()
+
+
+def onnx_parameters(model_bytes: bytes) -> int:
+    """Number of weight values held by the graph's initializers."""
+    model = onnx.load_from_string(model_bytes)
+    return int(sum(np.prod(t.dims) for t in model.graph.initializer))
+
+
+def onnx_runner(model_bytes: bytes, device: torch.device):
+    """An infer.Runner on onnxruntime: (C, D, H, W) -> logits (n_classes, D, H, W).
+
+    Raises:
+        DeviceError: CUDA was asked for but this onnxruntime has no CUDA provider.
+    """
+    import onnxruntime as ort
+
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise DeviceError("--backend onnx --device cuda: this onnxruntime has no CUDA "
+                              "provider (install onnxruntime-gpu)")
+        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
+    else:
+        providers = ["CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(model_bytes, options, providers=providers)
+
+    def run(x: torch.Tensor, on_layer=None) -> torch.Tensor:
+        logits = session.run([OUTPUT], {INPUT: x[None].numpy()})[0]
+        if on_layer is not None:
+            on_layer(1, 1)  # onnxruntime runs the whole graph in one call
+        return torch.from_numpy(logits[0])
+
+    return run

@@ -1,0 +1,71 @@
+"""ONNX export and the onnxruntime backend agree with the PyTorch backend."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from meshseg.cli import main
+from meshseg.errors import WeightsError
+from meshseg.export import onnx_runner, read_onnx, to_onnx
+from meshseg.infer import run_layers
+from meshseg.model import MeshNet, MeshNetConfig, fold
+from meshseg.weights import save_checkpoint
+from tests.test_cli import head
+from tests.test_model import randomise_batch_norms
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = MeshNet(MeshNetConfig(channels=3, activation="elu"))
+    randomise_batch_norms(model, seed=0)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model.eval())
+    return path, model.eval()
+
+
+@pytest.mark.parametrize("shape", [(17, 23, 11), (30, 9, 26)])
+def test_onnx_graph_equals_torch_on_any_size(checkpoint, shape):
+    _, model = checkpoint
+    layers = fold(model)
+    run = onnx_runner(to_onnx(layers).SerializeToString(), torch.device("cpu"))
+    x = torch.rand((1, *shape))
+    torch.testing.assert_close(run(x), run_layers(x, layers, torch.device("cpu")),
+                               rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), model(x[None])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_export_command_and_onnx_backend(checkpoint, tmp_path, write_nifti):
+    path, _ = checkpoint
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(main, ["export", "onnx", str(path), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "max |onnxruntime - torch|" in result.output
+    scan = write_nifti(head()[0])
+    masks = {}
+    for name, args in {"torch": ["-m", str(path)],
+                       "onnx-file": ["-m", str(out)],
+                       "onnx-backend": ["-m", str(path), "--backend", "onnx"]}.items():
+        target = tmp_path / f"{name}.nii.gz"
+        result = CliRunner().invoke(main, ["predict", str(scan), "-o", str(target), "--prob",
+                                           "-q", *args])
+        assert result.exit_code == 0, result.output
+        masks[name] = np.asarray(nib.load(tmp_path / f"{name}_lesion_prob.nii.gz").dataobj)
+    np.testing.assert_allclose(masks["onnx-file"], masks["torch"], atol=1e-5)
+    np.testing.assert_allclose(masks["onnx-backend"], masks["torch"], atol=1e-5)
+
+
+def test_onnx_model_refuses_torch_backend_and_bad_files(checkpoint, tmp_path, write_nifti):
+    path, model = checkpoint
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(to_onnx(fold(model)).SerializeToString())
+    scan = write_nifti(head()[0])
+    result = CliRunner().invoke(main, ["predict", str(scan), "-m", str(onnx_path),
+                                       "--backend", "torch"])
+    assert result.exit_code == 1 and "runs only with --backend onnx" in result.output
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf")
+    with pytest.raises(WeightsError, match="junk.onnx: not a readable ONNX model"):
+        read_onnx(junk)
