@@ -1,0 +1,183 @@
+"""Speed and memory of inference, as ratios against plain PyTorch measured in the same run.
+
+Every measurement runs in a fresh Python process so that its peak resident memory
+(ru_maxrss) is its own. For each model and backend it reports:
+
+- plain: the network as an ordinary torch.nn.Module, one full forward pass over the whole
+  network input (the head crop plus brainchop's 18-voxel margin) - what a straightforward
+  replication does; the reference of every ratio;
+- model: meshseg's inference on the same conformed volume (crop, layers, softmax);
+- e2e: the whole `meshseg predict` command on the native-space example scan (load, conform,
+  infer, resample, write).
+
+Times are medians of --repeat runs. Results go to benchmarks/results/latest.{json,md}.
+Usage: python benchmarks/bench_predict.py [--repeat 3] [--models ...] [--backends ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODEL = ROOT.parent / "shared" / "models" / "brainchop-t2-lesion-11ch" / "model.json"
+MODELS = {"meshnet5": 5, "meshnet16": 16, "meshnet26": 26, "brainchop11": None}
+
+
+def child(kind: str, model: str, backend: str, scan: str) -> dict:
+    """One measurement in this process; returns seconds and peak RSS."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    from meshseg import catalog
+    from meshseg.conform import conform, to_unit_range
+    from meshseg.infer import _bounding_box, lesion_probability, resolve_device
+    from meshseg.io import load_volume
+    from meshseg.model import ACTIVATIONS
+    from meshseg.predict import runner
+
+    loaded = catalog.load(model)
+    device = resolve_device("cuda" if backend == "cuda" else "cpu")
+    volume01 = to_unit_range(conform(load_volume(scan))[0])
+    start = time.perf_counter()
+    if kind == "plain":
+        box = _bounding_box(volume01 > 0)
+        x = torch.from_numpy(np.pad(volume01[box], 18))[None, None].to(device)
+        modules = []
+        for layer in loaded.layers:
+            conv = torch.nn.Conv3d(layer.weight.shape[1], layer.weight.shape[0],
+                                   layer.weight.shape[-1], padding=layer.padding,
+                                   dilation=layer.dilation)
+            conv.weight.data, conv.bias.data = layer.weight, layer.bias
+            modules += [conv] + ([ACTIVATIONS[layer.activation]()] if layer.activation else [])
+        net = torch.nn.Sequential(*modules).to(device).eval()
+        start = time.perf_counter()
+        with torch.no_grad():
+            net(x).softmax(1).cpu()
+    else:
+        run = runner(loaded, device, "onnx" if backend == "onnx" else "torch")
+        lesion_probability(volume01, run)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure(args: list[str]) -> dict:
+    """Run one measurement in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--child", *args], check=True,
+                         capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def end_to_end(model: str, backend: str, scan: Path, folder: Path) -> dict:
+    """`meshseg predict` as a user runs it, timed from outside, peak RSS from wait4."""
+    cmd = [sys.executable, "-m", "meshseg", "predict", str(scan), "-m", model, "-q",
+           "--overwrite", "-o", str(folder / "mask.nii.gz"),
+           "--device", "cuda" if backend == "cuda" else "cpu",
+           "--backend", "onnx" if backend == "onnx" else "torch"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with status {status}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def make_models(folder: Path, wanted: list[str]) -> dict[str, str]:
+    """Checkpoint paths per model name (random MeshNet-X weights: speed ignores values)."""
+    from meshseg.model import MeshNet, MeshNetConfig
+    from meshseg.weights import save_checkpoint
+
+    paths = {}
+    for name in wanted:
+        if MODELS[name] is None:
+            if SHARED_MODEL.exists():
+                paths[name] = str(SHARED_MODEL)
+            continue
+        path = folder / f"{name}.safetensors"
+        save_checkpoint(path, MeshNet(MeshNetConfig(channels=MODELS[name])).eval(),
+                        {"note": "random weights, for timing only"})
+        paths[name] = str(path)
+    return paths
+
+
+def median_of(fn, repeat: int) -> dict:
+    runs = [fn() for _ in range(repeat)]
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--backends", default="torch,onnx,cuda")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--child", nargs=4, metavar=("KIND", "MODEL", "BACKEND", "SCAN"))
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+
+    import torch
+
+    backends = [b for b in args.backends.split(",") if b != "cuda" or torch.cuda.is_available()]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        scan = folder / "example_t2.nii.gz"
+        subprocess.run([sys.executable, "-m", "meshseg", "example", str(scan)], check=True,
+                       cwd=ROOT, capture_output=True)
+        for name, model in make_models(folder, args.models.split(",")).items():
+            plain_backend = "cuda" if backends == ["cuda"] else "torch"
+            plain = median_of(lambda: measure(["plain", model, plain_backend, str(scan)]),
+                              args.repeat)
+            for backend in backends:
+                row = {"model": name, "backend": backend, "plain": plain,
+                       "model_only": median_of(lambda: measure(["model", model, backend,
+                                                                str(scan)]), args.repeat),
+                       "e2e": median_of(lambda: end_to_end(model, backend, scan, folder),
+                                        args.repeat)}
+                row["ratio_model"] = row["model_only"]["seconds"] / plain["seconds"]
+                row["ratio_e2e"] = row["e2e"]["seconds"] / plain["seconds"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    write_results(rows, args)
+
+
+def write_results(rows: list[dict], args: argparse.Namespace) -> None:
+    import torch
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "repeat": args.repeat}
+    (args.out / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [f"Measured {meta['date']} on {meta['cpus']} CPUs ({meta['machine']}), torch "
+             f"{meta['torch']}, median of {meta['repeat']} runs.", "",
+             "| model | backend | plain s | plain MB | model s | model MB | model/plain | "
+             "e2e s | e2e MB | e2e/plain |", "|" + " --- |" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {r['plain']['seconds']:.1f} | "
+            f"{r['plain']['peak_rss_mb']:.0f} | {r['model_only']['seconds']:.1f} | "
+            f"{r['model_only']['peak_rss_mb']:.0f} | {r['ratio_model']:.2f} | "
+            f"{r['e2e']['seconds']:.1f} | {r['e2e']['peak_rss_mb']:.0f} | "
+            f"{r['ratio_e2e']:.2f} |")
+    (args.out / "latest.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
