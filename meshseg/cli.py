@@ -273,6 +273,36 @@ def export_onnx_command(model_spec: str, output: Path) -> None:
 
 
 @main.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-n", "count", default=20, show_default=True, help="Number of scans.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the first scan.")
+@click.option("--min-ml", default=None, type=float, help="Smallest lesion (mL).")
+@click.option("--max-ml", default=None, type=float, help="Largest lesion (mL).")
+@click.option("--no-lesion", is_flag=True, help="Healthy heads (empty masks).")
+@click.option("--conformed-grid", is_flag=True,
+              help="1 mm axial grids instead of random scanner grids.")
+@click.option("-j", "--jobs", default=1, show_default=True, help="Worker processes.")
+def synth(folder: Path, count: int, seed: int, min_ml: float | None, max_ml: float | None,
+          no_lesion: bool, conformed_grid: bool, jobs: int) -> None:
+    """Write synthetic T2 heads with chronic stroke lesions, their masks and a manifest.csv.
+
+    The manifest feeds `meshseg train --data FOLDER/manifest.csv`.
+    """
+    from meshseg.synth import ARC_QUARTILES_ML, SynthOptions, make_dataset
+
+    limits = (min_ml or ARC_QUARTILES_ML[0], max_ml or ARC_QUARTILES_ML[-1])
+    if not 0 < limits[0] < limits[1]:
+        raise click.BadParameter("need 0 < --min-ml < --max-ml")
+    options = SynthOptions(lesion=not no_lesion, lesion_ml=limits,
+                           native_grid=not conformed_grid)
+    try:
+        manifest = make_dataset(folder, count, seed, options, jobs=jobs)
+    except MeshsegError as err:
+        fail(str(err))
+    click.echo(f"{manifest}: {count} synthetic scans")
+
+
+@main.command()
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path),
                 default="example_t2.nii.gz")
 @click.option("--mask", type=click.Path(dir_okay=False, path_type=Path),
