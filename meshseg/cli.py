@@ -205,30 +205,22 @@ def train(data: Path | None, out: Path | None, resume_dir: Path | None, quiet: b
 
     _log_to_console(quiet)
     given = {k: v for k, v in settings.items() if v is not None}
-    on_epoch = None if quiet else _print_epoch
     try:
         if resume_dir is not None:
             if data or out or given:
                 raise click.UsageError("--resume takes no other settings (they are in "
                                        f"{resume_dir / training.CONFIG_FILE})")
-            run_dir = training.resume(resume_dir, on_epoch=on_epoch)
+            run_dir = training.resume(resume_dir)
         else:
             if data is None or out is None:
                 raise click.UsageError("give --data and --out (or --resume RUN_DIR)")
             config = TrainConfig(data=data, out=out, **given)
-            run_dir = training.fit(config, on_epoch=on_epoch)
+            run_dir = training.fit(config)
     except DeviceError as err:
         fail(str(err), EXIT_USAGE)
     except MeshsegError as err:
         fail(str(err))
     click.echo(f"{run_dir}: best model in {run_dir / training.BEST_FILE}")
-
-
-def _print_epoch(record: dict) -> None:
-    click.echo(f"restart {record['restart']}/{record['restarts']} epoch "
-               f"{record['epoch']}/{record['epochs']}: train loss {record['train_loss']:.4f}, "
-               f"val loss {record['val_loss']:.4f}, val Dice {record['val_dice']:.3f} "
-               f"(best {record['best_val_dice']:.3f}), {record['seconds']:.0f} s")
 
 
 def _log_to_console(quiet: bool) -> None:
