@@ -294,6 +294,47 @@ def synth(folder: Path, count: int, seed: int, min_ml: float | None, max_ml: flo
     click.echo(f"{manifest}: {count} synthetic scans")
 
 
+@main.command("eval")
+@click.argument("pred", type=click.Path(path_type=Path))
+@click.argument("truth", type=click.Path(path_type=Path))
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write one row per subject.")
+@click.option("--resample", is_flag=True,
+              help="Compare masks on different grids (prediction resampled to the truth).")
+def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: bool) -> None:
+    """Score predicted masks PRED against reference masks TRUTH (files or folders).
+
+    Per subject: DICE, AVD, MCC and both volumes; then mean (std) and median [IQR].
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from meshseg import evaluate
+
+    try:
+        pairs, unmatched = evaluate.match(evaluate.mask_files(pred), evaluate.mask_files(truth))
+        for path in unmatched:
+            click.echo(f"meshseg: warning: {path}: no matching mask on the other side", err=True)
+        if not pairs:
+            fail("no pairs of masks to compare", EXIT_USAGE)
+        scores = [evaluate.score(p, t, resample) for p, t in pairs]
+        if csv_path is not None:
+            evaluate.write_csv(scores, csv_path)
+    except MeshsegError as err:
+        fail(str(err))
+    table = Table("subject", "DICE", "AVD", "MCC", "true mL", "pred mL")
+    for s in scores:
+        table.add_row(s.subject, f"{s.dice:.3f}", f"{s.avd:.3f}", f"{s.mcc:.3f}",
+                      f"{s.vol_true_ml:.2f}", f"{s.vol_pred_ml:.2f}")
+    overall = Table("metric", "mean (std)", "median [IQR]", "subjects")
+    for name, v in evaluate.summary(scores).items():
+        overall.add_row(name.upper(), f"{v['mean']:.3f} ({v['std']:.3f})",
+                        f"{v['median']:.3f} [{v['q1']:.3f}, {v['q3']:.3f}]", str(v["n"]))
+    console = Console()
+    console.print(table)
+    console.print(overall)
+
+
 @main.command()
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path),
                 default="example_t2.nii.gz")

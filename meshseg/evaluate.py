@@ -1,0 +1,131 @@
+"""Compare predicted masks with reference masks: per-subject metrics and a summary.
+
+Pairs are matched by subject key: BIDS sub-/ses- entities when both names have them,
+else the file name without .nii[.gz] and without meshseg's and common mask suffixes
+(_lesion, _mask, _T2w, ...). Masks must share a grid: a different grid is an error naming
+both files, unless resampling (nearest neighbour) is asked for.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.processing import resample_from_to
+
+from meshseg.cohort import stem
+from meshseg.errors import InputError
+from meshseg.io import atomic_path, is_nifti_path, load_volume
+from meshseg.metrics import avd, dice, mcc
+
+SUFFIXES = re.compile(r"(_(lesion|prob|mask|label|T2w|desc-[A-Za-z0-9]+|space-[A-Za-z0-9]+))+$")
+ENTITIES = re.compile(r"(sub-[A-Za-z0-9]+)(?:_(ses-[A-Za-z0-9]+))?")
+GRID_ATOL_MM = 1e-3
+
+
+@dataclass
+class Score:
+    """One subject's row."""
+
+    subject: str
+    dice: float
+    avd: float
+    mcc: float
+    vol_true_ml: float
+    vol_pred_ml: float
+    pred: str
+    truth: str
+
+
+def subject_key(path: Path) -> str:
+    """The key two files of the same subject share."""
+    found = ENTITIES.search(path.name)
+    if found:
+        return "_".join(part for part in found.groups() if part)
+    return SUFFIXES.sub("", stem(path))
+
+
+def mask_files(spec: Path) -> list[Path]:
+    """One NIfTI file, or every NIfTI file below a folder (probability maps excluded)."""
+    if spec.is_dir():
+        return sorted(p for p in spec.rglob("*") if is_nifti_path(p)
+                      and not stem(p).endswith("_lesion_prob"))
+    if not spec.exists():
+        raise InputError(f"{spec}: no such file or folder")
+    return [spec]
+
+
+def match(preds: list[Path], truths: list[Path]) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """(matched pairs, unmatched files) by subject key.
+
+    Raises:
+        InputError: two files on one side share a key.
+    """
+    sides = []
+    for files in (preds, truths):
+        keyed: dict[str, Path] = {}
+        for path in files:
+            key = subject_key(path)
+            if key in keyed:
+                raise InputError(f"{keyed[key]} and {path}: same subject key {key!r}")
+            keyed[key] = path
+        sides.append(keyed)
+    pred_by, truth_by = sides
+    if len(preds) == 1 and len(truths) == 1:  # two files given: compare them whatever the names
+        return [(preds[0], truths[0])], []
+    pairs = [(pred_by[k], truth_by[k]) for k in sorted(pred_by.keys() & truth_by.keys())]
+    unmatched = sorted([pred_by[k] for k in pred_by.keys() - truth_by.keys()]
+                       + [truth_by[k] for k in truth_by.keys() - pred_by.keys()])
+    return pairs, unmatched
+
+
+def score(pred_path: Path, truth_path: Path, resample: bool = False) -> Score:
+    """Metrics of one pair of masks (values > 0 are lesion)."""
+    pred, truth = load_volume(pred_path), load_volume(truth_path)
+    same = (pred.data.shape == truth.data.shape
+            and np.allclose(pred.affine, truth.affine, atol=GRID_ATOL_MM))
+    if not same:
+        if not resample:
+            raise InputError(f"{pred_path} and {truth_path}: masks are on different grids "
+                             "(use --resample to compare anyway)")
+        moved = resample_from_to(nib.Nifti1Image(pred.data, pred.affine),
+                                 (truth.data.shape, truth.affine), order=0)
+        pred_data = np.asarray(moved.dataobj)
+    else:
+        pred_data = pred.data
+    p, t = pred_data > 0, truth.data > 0
+    voxel_ml = abs(float(np.linalg.det(truth.affine[:3, :3]))) / 1000
+    return Score(subject=subject_key(truth_path), dice=dice(p, t), avd=avd(p, t), mcc=mcc(p, t),
+                 vol_true_ml=float(t.sum()) * voxel_ml, vol_pred_ml=float(p.sum()) * voxel_ml,
+                 pred=str(pred_path), truth=str(truth_path))
+
+
+def summary(scores: list[Score]) -> dict[str, dict[str, float]]:
+    """Mean, std, median and IQR of dice, avd and mcc over subjects (AVD ignores inf)."""
+    out = {}
+    for name in ("dice", "avd", "mcc"):
+        values = [getattr(s, name) for s in scores if np.isfinite(getattr(s, name))]
+        if not values:
+            continue
+        q1, q2, q3 = np.percentile(values, [25, 50, 75])
+        out[name] = {"mean": statistics.fmean(values),
+                     "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                     "median": float(q2), "q1": float(q1), "q3": float(q3), "n": len(values)}
+    return out
+
+
+def write_csv(scores: list[Score], path: Path) -> None:
+    """One row per subject, atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(asdict(scores[0]).keys()) if scores
+                            else ["subject"])
+    writer.writeheader()
+    writer.writerows(asdict(s) for s in scores)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), newline="")
