@@ -123,10 +123,10 @@ def onnx_runner(model_bytes: bytes, device: torch.device):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(model_bytes, options, providers=providers)
 
-    def run(x: torch.Tensor, on_layer=None) -> torch.Tensor:
-        logits = session.run([OUTPUT], {INPUT: x[None].numpy()})[0]
+    def run(x: torch.Tensor, on_layer=None, keep=None) -> torch.Tensor:
+        logits = session.run([OUTPUT], {INPUT: x[None].numpy()})[0][0]
         if on_layer is not None:
             on_layer(1, 1)  # onnxruntime runs the whole graph in one call
-        return torch.from_numpy(logits[0])
+        return torch.from_numpy(logits[(slice(None), *keep)] if keep else logits)
 
     return run

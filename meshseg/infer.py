@@ -65,26 +65,62 @@ def _channels_last_buffer(channels: int, depth: int, height: int, width: int, ma
     return buffer
 
 
+Box = tuple[slice, slice, slice]
+
+
+def _regions(layers: list[FoldedLayer], shape_dhw: tuple[int, int, int], keep: Box) -> list[Box]:
+    """Per layer, the part of its output that the kept part of the final output depends on.
+
+    A layer's output is read by the next layer within its padding, so going backwards from
+    `keep` each earlier region grows by the paddings of the layers after it (clipped to the
+    volume). Computing only these regions gives exactly the full-volume values inside `keep`
+    and saves the outer shell of the later layers.
+    """
+    regions, grow = [], 0
+    for layer in reversed(layers):
+        regions.append(tuple(slice(max(k.start - grow, 0), min(k.stop + grow, n))
+                             for k, n in zip(keep, shape_dhw)))
+        grow += layer.padding
+    return regions[::-1]
+
+
+def _window_pads(region: slice, pad: int, size: int) -> tuple[slice, int, int]:
+    """Input index range of an output range widened by `pad`, and the zeros it lacks per side."""
+    low, high = region.start - pad, region.stop + pad
+    return slice(max(low, 0), min(high, size)), max(-low, 0), max(high - size, 0)
+
+
 def _run_layer(x: torch.Tensor, out: torch.Tensor, layer: FoldedLayer, margin: int,
-               rows: int, device: torch.device) -> None:
-    """out[rows of the volume] = act(conv(x)), slab by slab; x and out are margin buffers."""
-    depth = x.shape[2] - 2 * margin
+               rows: int, device: torch.device, region: Box) -> None:
+    """out[region] = act(conv(x)), slab by slab along D; x and out are margin buffers.
+
+    Rows beyond the volume along D fall in the zeroed margin, which is exactly the zero
+    padding that padding=dilation gives at the border. Along H and W the window is widened by
+    the padding and zero-padded where it leaves the volume (by the convolution itself when
+    both sides need the same amount, as for a full-width region).
+    """
     pad = layer.padding
     weight = layer.weight.to(device)
     bias = layer.bias.to(device)
     activation = ACTIVATIONS[layer.activation](inplace=True) if layer.activation else None
     on_cuda = device.type == "cuda"
-    for start in range(0, depth, rows):
-        stop = min(start + rows, depth)
-        # Input rows start-pad .. stop+pad; rows beyond the volume fall in the zeroed margin,
-        # which is exactly the zero padding that padding=dilation gives at the border.
-        window = x[:, :, margin + start - pad:margin + stop + pad]
+    rows_d, rows_h, rows_w = region
+    window_h, top, bottom = _window_pads(rows_h, pad, x.shape[3])
+    window_w, left, right = _window_pads(rows_w, pad, x.shape[4])
+    symmetric = top == bottom and left == right
+    for start in range(rows_d.start, rows_d.stop, rows):
+        stop = min(start + rows, rows_d.stop)
+        window = x[:, :, margin + start - pad:margin + stop + pad, window_h, window_w]
         if on_cuda:
             window = window.to(device, non_blocking=True)
-        y = F.conv3d(window, weight, bias, padding=(0, pad, pad), dilation=layer.dilation)
+        if symmetric:
+            y = F.conv3d(window, weight, bias, padding=(0, top, left), dilation=layer.dilation)
+        else:
+            window = F.pad(window, (left, right, top, bottom))
+            y = F.conv3d(window, weight, bias, dilation=layer.dilation)
         if activation is not None:
             y = activation(y)
-        out[:, :, margin + start:margin + stop].copy_(y, non_blocking=on_cuda)
+        out[:, :, margin + start:margin + stop, rows_h, rows_w].copy_(y, non_blocking=on_cuda)
     if on_cuda:
         # The copies back to (pinned) host memory are asynchronous: wait before the host reads.
         torch.cuda.synchronize(device)
@@ -92,8 +128,13 @@ def _run_layer(x: torch.Tensor, out: torch.Tensor, layer: FoldedLayer, margin: i
 
 def run_layers(x: torch.Tensor, layers: list[FoldedLayer], device: torch.device,
                slab: int | None = None,
-               on_layer: Callable[[int, int], None] | None = None) -> torch.Tensor:
+               on_layer: Callable[[int, int], None] | None = None,
+               keep: Box | None = None) -> torch.Tensor:
     """Run the folded network over a whole volume: (C_in, D, H, W) -> logits (n_classes, D, H, W).
+
+    `keep` (a box of D, H, W slices; default all) is the part of the output wanted: the result
+    is then the logits inside `keep` only, equal to those of the full-volume pass, and each
+    layer computes just the region that they depend on (see `_regions`).
 
     x is float32 on the CPU; the result is float32 on the CPU. Each layer is computed in slabs of
     `slab` rows along D (None: chosen per layer so that one slab's input + output take about
@@ -119,20 +160,25 @@ def run_layers(x: torch.Tensor, layers: list[FoldedLayer], device: torch.device,
     if slab is not None and slab < 1:
         raise ValueError(f"slab must be a positive number of rows, got {slab}")
     _, depth, height, width = x.shape
+    keep = keep or (slice(0, depth), slice(0, height), slice(0, width))
+    regions = _regions(layers, (depth, height, width), keep)
     margin = max(layer.padding for layer in layers)
     pin = device.type == "cuda"
     with torch.inference_mode():
         current = _channels_last_buffer(x.shape[0], depth, height, width, margin, pin)
         current[0, :, margin:margin + depth].copy_(x)
-        for index, layer in enumerate(layers):
+        for index, (layer, region) in enumerate(zip(layers, regions)):
+            # Only `region` of each buffer is written; the rest is never read (see _regions).
             out = _channels_last_buffer(layer.weight.shape[0], depth, height, width, margin, pin)
-            rows = _slab_rows(layer, (depth, height, width), device, slab)
-            _run_layer(current, out, layer, margin, rows, device)
+            shape = tuple(r.stop - r.start for r in region)
+            rows = _slab_rows(layer, shape, device, slab)
+            _run_layer(current, out, layer, margin, rows, device, region)
             current = out  # the previous input is released here: two volumes at a time
             if on_layer is not None:
                 on_layer(index + 1, len(layers))
+    kept_d = slice(margin + keep[0].start, margin + keep[0].stop)
     # Cloned outside inference mode: callers get an ordinary tensor they may modify in place.
-    return current[0, :, margin:margin + depth].clone(memory_format=torch.contiguous_format)
+    return current[0, :, kept_d, keep[1], keep[2]].clone(memory_format=torch.contiguous_format)
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
@@ -145,15 +191,16 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 
 
 OnLayer = Callable[[int, int], None]
-Runner = Callable[[torch.Tensor, OnLayer | None], torch.Tensor]
-"""A network on some backend: ((C_in, D, H, W) float32 CPU tensor, on_layer) -> logits
-(n_classes, D, H, W) on the CPU; on_layer(done, total) reports progress."""
+Runner = Callable[[torch.Tensor, OnLayer | None, Box], torch.Tensor]
+"""A network on some backend: ((C_in, D, H, W) float32 CPU tensor, on_layer, keep box) ->
+logits inside the box (n_classes, d, h, w) on the CPU; on_layer(done, total) reports progress."""
 
 
 def torch_runner(layers: list[FoldedLayer], device: torch.device,
                  slab: int | None = None) -> Runner:
     """The layer-by-layer PyTorch backend as a `Runner`."""
-    return lambda x, on_layer=None: run_layers(x, layers, device, slab=slab, on_layer=on_layer)
+    return lambda x, on_layer, keep: run_layers(x, layers, device, slab=slab,
+                                                on_layer=on_layer, keep=keep)
 
 
 def lesion_probability(volume01: np.ndarray, run: Runner, margin: int = 18,
@@ -176,9 +223,9 @@ def lesion_probability(volume01: np.ndarray, run: Runner, margin: int = 18,
         return probability
     box = _bounding_box(foreground)
     crop = np.pad(volume01[box], margin)  # brainchop pads with zeros, not with image voxels
-    logits = run(torch.from_numpy(crop)[None], on_layer)
     inner = tuple(slice(margin, n - margin) for n in crop.shape)
-    probability[box] = torch.softmax(logits[(slice(None), *inner)], dim=0)[1].numpy()
+    logits = run(torch.from_numpy(crop)[None], on_layer, inner)
+    probability[box] = torch.softmax(logits, dim=0)[1].numpy()
     return probability
 
 

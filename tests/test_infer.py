@@ -91,7 +91,7 @@ def test_lesion_probability_is_softmax_of_the_padded_crop(center, margin):
 def test_lesion_probability_of_an_empty_volume_is_zero_without_running():
     calls = []
     probability = lesion_probability(np.zeros((6, 7, 8), np.float32),
-                                     lambda x, on_layer: calls.append(x))
+                                     lambda x, on_layer, keep: calls.append(x))
     assert probability.shape == (6, 7, 8) and not probability.any() and calls == []
 
 
@@ -129,3 +129,17 @@ def test_run_layers_on_cuda_equals_cpu(monkeypatch):
         logits = run_layers(x, fold(model), torch.device("cuda"), slab=slab)
         assert logits.device == CPU
         torch.testing.assert_close(logits, forward(model, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("keep", [
+    (slice(5, 12), slice(3, 20), slice(4, 9)),   # interior: every side shrinks
+    (slice(0, 20), slice(0, 6), slice(10, 18)),  # touches some borders only
+    (slice(7, 8), slice(11, 12), slice(0, 1)),   # a single voxel
+])
+@pytest.mark.parametrize("slab", [1, 4, None])
+def test_keep_region_equals_the_full_pass(keep, slab):
+    model = small_meshnet()
+    x = torch.rand(1, 20, 24, 18, generator=torch.Generator().manual_seed(3))
+    full = run_layers(x, fold(model), CPU)
+    part = run_layers(x, fold(model), CPU, slab=slab, keep=keep)
+    torch.testing.assert_close(part, full[(slice(None), *keep)], rtol=1e-5, atol=1e-6)
