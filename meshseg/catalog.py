@@ -77,6 +77,7 @@ class LoadedModel:
     parameters: int
     postprocess: str
     onnx: bytes | None = None  # the graph itself, for a model given as an .onnx file
+    crop: str = "head"  # "nonzero": brainchop's crop to the voxels > 0 (see infer.head_box)
 
 
 def home() -> Path:
@@ -203,7 +204,7 @@ def _load_path(path: Path, name: str, postprocess: str) -> LoadedModel:
                            parameters=onnx_parameters(graph), onnx=graph)
     if path.suffix == ".json":
         tf = load_tfjs(path)
-        return LoadedModel(name=name, layers=tf.layers, postprocess=postprocess,
+        return LoadedModel(name=name, layers=tf.layers, postprocess=postprocess, crop="nonzero",
                            architecture=f"MeshNet-{tf.channels} ({tf.activation.upper()}, TF.js)",
                            parameters=tf.n_parameters)
     model, _ = load_checkpoint(path)

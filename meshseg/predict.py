@@ -71,14 +71,15 @@ def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
     return torch_runner(model.layers, device, slab=slab)
 
 
-def segment(volume: Volume, run: Runner, progress: Progress | None = None) -> np.ndarray:
-    """Lesion probability (float32) on the volume's own grid."""
+def segment(volume: Volume, run: Runner, progress: Progress | None = None,
+            crop: str = "head") -> np.ndarray:
+    """Lesion probability (float32) on the volume's own grid; `crop` as in lesion_probability."""
     report = progress or (lambda stage, fraction: None)
     check_volume(volume)
     report("conform", 0.0)
     conformed, record = conform(volume)
     report("conform", 1.0)
-    prob = lesion_probability(to_unit_range(conformed), run,
+    prob = lesion_probability(to_unit_range(conformed), run, crop=crop,
                               on_layer=lambda i, n: report("layers", i / n))
     report("unconform", 0.0)
     native = unconform(prob, record)
@@ -121,7 +122,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         report("load", 0.0)
         volume = load_volume(path)
         report("load", 1.0)
-        prob = segment(volume, run, progress=report)
+        prob = segment(volume, run, progress=report, crop=model.crop)
         mask = to_mask(prob, postprocess or model.postprocess)
         report("write", 0.0)
         if outputs.prob is not None:

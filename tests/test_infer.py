@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from meshseg.errors import DeviceError
-from meshseg.infer import lesion_probability, resolve_device, run_layers, torch_runner
+from meshseg.infer import head_box, lesion_probability, resolve_device, run_layers, torch_runner
 from meshseg.model import MeshNet, MeshNetConfig, fold
 from tests.conftest import blob
 from tests.test_model import randomise_batch_norms
@@ -143,3 +143,43 @@ def test_keep_region_equals_the_full_pass(keep, slab):
     full = run_layers(x, fold(model), CPU)
     part = run_layers(x, fold(model), CPU, slab=slab, keep=keep)
     torch.testing.assert_close(part, full[(slice(None), *keep)], rtol=1e-5, atol=1e-6)
+
+
+def _noisy_head(noise: float) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """An ellipsoid 'head' in a 96^3 volume with uniform background noise of `noise`."""
+    rng = np.random.default_rng(0)
+    volume = (rng.random((96, 96, 96), dtype=np.float32) * noise).astype(np.float32)
+    grid = np.indices(volume.shape)
+    head = ((grid[0] - 40) / 20) ** 2 + ((grid[1] - 50) / 30) ** 2 + ((grid[2] - 48) / 25) ** 2 < 1
+    volume[head] = 0.5 + 0.1 * rng.random(int(head.sum()), dtype=np.float32)
+    found = np.argwhere(head)
+    return volume, tuple(slice(a, b + 1) for a, b in zip(found.min(0), found.max(0)))
+
+
+def test_head_box_ignores_background_noise():
+    volume, truth = _noisy_head(noise=0.02)
+    box = head_box(volume)
+    for got, want in zip(box, truth):
+        assert got.start <= want.start and got.stop >= want.stop  # whole head inside
+        assert (want.start - got.start) <= 6 and (got.stop - want.stop) <= 6  # and tight
+
+
+def test_head_box_equals_brainchop_crop_without_noise():
+    volume, truth = _noisy_head(noise=0.0)
+    assert head_box(volume) == truth
+
+
+def test_head_crop_keeps_the_head_result():
+    """Within the head, cropping to the head changes nothing for a context-free network."""
+    volume, truth = _noisy_head(noise=0.02)
+    model = small_meshnet()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv3d) and module.kernel_size == (3, 3, 3):
+                centre = module.weight[:, :, 1, 1, 1].clone()
+                module.weight.zero_()
+                module.weight[:, :, 1, 1, 1] = centre
+    run = torch_runner(fold(model), CPU)
+    full = lesion_probability(volume, run)
+    cropped = lesion_probability(volume, run, crop="head")
+    np.testing.assert_allclose(cropped[truth], full[truth], rtol=1e-5, atol=1e-6)
