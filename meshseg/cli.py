@@ -50,12 +50,17 @@ def main() -> None:
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default=None,
               help="torch (layer by layer) or onnx (onnxruntime). Default: onnx for an .onnx "
                    "model, else torch.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True,
+              help="Arithmetic of the torch backend: bf16 halves memory and is faster on CPUs "
+                   "with bf16 units (see docs/benchmarks.md for its agreement with fp32); "
+                   "fp16 needs CUDA.")
 @click.option("--slab", type=click.IntRange(min=1), default=None,
               help="Slab thickness in voxels for layer-by-layer inference (bounds memory).")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None, device: str,
             prob: bool, overwrite: bool, report: Path | None, largest: bool | None,
-            backend: str | None, slab: int | None, quiet: bool) -> None:
+            backend: str | None, precision: str, slab: int | None, quiet: bool) -> None:
     """Segment lesions in each INPUT (NIfTI files, folders or globs)."""
     from meshseg import catalog
     from meshseg.cohort import expand_inputs, plan_outputs
@@ -82,7 +87,8 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
         fail(str(err), EXIT_USAGE)
     try:
         model = catalog.load(model_spec)
-        run = runner(model, torch_device, backend or ("onnx" if model.onnx else "torch"), slab)
+        run = runner(model, torch_device, backend or ("onnx" if model.onnx else "torch"), slab,
+                     precision)
     except DeviceError as err:
         fail(str(err), EXIT_USAGE)
     except MeshsegError as err:

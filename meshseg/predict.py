@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from meshseg.catalog import LoadedModel
 from meshseg.conform import conform, to_unit_range, unconform
-from meshseg.errors import MeshsegError, WeightsError
+from meshseg.errors import DeviceError, MeshsegError, WeightsError
 from meshseg.export import onnx_runner, to_onnx
 from meshseg.infer import Runner, lesion_probability, torch_runner
 from meshseg.io import Volume, load_volume, save_like
@@ -58,17 +58,19 @@ class Result:
 
 
 def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
-           slab: int | None = None) -> Runner:
+           slab: int | None = None, precision: str = "fp32") -> Runner:
     """The network on the chosen backend: layer-by-layer torch, or onnxruntime.
 
     Raises:
         WeightsError: an ONNX-only model asked to run on the torch backend.
     """
     if backend == "onnx":
+        if precision != "fp32":
+            raise DeviceError(f"--precision {precision}: the onnx backend runs in fp32 only")
         return onnx_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device)
     if not model.layers:
         raise WeightsError(f"{model.name}: an ONNX model runs only with --backend onnx")
-    return torch_runner(model.layers, device, slab=slab)
+    return torch_runner(model.layers, device, slab=slab, precision=precision)
 
 
 def segment(volume: Volume, run: Runner, progress: Progress | None = None,

@@ -183,3 +183,17 @@ def test_head_crop_keeps_the_head_result():
     full = lesion_probability(volume, run)
     cropped = lesion_probability(volume, run, crop="head")
     np.testing.assert_allclose(cropped[truth], full[truth], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_is_close_to_fp32():
+    model = small_meshnet()
+    x = torch.rand(1, 20, 24, 18, generator=torch.Generator().manual_seed(5))
+    exact = run_layers(x, fold(model), CPU)
+    half = run_layers(x, fold(model), CPU, slab=4, dtype=torch.bfloat16)
+    assert half.dtype == torch.float32
+    assert float((half - exact).abs().max()) < 0.05 * float(exact.abs().max())
+
+
+def test_fp16_needs_cuda():
+    with pytest.raises(DeviceError, match="fp16 needs CUDA"):
+        torch_runner(fold(small_meshnet()), CPU, precision="fp16")
