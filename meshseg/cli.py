@@ -161,6 +161,7 @@ def _config_options(config_cls: type, skip: tuple[str, ...]):
     Every option defaults to None (unset): the dataclass keeps the one true default.
     """
     import dataclasses
+    import types
     import typing
 
     hints = typing.get_type_hints(config_cls)
@@ -170,8 +171,9 @@ def _config_options(config_cls: type, skip: tuple[str, ...]):
             if spec.name in skip:
                 continue
             kind = hints[spec.name]
-            args = typing.get_args(kind)
-            base = next((a for a in args if a is not type(None)), kind) if args else kind
+            optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+            base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional \
+                else kind
             flag = "--" + spec.name.replace("_", "-")
             shown = spec.metadata["help"] + (f" [default: {spec.default}]"
                                              if spec.default is not None else "")

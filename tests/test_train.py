@@ -224,3 +224,27 @@ def test_fit_end_to_end_through_real_conform(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
     assert [row["epoch"] for row in read_metrics(config.out)] == ["1", "2"]
     assert load_checkpoint(config.out / "best.safetensors")[1]["config"]["downsample"] == 2
+
+
+def test_train_command_runs_and_resumes(config):
+    """`meshseg train` end to end, then `--resume` of the finished run is a no-op."""
+    from click.testing import CliRunner
+
+    from meshseg.cli import main
+
+    args = ["train", "--data", str(config.data), "--out", str(config.out), "--channels", "3",
+            "--epochs", "2", "--crop", "12", "--val-fraction", "0.25", "--steps-per-epoch", "2",
+            "--device", "cpu", "--cache", str(config.cache), "--seed", "7",
+            "--class-weights", "0.5", "1.0", "--no-amp", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (config.out / "best.safetensors").exists()
+    assert load_config(config.out / "config.toml").class_weights == (0.5, 1.0)
+    assert len(read_metrics(config.out)) == 2
+    again = CliRunner().invoke(main, ["train", "--resume", str(config.out), "-q"])
+    assert again.exit_code == 0, again.output
+    assert len(read_metrics(config.out)) == 2
+    mixed = CliRunner().invoke(main, ["train", "--resume", str(config.out), "--epochs", "3"])
+    assert mixed.exit_code == 2 and "--resume takes no other settings" in mixed.output
+    missing = CliRunner().invoke(main, ["train", "--data", str(config.data)])
+    assert missing.exit_code == 2 and "--out" in missing.output
