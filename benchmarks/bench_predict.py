@@ -3,9 +3,9 @@
 Every measurement runs in a fresh Python process so that its peak resident memory
 (ru_maxrss) is its own. For each model and backend it reports:
 
-- plain: the network as an ordinary torch.nn.Module, one full forward pass over the whole
-  network input (the head crop plus brainchop's 18-voxel margin) - what a straightforward
-  replication does; the reference of every ratio;
+- plain: the network as an ordinary torch.nn.Module, one forward pass over the whole
+  conformed 256^3 volume - what a straightforward replication does; the reference of every
+  ratio;
 - model: meshseg's inference on the same conformed volume (crop, layers, softmax);
 - e2e: the whole `meshseg predict` command on the native-space example scan (load, conform,
   infer, resample, write).
@@ -36,12 +36,11 @@ def child(kind: str, model: str, backend: str, scan: str) -> dict:
     """One measurement in this process; returns seconds and peak RSS."""
     import resource
 
-    import numpy as np
     import torch
 
     from meshseg import catalog
     from meshseg.conform import conform, to_unit_range
-    from meshseg.infer import _bounding_box, lesion_probability, resolve_device
+    from meshseg.infer import lesion_probability, resolve_device
     from meshseg.io import load_volume
     from meshseg.model import ACTIVATIONS
     from meshseg.predict import runner
@@ -51,8 +50,7 @@ def child(kind: str, model: str, backend: str, scan: str) -> dict:
     volume01 = to_unit_range(conform(load_volume(scan))[0])
     start = time.perf_counter()
     if kind == "plain":
-        box = _bounding_box(volume01 > 0)
-        x = torch.from_numpy(np.pad(volume01[box], 18))[None, None].to(device)
+        x = torch.from_numpy(volume01)[None, None].to(device)
         modules = []
         for layer in loaded.layers:
             conv = torch.nn.Conv3d(layer.weight.shape[1], layer.weight.shape[0],
@@ -65,8 +63,10 @@ def child(kind: str, model: str, backend: str, scan: str) -> dict:
         with torch.no_grad():
             net(x).softmax(1).cpu()
     else:
-        run = runner(loaded, device, "onnx" if backend == "onnx" else "torch")
-        lesion_probability(volume01, run)
+        engine, precision = {"onnx": ("onnx", "fp32"), "bf16": ("torch", "bf16")}.get(
+            backend, ("torch", "fp32"))
+        lesion_probability(volume01, runner(loaded, device, engine, precision=precision),
+                           crop=loaded.crop)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -86,7 +86,8 @@ def end_to_end(model: str, backend: str, scan: Path, folder: Path) -> dict:
     cmd = [sys.executable, "-m", "meshseg", "predict", str(scan), "-m", model, "-q",
            "--overwrite", "-o", str(folder / "mask.nii.gz"),
            "--device", "cuda" if backend == "cuda" else "cpu",
-           "--backend", "onnx" if backend == "onnx" else "torch"]
+           "--backend", "onnx" if backend == "onnx" else "torch",
+           "--precision", "bf16" if backend == "bf16" else "fp32"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -113,8 +114,9 @@ def make_models(folder: Path, wanted: list[str]) -> dict[str, str]:
     return paths
 
 
-def median_of(fn, repeat: int) -> dict:
-    runs = [fn() for _ in range(repeat)]
+def median_of(repeat: int, fn, *args) -> dict:
+    """Medians, per key, of `repeat` calls of fn(*args)."""
+    runs = [fn(*args) for _ in range(repeat)]
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
@@ -122,7 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--backends", default="torch,onnx,cuda")
+    parser.add_argument("--backends", default="torch,bf16,onnx,cuda",
+                        help="torch (fp32), bf16 (torch in bfloat16), onnx, cuda")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "MODEL", "BACKEND", "SCAN"))
     args = parser.parse_args()
@@ -141,14 +144,12 @@ def main() -> None:
                        cwd=ROOT, capture_output=True)
         for name, model in make_models(folder, args.models.split(",")).items():
             plain_backend = "cuda" if backends == ["cuda"] else "torch"
-            plain = median_of(lambda: measure(["plain", model, plain_backend, str(scan)]),
-                              args.repeat)
+            plain = median_of(args.repeat, measure, ["plain", model, plain_backend, str(scan)])
             for backend in backends:
                 row = {"model": name, "backend": backend, "plain": plain,
-                       "model_only": median_of(lambda: measure(["model", model, backend,
-                                                                str(scan)]), args.repeat),
-                       "e2e": median_of(lambda: end_to_end(model, backend, scan, folder),
-                                        args.repeat)}
+                       "model_only": median_of(args.repeat, measure,
+                                               ["model", model, backend, str(scan)]),
+                       "e2e": median_of(args.repeat, end_to_end, model, backend, scan, folder)}
                 row["ratio_model"] = row["model_only"]["seconds"] / plain["seconds"]
                 row["ratio_e2e"] = row["e2e"]["seconds"] / plain["seconds"]
                 rows.append(row)
