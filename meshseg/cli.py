@@ -130,13 +130,15 @@ def models_list(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("name", "architecture", "channels", "parameters", "source", "sha256", "local")
+    table = Table("name", "architecture", "channels", "parameters", "source", "sha256", "local",
+                  caption="--json gives every file's address and sha256")
     for row in rows:
-        shas = "\n".join(f"{name} {sha[:12]}…" for name, sha in row["files"].items())
+        sha = row["files"][row["entry_file"]]
         name = row["name"] + (" (default)" if row["default"] else "")
-        table.add_row(name, row["architecture"], str(row["channels"]),
-                      f"{row['parameters']:,}", row["source"], shas,
-                      "yes" if row["local"] else "no")
+        source = "bundled" if row["source"] == "bundled" else "download"
+        table.add_row(name, row["architecture"], str(row["channels"]), f"{row['parameters']:,}",
+                      source,
+                      sha[:12] + "…", "yes" if row["local"] else "no")
     Console().print(table)
 
 
