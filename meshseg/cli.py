@@ -311,7 +311,11 @@ def synth(folder: Path, count: int, seed: int, min_ml: float | None, max_ml: flo
               help="Write one row per subject.")
 @click.option("--resample", is_flag=True,
               help="Compare masks on different grids (prediction resampled to the truth).")
-def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: bool) -> None:
+@click.option("--truth-glob", default="*", show_default=True,
+              help="Only files matching this in a TRUTH folder (e.g. '*_lesion.nii.gz' when "
+                   "scans sit beside their masks).")
+def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: bool,
+                     truth_glob: str) -> None:
     """Score predicted masks PRED against reference masks TRUTH (files or folders).
 
     Per subject: DICE, AVD, MCC and both volumes; then mean (std) and median [IQR].
@@ -322,7 +326,8 @@ def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: b
     from meshseg import evaluate
 
     try:
-        pairs, unmatched = evaluate.match(evaluate.mask_files(pred), evaluate.mask_files(truth))
+        pairs, unmatched = evaluate.match(evaluate.mask_files(pred),
+                                          evaluate.mask_files(truth, truth_glob))
         for path in unmatched:
             click.echo(f"meshseg: warning: {path}: no matching mask on the other side", err=True)
         if not pairs:

@@ -51,10 +51,11 @@ def subject_key(path: Path) -> str:
     return SUFFIXES.sub("", stem(path))
 
 
-def mask_files(spec: Path) -> list[Path]:
-    """One NIfTI file, or every NIfTI file below a folder (probability maps excluded)."""
+def mask_files(spec: Path, pattern: str = "*") -> list[Path]:
+    """One NIfTI file, or the NIfTI files below a folder whose names match `pattern`
+    (probability maps excluded)."""
     if spec.is_dir():
-        return sorted(p for p in spec.rglob("*") if is_nifti_path(p)
+        return sorted(p for p in spec.rglob(pattern) if is_nifti_path(p)
                       and not stem(p).endswith("_lesion_prob"))
     if not spec.exists():
         raise InputError(f"{spec}: no such file or folder")
