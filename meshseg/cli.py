@@ -70,8 +70,6 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
 
     if report is not None and report.suffix.lower() not in (".json", ".csv"):
         raise click.BadParameter("must end in .json or .csv", param_hint="--report")
-    if report is not None and not report.parent.is_dir():
-        raise click.BadParameter(f"folder {report.parent} does not exist", param_hint="--report")
     paths = expand_inputs(list(inputs))
     if not paths:
         fail("no NIfTI files found in " + ", ".join(inputs), EXIT_USAGE)
@@ -80,6 +78,8 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
             output.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             fail(f"{output}: cannot create output folder ({err.strerror or err})", EXIT_USAGE)
+    if report is not None and not report.parent.is_dir():
+        raise click.BadParameter(f"folder {report.parent} does not exist", param_hint="--report")
     try:
         torch_device = resolve_device(device)
         plans = plan_outputs(paths, output, prob)

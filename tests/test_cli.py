@@ -131,9 +131,11 @@ def test_cohort_report_resume_and_bad_inputs(write_nifti, tmp_path, threshold_mo
 
 def test_output_folder_and_unwritable_output(write_nifti, tmp_path, threshold_model):
     src = write_nifti(head()[0])
-    result = run("predict", src, "-o", tmp_path / "results", "-m", threshold_model, "-q")
-    assert result.exit_code == 0
+    result = run("predict", src, "-o", tmp_path / "results", "-m", threshold_model, "-q",
+                 "--report", tmp_path / "results" / "report.csv")  # folder made by -o
+    assert result.exit_code == 0, result.output
     assert (tmp_path / "results" / "scan_lesion.nii.gz").exists()
+    assert (tmp_path / "results" / "report.csv").exists()
     result = run("predict", src, "-o", tmp_path / "nowhere" / "m.nii.gz", "-m", threshold_model)
     assert result.exit_code == 1 and "m.nii.gz: cannot write" in result.stderr
 
