@@ -1,11 +1,25 @@
-"""Synthetic heads: aligned masks, lesion sizes, determinism, scanner-like grids."""
+"""Synthetic heads: aligned masks, CSF-like lesions in the brain, sizes, determinism, grids."""
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from meshseg.data import read_manifest
-from meshseg.synth import ARC_QUARTILES_ML, SynthOptions, lesion_volume_ml, make_dataset, synth_head
+from meshseg.errors import MeshsegError
+from meshseg.synth import (
+    ARC_QUARTILES_ML,
+    SynthOptions,
+    _conformed_grid,
+    _draw_pose,
+    _native_grid,
+    draw_head,
+    lesion_volume_ml,
+    make_dataset,
+    synth_head,
+)
+
+T2 = SynthOptions(lesion_ml=(20.0, 60.0), random_contrast=0.0)  # always T2-ordered contrast
 
 
 def voxel_ml(img) -> float:
@@ -13,39 +27,74 @@ def voxel_ml(img) -> float:
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return synth_head(7, SynthOptions(lesion_ml=(20.0, 60.0)))
+def head():
+    return draw_head(7, T2, brain=True)
 
 
-def test_same_seed_same_head_other_seed_other_head(pair):
-    image, mask = pair
-    again_image, again_mask = synth_head(7, SynthOptions(lesion_ml=(20.0, 60.0)))
-    np.testing.assert_array_equal(np.asarray(image.dataobj), np.asarray(again_image.dataobj))
-    np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(again_mask.dataobj))
-    other, _ = synth_head(8, SynthOptions(lesion=False))
+def test_image_mask_and_brain_share_one_grid(head):
+    for other in (head.mask, head.brain):
+        assert other.shape == head.image.shape
+        np.testing.assert_allclose(other.affine, head.image.affine)
+        assert other.get_data_dtype() == np.uint8
+    assert head.image.get_data_dtype() in (np.float32, np.int16)
+    data = np.asarray(head.image.dataobj, dtype=np.float32)
+    assert np.isfinite(data).all() and data.min() >= 0
+    assert set(np.unique(np.asarray(head.mask.dataobj))) == {0, 1}
+
+
+def test_lesion_is_a_csf_like_cavity_inside_the_brain(head):
+    data = np.asarray(head.image.dataobj, dtype=np.float32)
+    lesion = np.asarray(head.mask.dataobj) > 0
+    brain = np.asarray(head.brain.dataobj) > 0
+    assert 20.0 * 0.6 < lesion.sum() * voxel_ml(head.mask) < 60.0 * 1.4
+    assert head.lesion_ml == pytest.approx(lesion.sum() * voxel_ml(head.mask))
+    assert (lesion & ~brain).sum() <= 0.01 * lesion.sum()  # partial-volume edge at most
+    # On T2 the cavity is bright like CSF, brighter than the brain tissue around it.
+    shell = ndimage.binary_dilation(lesion, iterations=4) & ~ndimage.binary_dilation(lesion)
+    assert np.median(data[lesion]) > 1.5 * np.median(data[shell & brain])
+    assert np.median(data[lesion]) > 1.5 * np.median(data[brain])
+    # Real scans are not skull-stripped: there is bright head (scalp) outside the brain.
+    outside = ~ndimage.binary_dilation(brain, iterations=3)
+    assert np.percentile(data[outside], 99) > np.median(data[brain])
+
+
+def test_same_seed_same_head_other_seed_other_head(head):
+    image, mask = synth_head(7, T2)
+    np.testing.assert_array_equal(np.asarray(image.dataobj), np.asarray(head.image.dataobj))
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(head.mask.dataobj))
+    other, other_mask = synth_head(8, SynthOptions(lesion=False))
+    assert not np.asarray(other_mask.dataobj).any()  # no lesion: empty mask
     assert other.shape != image.shape or not np.allclose(other.affine, image.affine)
 
 
-def test_mask_is_aligned_with_a_csf_like_cavity(pair):
-    image, mask = pair
-    assert image.shape == mask.shape and np.allclose(image.affine, mask.affine)
-    data, lesion = np.asarray(image.dataobj), np.asarray(mask.dataobj) > 0
-    assert np.isfinite(data).all() and data.min() >= 0
-    ml = lesion.sum() * voxel_ml(mask)
-    assert 20.0 * 0.6 < ml < 60.0 * 1.5, ml  # the random head scaling changes volumes a little
-    shell = ndimage.binary_dilation(lesion, iterations=4) & ~ndimage.binary_dilation(lesion)
-    # On T2 the cavity is bright like CSF, brighter than the tissue around it.
-    assert np.median(data[lesion]) > 1.3 * np.median(data[shell])
-    # ... and it lies inside the head, far from the background.
-    assert np.median(data[shell]) > 5 * np.median(data[data < np.percentile(data, 20)])
+def test_conformed_grid_is_freesurfer_like():
+    rng = np.random.default_rng(0)
+    shape, affine = _conformed_grid(rng, _draw_pose(rng))
+    assert shape == (256, 256, 256)
+    assert nib.aff2axcodes(affine) == ("L", "I", "A")
+    np.testing.assert_allclose(np.abs(affine[:3, :3]).sum(0), 1.0)
 
 
-def test_scanner_grid_is_not_the_template_grid(pair):
-    image, _ = pair
-    linear = image.affine[:3, :3]
-    zooms = np.sqrt((linear**2).sum(0))
-    off_diagonal = np.abs(linear / zooms - np.round(linear / zooms)).max()
-    assert off_diagonal > 1e-3 or not np.allclose(zooms, zooms[0])
+@pytest.mark.parametrize("seed, limits", [(3, (0.2, 1.0)), (4, (250.0, 360.0))])
+def test_lesion_volume_stays_near_the_requested_range(seed, limits):
+    head = draw_head(seed, SynthOptions(lesion_ml=limits))
+    assert 0.5 * limits[0] <= head.lesion_ml <= 1.2 * limits[1]
+
+
+def test_native_grids_vary_like_scanners():
+    rng = np.random.default_rng(0)
+    grids = [_native_grid(rng, _draw_pose(rng)) for _ in range(40)]
+    zooms = np.array([np.sqrt((affine[:3, :3] ** 2).sum(0)) for _, affine in grids])
+    assert zooms.min() >= 0.5 and zooms.max() <= 5.0
+    assert (zooms.max(1) / zooms.min(1) > 2).sum() >= 10  # thick-slice 2-D scans
+    assert (zooms.max(1) / zooms.min(1) < 1.3).sum() >= 5  # near-isotropic 3-D scans
+    directions = [affine[:3, :3] / z for (_, affine), z in zip(grids, zooms)]
+    oblique = [np.abs(d - np.round(d)).max() > 0.05 for d in directions]
+    assert 10 <= sum(oblique) < 40
+    assert len({nib.aff2axcodes(affine) for _, affine in grids}) >= 8  # orders and flips
+    for shape, affine in grids:  # the field of view covers the head
+        extent = np.array(shape) * np.sqrt((affine[:3, :3] ** 2).sum(0))
+        assert extent.max() >= 200 and extent.min() >= 120
 
 
 def test_lesion_sizes_follow_arc_quartiles_within_limits():
@@ -58,9 +107,9 @@ def test_lesion_sizes_follow_arc_quartiles_within_limits():
     assert 1.0 <= min(narrow) and max(narrow) <= 5.0
 
 
-def test_no_lesion_gives_an_empty_mask():
-    _, mask = synth_head(3, SynthOptions(lesion=False, native_grid=False))
-    assert not np.asarray(mask.dataobj).any()
+def test_an_empty_size_range_is_refused():
+    with pytest.raises(MeshsegError, match="lesion size range"):
+        synth_head(0, SynthOptions(lesion_ml=(5.0, 1.0)))
 
 
 @pytest.mark.slow
@@ -69,3 +118,5 @@ def test_dataset_manifest_reads_back(tmp_path):
     pairs = read_manifest(manifest)
     assert [p.subject for p in pairs] == ["synth00005", "synth00006"]
     assert all(p.image.exists() and p.mask.exists() for p in pairs)
+    again = make_dataset(tmp_path / "e", 2, seed=5, jobs=1)
+    assert again.read_text() == manifest.read_text()
