@@ -110,7 +110,6 @@ def atomic_path(path: str | Path, suffix: str = ".part") -> Iterator[Path]:
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from colleagues
         os.close(fd)
     except OSError as err:
         raise OutputError(f"{path}: cannot write here ({err.strerror or err})") from err
@@ -127,6 +126,8 @@ def _commit(tmp: Path, path: Path) -> None:
     try:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        # mkstemp (and some writers) leave 0600, which would hide results from colleagues
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as err:
         raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err

@@ -98,3 +98,14 @@ def test_unwritable_folder(write_nifti, tmp_path):
     vol = load_volume(write_nifti(np.ones((8, 8, 8), np.float32)))
     with pytest.raises(OutputError, match="cannot write here"):
         save_like(np.ones((8, 8, 8)), vol, tmp_path / "missing" / "m.nii.gz", np.uint8)
+
+
+def test_outputs_get_ordinary_permissions(write_nifti, tmp_path):
+    import os
+
+    vol = load_volume(write_nifti(np.ones((8, 8, 8), np.float32)))
+    out = tmp_path / "mask.nii.gz"
+    save_like(np.ones((8, 8, 8)), vol, out, np.uint8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
