@@ -198,3 +198,18 @@ def test_bf16_is_close_to_fp32():
 def test_fp16_needs_cuda():
     with pytest.raises(DeviceError, match="fp16 needs CUDA"):
         torch_runner(fold(small_meshnet()), CPU, precision="fp16")
+
+
+def test_random_shapes_boxes_and_slabs_equal_the_full_pass():
+    rng = np.random.default_rng(0)
+    model = small_meshnet()
+    layers = fold(model)
+    for _ in range(20):
+        shape = tuple(int(n) for n in rng.integers(1, 26, 3))
+        x = torch.from_numpy(rng.random((1, *shape), dtype=np.float32))
+        starts = [int(rng.integers(0, n)) for n in shape]
+        keep = tuple(slice(a, int(rng.integers(a + 1, n + 1))) for a, n in zip(starts, shape))
+        slab = [1, 2, 3, 5, None][int(rng.integers(5))]
+        part = run_layers(x, layers, CPU, slab=slab, keep=keep)
+        torch.testing.assert_close(part, forward(model, x)[(slice(None), *keep)],
+                                   rtol=1e-5, atol=1e-6)
