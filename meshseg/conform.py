@@ -128,7 +128,7 @@ def conform(volume: Volume) -> tuple[np.ndarray, ConformRecord]:
         native_affine=np.array(volume.affine, dtype=float),
         affine=affine,
     )
-    resampled = _resample(volume.data, volume.affine, CONFORMED_SHAPE, affine)
+    resampled = to_conformed(volume.data, volume.affine, record)
     if not _is_uchar(volume):
         low, high = robust_range(volume.data)
         scale = UCHAR_MAX / (high - low) if high > low else 1.0
@@ -195,6 +195,14 @@ def unconform(maps: np.ndarray, record: ConformRecord) -> np.ndarray:
         for channel in channels
     ])
     return native[0] if maps.ndim == 3 else native
+
+
+def to_conformed(data: np.ndarray, affine: np.ndarray, record: ConformRecord) -> np.ndarray:
+    """Resample float32 voxels on a scan's grid onto its conformed grid, as `conform` does.
+
+    Masks drawn on the scan go through this too, so they stay aligned with the image.
+    """
+    return _resample(data, affine, CONFORMED_SHAPE, record.affine)
 
 
 def _resample(data: np.ndarray, from_affine: np.ndarray, to_shape: Sequence[int],

@@ -19,11 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nibabel.processing import resample_from_to
 from torch.utils.data import Dataset
 
 from meshseg.conform import (
@@ -33,19 +31,18 @@ from meshseg.conform import (
     HISTOGRAM_BINS,
     ConformRecord,
     conform,
+    to_conformed,
     to_unit_range,
 )
 from meshseg.errors import InputError, OutputError
-from meshseg.io import Volume, atomic_path, is_nifti_path, load_volume
+from meshseg.io import GRID_ATOL_MM, Volume, atomic_path, is_nifti_path, load_volume
 from meshseg.weights import sha256_file
 
 logger = logging.getLogger(__name__)
 
 # Bump when the cached arrays would change for the same input files (conform or mask rules).
-CACHE_FORMAT = 1
-MASK_ORDER = 1  # trilinear, like the image, so mask and image stay aligned
+CACHE_FORMAT = 2  # 2: masks resampled exactly as their image (conform.to_conformed)
 MASK_THRESHOLD = 0.5
-GRID_ATOL_MM = 1e-3  # affines closer than this count as the same grid
 LR_AXIS = 0  # conformed LIA order: axis i runs right -> left
 ENTITY_KEYS_TO_MATCH = ("acq", "ce", "rec", "run")
 SEQUENCE_NAME = re.compile(r"\*?([A-Za-z]+)")
@@ -277,12 +274,10 @@ def split_by_subject(pairs: Sequence[Pair], val_fraction: float,
 def mask_to_conformed(mask: Volume, record: ConformRecord) -> np.ndarray:
     """Resample a binary mask onto the conformed grid its scan was put on, as uint8 0/1.
 
-    Trilinear then > 0.5, so the mask follows the image's trilinear resampling.
+    Resampled exactly as the image was (`conform.to_conformed`), then > 0.5.
     """
-    image = nib.Nifti1Image(mask.data.astype(np.float32), mask.affine)
-    resampled = resample_from_to(image, (CONFORMED_SHAPE, record.affine), order=MASK_ORDER,
-                                 mode="constant", cval=0.0)
-    return (np.asarray(resampled.dataobj) > MASK_THRESHOLD).astype(np.uint8)
+    resampled = to_conformed(mask.data.astype(np.float32), mask.affine, record)
+    return (resampled > MASK_THRESHOLD).astype(np.uint8)
 
 
 def conform_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
@@ -313,7 +308,6 @@ class ConformedCache:
         """Everything besides the files' bytes that decides the cached arrays."""
         return {"format": CACHE_FORMAT, "shape": list(CONFORMED_SHAPE),
                 "voxel_mm": CONFORMED_VOXEL_MM, "f_high": F_HIGH, "bins": HISTOGRAM_BINS,
-                "mask_order": MASK_ORDER,
                 "mask_threshold": MASK_THRESHOLD}
 
     def key(self, pair: Pair) -> str:

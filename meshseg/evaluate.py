@@ -21,12 +21,11 @@ from nibabel.processing import resample_from_to
 
 from meshseg.cohort import stem
 from meshseg.errors import InputError
-from meshseg.io import atomic_path, is_nifti_path, load_volume
+from meshseg.io import GRID_ATOL_MM, atomic_path, is_nifti_path, load_volume
 from meshseg.metrics import avd, dice, mcc
 
 SUFFIXES = re.compile(r"(_(lesion|prob|mask|label|T2w|desc-[A-Za-z0-9]+|space-[A-Za-z0-9]+))+$")
 ENTITIES = re.compile(r"(sub-[A-Za-z0-9]+)(?:_(ses-[A-Za-z0-9]+))?")
-GRID_ATOL_MM = 1e-3
 
 
 @dataclass

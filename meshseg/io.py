@@ -22,6 +22,7 @@ import numpy as np
 from meshseg.errors import InputError, OutputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+GRID_ATOL_MM = 1e-3  # affines closer than this count as the same grid
 
 
 @dataclass
