@@ -1,23 +1,36 @@
-"""Segmentation metrics of the paper (DICE, AVD, MCC), as pure functions of two masks.
+"""Segmentation metrics as pure functions of two masks: the paper's DICE, AVD and MCC, the
+95th-percentile Hausdorff distance, and lesion-wise detection counts.
 
 Edge cases are defined, not left to division by zero:
-- both masks empty: Dice 1, AVD 0, MCC 1 (perfect agreement on "no lesion");
-- truth empty, prediction not: Dice 0, AVD inf (relative to a zero volume), MCC 0;
-- prediction empty, truth not: Dice 0, AVD 1, MCC 0.
+- both masks empty: Dice 1, AVD 0, MCC 1, HD95 0 (perfect agreement on "no lesion");
+- truth empty, prediction not: Dice 0, AVD inf (relative to a zero volume), MCC 0,
+  HD95 NaN;
+- prediction empty, truth not: Dice 0, AVD 1, MCC 0, HD95 NaN.
+HD95 is NaN (undefined), not inf, when one surface is missing: there is no distance to
+measure, and an inf would turn every mean it enters into inf. Summaries leave NaN out and
+show how many values they used; the lesion counts still record the miss or false alarm.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
+
+
+def _booleans(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks as boolean arrays of one shape."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"masks differ in shape: {pred.shape} vs {truth.shape}")
+    return pred, truth
 
 
 def confusion(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int, int]:
     """(true positives, false positives, false negatives, true negatives) over voxels."""
-    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    if pred.shape != truth.shape:
-        raise ValueError(f"masks differ in shape: {pred.shape} vs {truth.shape}")
+    pred, truth = _booleans(pred, truth)
     tp = int(np.count_nonzero(pred & truth))
     fp = int(np.count_nonzero(pred)) - tp
     fn = int(np.count_nonzero(truth)) - tp
@@ -45,3 +58,62 @@ def mcc(pred: np.ndarray, truth: np.ndarray) -> float:
         return 1.0
     denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing_mm: tuple[float, ...]) -> float:
+    """Symmetric 95th-percentile Hausdorff distance between the masks' surfaces, in mm.
+
+    A surface voxel is a mask voxel with a face neighbour outside the mask (or outside the
+    array). Distances go from each surface voxel of one mask to the nearest surface voxel of
+    the other, through Euclidean distance transforms scaled by the voxel spacing; the result
+    is the larger of the two directed 95th percentiles (as MedPy and MONAI compute it).
+    0 when both masks are empty, NaN when only one is (see the module docstring).
+    """
+    pred, truth = _booleans(pred, truth)
+    if not pred.any() and not truth.any():
+        return 0.0
+    if not pred.any() or not truth.any():
+        return math.nan
+    box = _bounding_box(pred | truth)  # distances are exact inside a box holding both
+    surfaces = [_surface(m[box]) for m in (pred, truth)]
+    directed = [np.percentile(ndimage.distance_transform_edt(~to, sampling=spacing_mm)[frm], 95)
+                for frm, to in (surfaces, surfaces[::-1])]
+    return float(max(directed))
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Mask voxels with at least one face neighbour outside the mask."""
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box around the mask's voxels, one voxel wider where the array allows,
+    so surfaces found inside the box are the surfaces of the whole array."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(hit[0] - 1, 0), hit[-1] + 2))
+    return tuple(box)
+
+
+@dataclass(frozen=True)
+class LesionCounts:
+    """Lesion-wise detection: connected components (26-connected) of truth and prediction."""
+
+    true: int  # components of the truth
+    detected: int  # true components overlapping at least one predicted voxel
+    missed: int  # true components no predicted voxel touches
+    false_positive: int  # predicted components overlapping no true voxel
+
+
+def lesion_counts(pred: np.ndarray, truth: np.ndarray) -> LesionCounts:
+    """Count true lesions found and missed, and predicted lesions that are not lesions."""
+    pred, truth = _booleans(pred, truth)
+    full = ndimage.generate_binary_structure(truth.ndim, truth.ndim)  # 26 neighbours in 3-D
+    true_labels, n_true = ndimage.label(truth, structure=full)
+    pred_labels, n_pred = ndimage.label(pred, structure=full)
+    detected = np.unique(true_labels[pred & truth]).size
+    overlapping = np.unique(pred_labels[pred & truth]).size
+    return LesionCounts(true=n_true, detected=detected, missed=n_true - detected,
+                        false_positive=n_pred - overlapping)
+
