@@ -245,6 +245,93 @@ def _log_to_console(quiet: bool) -> None:
                         format="%(message)s", handlers=[handler], force=True)
 
 
+def _tune_default(name: str):
+    """A `meshseg.tune.TuneSettings` default, so the flags show the library's one value."""
+    import dataclasses
+
+    from meshseg.tune import TuneSettings
+
+    return next(f.default for f in dataclasses.fields(TuneSettings) if f.name == name)
+
+
+def _tune_fixed_options(command):
+    from meshseg.config import TrainConfig
+    from meshseg.tune import NOT_FIXED
+
+    return _config_options(TrainConfig, skip=NOT_FIXED)(command)
+
+
+@main.command()
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="The whole dataset (.csv manifest or BIDS folder); trials train on the inner "
+                   "folds of its first outer fold.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for study.db, splits.json, trials.csv, best.toml and the trials' "
+                   "run folders.")
+@click.option("--study", "study_name", default=_tune_default("study"), show_default=True,
+              help="Study name: processes with the same name and storage share one study.")
+@click.option("--storage", metavar="URL",
+              help="SQLAlchemy database URL, e.g. postgresql://user:pass@host/db, to tune from "
+                   "many machines. Default: sqlite:///OUT/study.db.")
+@click.option("--trials", type=click.IntRange(min=1), default=_tune_default("trials"),
+              show_default=True, help="Trials this process runs (added to the study's).")
+@click.option("--seed", type=click.IntRange(min=0), default=_tune_default("seed"),
+              show_default=True, help="Seed of the splits and of every trial's training.")
+@click.option("--splits", type=click.Path(dir_okay=False, path_type=Path),
+              help="Use this splits file (meshseg cv writes one) instead of making the splits "
+                   "from --seed.")
+@click.option("--min-epochs", type=click.IntRange(min=1), default=_tune_default("min_epochs"),
+              show_default=True,
+              help="First successive-halving rung: epochs of inner fold 1 before any pruning.")
+@click.option("--max-epochs", type=click.IntRange(min=1), default=_tune_default("max_epochs"),
+              show_default=True, help="Epochs each inner fold trains unless pruned.")
+@click.option("--reduction-factor", type=click.IntRange(min=2),
+              default=_tune_default("reduction_factor"), show_default=True,
+              help="Successive halving keeps the best 1/N at rungs min-epochs x N^k.")
+@click.option("--sampler", type=click.Choice(["tpe", "random"]),
+              default=_tune_default("sampler"), show_default=True,
+              help="tpe (Optuna's default, Bayesian) or random (as the paper's ASHA).")
+@click.option("--sampler-seed", type=int,
+              help="Seed the sampler: repeatable one-process studies (processes sharing a "
+                   "seed propose the same settings).")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors and the result only.")
+@_tune_fixed_options
+def tune(data: Path, out: Path, study_name: str, storage: str | None, trials: int, seed: int,
+         splits: Path | None, min_epochs: int, max_epochs: int, reduction_factor: int,
+         sampler: str, sampler_seed: int | None, quiet: bool, **fixed) -> None:
+    """Search MeshNet's hyper-parameters as the paper did (see docs/tuning.md).
+
+    Channels, learning rate, weight decay, background weight and warm-up are searched; the
+    other training settings are flags fixed for every trial. Rerun to add trials.
+    """
+    from meshseg.tune import TuneSettings, train_flags
+    from meshseg.tune import tune as run_study
+
+    _log_to_console(quiet)
+    settings = TuneSettings(data=data, out=out, study=study_name, storage=storage,
+                            trials=trials, seed=seed, splits=splits, min_epochs=min_epochs,
+                            max_epochs=max_epochs, reduction_factor=reduction_factor,
+                            sampler=sampler, sampler_seed=sampler_seed,
+                            fixed={k: v for k, v in fixed.items() if v is not None})
+    try:
+        result = run_study(settings)
+    except DeviceError as err:
+        fail(str(err), EXIT_USAGE)
+    except MeshsegError as err:
+        fail(str(err))
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(result.states.items()))
+    click.echo(f"study {result.study}: {counts}")
+    if result.best_settings is None:
+        click.echo("no trial has finished all its inner folds yet")
+    else:
+        click.echo(f"best trial {result.best_number}: mean inner-fold validation Dice "
+                   f"{result.best_value:.4f}\n"
+                   f"  meshseg train --data DATA --out RUN "
+                   f"{' '.join(train_flags(result.best_settings))}\n"
+                   f"settings in {result.best_file}")
+    click.echo(f"every trial in {result.trials_file}")
+
+
 @main.group()
 def export() -> None:
     """Export a model to another format."""

@@ -1,0 +1,138 @@
+"""meshseg tune: a study on tiny synthetic pairs, resumed, pruned, refused when it differs.
+
+Scans stay on their own 24^3 grid (`fake_conform_pair`) and train on 12^3 crops for one
+step per epoch, so a trial of three inner folds takes about a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import tomllib
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from meshseg import data
+from meshseg.cli import main
+from meshseg.config import TrainConfig
+from meshseg.data import read_manifest
+from meshseg.errors import InputError
+from meshseg.tune import TuneSettings, train_flags, tune, write_manifest
+from tests.test_data import fake_conform_pair, write_pair
+
+CENTRES = [(6, 7, 8), (16, 12, 10), (9, 15, 17), (12, 12, 12), (8, 16, 9), (15, 9, 14)]
+FAST = ["--max-epochs", "1", "--min-epochs", "1", "--crop", "12", "--steps-per-epoch", "1",
+        "--device", "cpu", "--sampler-seed", "3"]
+
+
+@pytest.fixture
+def manifest(tmp_path, monkeypatch) -> Path:
+    """Six subjects with lesions of different sizes: enough for 3 outer x 3 inner folds."""
+    monkeypatch.setattr(data, "conform_pair", fake_conform_pair)
+    rows = ["image,mask,subject"]
+    for i, centre in enumerate(CENTRES):
+        pair = write_pair(tmp_path / "in", f"s{i}", center=centre, radius=2 + i % 3, seed=i)
+        rows.append(f"{pair.image.name},{pair.mask.name},s{i}")
+    (tmp_path / "in" / "all.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "in" / "all.csv"
+
+
+def tune_command(manifest: Path, out: Path, *extra: str):
+    return CliRunner().invoke(main, ["tune", "--data", str(manifest), "--out", str(out),
+                                     "--cache", str(out.parent / "cache"), "-q", *FAST, *extra])
+
+
+def read_trials(out: Path) -> list[dict[str, str]]:
+    with open(out / "trials.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_tune_runs_resumes_writes_a_usable_best_and_keeps_its_settings(manifest, tmp_path):
+    out = tmp_path / "tune"
+    first = tune_command(manifest, out, "--trials", "1")
+    assert first.exit_code == 0, first.output
+    assert "best trial" in first.output and "meshseg train --data DATA" in first.output
+    assert {"study.db", "splits.json", "trials.csv", "best.toml", "meshseg"} <= {
+        p.name for p in out.iterdir()}
+
+    second = tune_command(manifest, out, "--trials", "1")
+    assert second.exit_code == 0, second.output
+    trials = read_trials(out)
+    assert [t["number"] for t in trials] == ["0", "1"]  # one study, two trials
+    done = [t for t in trials if t["state"] == "complete"]
+    assert done, trials
+    for trial in done:
+        folder = Path(trial["folder"])
+        assert sorted(p.name for p in folder.iterdir()) == ["inner-1", "inner-2", "inner-3"]
+        assert len(trial["inner_dice"].split()) == 3
+        assert 5 <= int(trial["channels"]) <= 21 and 1e-4 <= float(trial["lr"]) <= 4e-2
+        assert float(trial["pct_start"]) in (0.02, 0.1, 0.2)
+        val = read_manifest(folder / "inner-1" / "val.csv")
+        train = read_manifest(folder / "inner-1" / "train.csv")
+        assert val and train and not {p.subject for p in val} & {p.subject for p in train}
+
+    best = tomllib.loads((out / "best.toml").read_text())
+    assert best["epochs"] == 1 and best["crop"] == 12 and best["class_weights"][1] == 1.0
+    assert "device" not in best and "cache" not in best  # machine-specific, left out
+    config = TrainConfig.from_dict({**best, "data": "d.csv", "out": "run"})
+    config.check()
+    assert max(float(t["value"]) for t in done) == pytest.approx(
+        float((out / "best.toml").read_text().split("Dice ")[1].split()[0]), abs=1e-4)
+
+    other = tune_command(manifest, out, "--trials", "1", "--crop-lesion-p", "0.9")
+    assert other.exit_code == 1
+    assert "study meshseg was started with other settings (fixed:" in other.output
+    assert "crop_lesion_p" in other.output and len(read_trials(out)) == 2
+
+
+def test_a_pruned_trial_stops_after_the_epoch_and_keeps_its_run(manifest, tmp_path):
+    out = tmp_path / "tune"
+    settings = TuneSettings(data=manifest, out=out, trials=1, max_epochs=3, min_epochs=1,
+                            fixed={"crop": 12, "steps_per_epoch": 1, "device": "cpu",
+                                   "cache": tmp_path / "cache"})
+    result = tune(settings, pruner=optuna.pruners.ThresholdPruner(lower=1.5))  # Dice < 1.5
+
+    assert result.states == {"pruned": 1} and result.best_file is None
+    trial = read_trials(out)[0]
+    assert trial["state"] == "pruned" and trial["epochs_reported"] == "1"
+    folder = Path(trial["folder"])
+    assert sorted(p.name for p in folder.iterdir()) == ["inner-1"]  # later folds never ran
+    with open(folder / "inner-1" / "metrics.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 1
+    assert (folder / "inner-1" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"min_epochs": 5, "max_epochs": 4}, "need 1 <= min_epochs <= max_epochs"),
+    ({"fixed": {"lr": 0.1}}, "tune sets these training settings itself: lr"),
+    ({"fixed": {"epoch": 3}}, "unknown training settings: epoch"),
+    ({"fixed": {"crop": 0}}, "crop=0"),
+    ({"storage": "nonsense://"}, "storage nonsense://"),
+])
+def test_bad_settings_are_refused_in_one_line(manifest, tmp_path, change, message):
+    settings = TuneSettings(**{"data": manifest, "out": tmp_path / "tune", "trials": 1,
+                               **change})
+    with pytest.raises(InputError, match=message):
+        tune(settings)
+
+
+def test_missing_optuna_names_the_extra(manifest, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(InputError, match=r"pip install 'meshseg\[benchmark\]'"):
+        tune(TuneSettings(data=manifest, out=tmp_path / "tune"))
+
+
+def test_manifest_round_trips_through_read_manifest(tmp_path):
+    pairs = [data.Pair(tmp_path / "a.nii.gz", tmp_path / "a_mask.nii.gz", "sub-1", "spc3p2"),
+             data.Pair(tmp_path / "b.nii.gz", tmp_path / "b_mask.nii.gz", "sub-2")]
+    write_manifest(pairs, tmp_path / "x.csv")
+    assert read_manifest(tmp_path / "x.csv") == pairs
+
+
+def test_train_flags_spell_every_kind_of_setting():
+    assert train_flags({"lr": 0.00123456789, "class_weights": [0.25, 1.0], "flip_lr": False,
+                        "channels": 12}) == ["--lr", "0.00123457", "--class-weights", "0.25",
+                                             "1", "--no-flip-lr", "--channels", "12"]
