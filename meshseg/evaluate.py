@@ -4,6 +4,10 @@ Pairs are matched by subject key: BIDS sub-/ses- entities when both names have t
 else the file name without .nii[.gz] and without meshseg's and common mask suffixes
 (_lesion, _mask, _T2w, ...). Masks must share a grid: a different grid is an error naming
 both files, unless resampling (nearest neighbour) is asked for.
+
+Summaries are given over all subjects and per lesion-volume bin: the quartiles of ARC's
+true lesion volumes that the paper stratified by (`VOLUME_BINS`), because small lesions
+are the hardest and a mean over all subjects hides them.
 """
 
 from __future__ import annotations
@@ -22,10 +26,17 @@ from nibabel.processing import resample_from_to
 from meshseg.cohort import stem
 from meshseg.errors import InputError
 from meshseg.io import GRID_ATOL_MM, atomic_path, is_nifti_path, load_volume
-from meshseg.metrics import avd, dice, mcc
+from meshseg.metrics import avd, dice, hd95, lesion_counts, mcc
+from meshseg.synth import ARC_QUARTILES_ML
 
 SUFFIXES = re.compile(r"(_(lesion|prob|mask|label|T2w|desc-[A-Za-z0-9]+|space-[A-Za-z0-9]+))+$")
 ENTITIES = re.compile(r"(sub-[A-Za-z0-9]+)(?:_(ses-[A-Za-z0-9]+))?")
+SUMMARY_METRICS = ("dice", "avd", "mcc", "hd95_mm")
+# The paper's quartile cut points of ARC's lesion volumes (voxels at 1 mm^3, i.e. mL / 1000);
+# the outer bins are open, so no volume falls outside them.
+_CUTS = ARC_QUARTILES_ML[1:-1]
+VOLUME_BINS = (f"Q1 < {_CUTS[0]:.1f} mL", f"Q2 {_CUTS[0]:.1f}-{_CUTS[1]:.1f} mL",
+               f"Q3 {_CUTS[1]:.1f}-{_CUTS[2]:.1f} mL", f"Q4 >= {_CUTS[2]:.1f} mL")
 
 
 @dataclass
@@ -38,8 +49,18 @@ class Score:
     mcc: float
     vol_true_ml: float
     vol_pred_ml: float
+    hd95_mm: float
+    lesions_true: int
+    lesions_detected: int
+    lesions_missed: int
+    lesions_false_positive: int
     pred: str
     truth: str
+
+    @property
+    def volume_bin(self) -> str:
+        """The `VOLUME_BINS` label of the true lesion volume."""
+        return VOLUME_BINS[int(np.searchsorted(_CUTS, self.vol_true_ml, side="right"))]
 
 
 def subject_key(path: Path) -> str:
@@ -101,15 +122,29 @@ def score(pred_path: Path, truth_path: Path, resample: bool = False) -> Score:
         pred_data = pred.data
     p, t = pred_data > 0, truth.data > 0
     voxel_ml = abs(float(np.linalg.det(truth.affine[:3, :3]))) / 1000
+    spacing_mm = tuple(float(z) for z in np.linalg.norm(truth.affine[:3, :3], axis=0))
+    lesions = lesion_counts(p, t)
     return Score(subject=subject_key(truth_path), dice=dice(p, t), avd=avd(p, t), mcc=mcc(p, t),
                  vol_true_ml=float(t.sum()) * voxel_ml, vol_pred_ml=float(p.sum()) * voxel_ml,
+                 hd95_mm=hd95(p, t, spacing_mm), lesions_true=lesions.true,
+                 lesions_detected=lesions.detected, lesions_missed=lesions.missed,
+                 lesions_false_positive=lesions.false_positive,
                  pred=str(pred_path), truth=str(truth_path))
 
 
+def by_volume_bin(scores: list[Score]) -> dict[str, list[Score]]:
+    """Scores grouped by `VOLUME_BINS` label, every bin present (possibly empty), in order."""
+    return {label: [s for s in scores if s.volume_bin == label] for label in VOLUME_BINS}
+
+
 def summary(scores: list[Score]) -> dict[str, dict[str, float]]:
-    """Mean, std, median and IQR of dice, avd and mcc over subjects (AVD ignores inf)."""
+    """Mean, std, median and IQR of each of SUMMARY_METRICS over subjects, with n.
+
+    Infinite and NaN values (AVD with an empty truth, HD95 with one empty mask) are left
+    out, so n may differ between metrics; a metric without finite values is left out.
+    """
     out = {}
-    for name in ("dice", "avd", "mcc"):
+    for name in SUMMARY_METRICS:
         values = [getattr(s, name) for s in scores if np.isfinite(getattr(s, name))]
         if not values:
             continue

@@ -1,6 +1,8 @@
-"""meshseg eval: pairing by subject, metrics per pair, grid checks, CSV."""
+"""meshseg eval: pairing by subject, metrics per pair, grid checks, CSV, bins, figure."""
 
 import csv
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,17 @@ from click.testing import CliRunner
 
 from meshseg.cli import main
 from meshseg.errors import InputError
-from meshseg.evaluate import match, score, subject_key
+from meshseg.evaluate import (
+    VOLUME_BINS,
+    Score,
+    by_volume_bin,
+    match,
+    score,
+    subject_key,
+    summary,
+    write_csv,
+)
+from meshseg.metrics import hd95
 from tests.conftest import blob
 
 
@@ -58,3 +70,60 @@ def test_duplicate_keys_are_refused(tmp_path):
     a, b = tmp_path / "x_lesion.nii.gz", tmp_path / "x_mask.nii.gz"
     with pytest.raises(InputError, match="same subject key"):
         match([a, b], [a])
+
+
+def test_lesion_figures_hd95_and_bins_in_csv(tmp_path, write_nifti):
+    """Two lesions on a 2 mm grid: one found and shifted by one voxel, one missed."""
+    truth = np.zeros((20, 20, 20), np.uint8)
+    truth[2:5, 2:5, 2:5] = 1  # 27 voxels of 8 mm^3
+    truth[12:14, 12:14, 12:14] = 1
+    pred = np.zeros_like(truth)
+    pred[3:6, 2:5, 2:5] = 1
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    t = write_nifti(truth, affine, name="sub-01_lesion.nii.gz")
+    p = write_nifti(pred, affine, name="sub-01_pred.nii.gz")
+    s = score(p, t)
+    assert (s.lesions_true, s.lesions_detected, s.lesions_missed,
+            s.lesions_false_positive) == (2, 1, 1, 0)
+    assert s.vol_true_ml == pytest.approx(35 * 8 / 1000)
+    assert s.hd95_mm == pytest.approx(hd95(pred > 0, truth > 0, (2.0, 2.0, 2.0)))
+    assert s.volume_bin == VOLUME_BINS[0]
+    out = tmp_path / "scores.csv"
+    write_csv([s], out)
+    header = out.read_text().splitlines()[0].split(",")
+    assert header[:7] == ["subject", "dice", "avd", "mcc", "vol_true_ml", "vol_pred_ml",
+                          "hd95_mm"]
+
+
+@pytest.mark.parametrize("ml, label", [(0.0, "Q1 < 33.6 mL"), (33.618, "Q1 < 33.6 mL"),
+                                       (33.619, "Q2 33.6-67.9 mL"), (100, "Q3 67.9-128.3 mL"),
+                                       (128.314, "Q4 >= 128.3 mL"), (900, "Q4 >= 128.3 mL")])
+def test_volume_bins_are_the_papers_quartiles(ml, label):
+    s = Score("x", 1, 0, 1, ml, ml, 0, 1, 1, 0, 0, "p", "t")
+    assert s.volume_bin == label
+    assert by_volume_bin([s])[label] == [s]
+    assert list(by_volume_bin([s])) == list(VOLUME_BINS)
+
+
+def test_summary_leaves_out_infinite_and_nan_values():
+    rows = [Score("a", 0.0, math.inf, 0.0, 0.0, 1.0, math.nan, 0, 0, 0, 1, "p", "t"),
+            Score("b", 0.5, 0.5, 0.4, 2.0, 1.0, 4.0, 1, 1, 0, 0, "p", "t"),
+            Score("c", 1.0, 0.0, 1.0, 2.0, 2.0, 0.0, 1, 1, 0, 0, "p", "t")]
+    stats = summary(rows)
+    assert stats["dice"] == pytest.approx({"mean": 0.5, "std": 0.5, "median": 0.5, "q1": 0.25,
+                                           "q3": 0.75, "n": 3})
+    assert stats["avd"]["n"] == 2 and stats["avd"]["mean"] == pytest.approx(0.25)
+    assert stats["hd95_mm"]["n"] == 2 and stats["hd95_mm"]["median"] == pytest.approx(2.0)
+    assert summary([]) == {}
+
+
+def test_eval_prints_bins_and_writes_a_figure(tmp_path, write_nifti):
+    truth = blob((20, 20, 20), (10, 10, 10), 4)
+    write_nifti(truth, name="t.nii.gz", dtype=np.uint8)
+    write_nifti(np.roll(truth, 1, axis=0), name="p.nii.gz", dtype=np.uint8)
+    args = ["eval", str(tmp_path / "p.nii.gz"), str(tmp_path / "t.nii.gz"),
+            "--figure", str(tmp_path / "dice.png")]
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"Q4 >= 128.3 mL +│ 0 ", result.output) and "HD95 mm" in result.output
+    assert (tmp_path / "dice.png").read_bytes().startswith(b"\x89PNG")
