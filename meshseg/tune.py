@@ -204,9 +204,11 @@ def _hide_password(url: str) -> str:
 
 def study_identity(settings: TuneSettings, folds: list[tuple[list[Pair], list[Pair]]],
                    channels: bool) -> dict[str, Any]:
-    """What every process of one study must agree on: search space, pruning, fixed
-    settings (machine-specific ones aside) and the inner folds' subjects."""
+    """What every process of one study must agree on: search space, pruning, the fixed
+    training settings, defaults included (machine-specific ones aside), and the inner
+    folds' subjects."""
     subjects = [[sorted({p.subject for p in side}) for side in fold] for fold in folds]
+    fixed_config = settings.train_config(Path("."), Path("."), Path("."), {}).to_dict()
     return {
         "space": {"channels": list(CHANNELS) if channels else None, "lr": list(LR),
                   "weight_decay": list(WEIGHT_DECAY),
@@ -214,9 +216,9 @@ def study_identity(settings: TuneSettings, folds: list[tuple[list[Pair], list[Pa
         "epochs": [settings.min_epochs, settings.max_epochs],
         "reduction_factor": settings.reduction_factor,
         "seed": settings.seed,
-        "fixed": {k: _plain(v) for k, v in sorted(settings.fixed.items())
-                  if k not in MACHINE_FIELDS},
-        "folds_sha256": hashlib.sha256(json.dumps(subjects).encode()).hexdigest(),
+        "training": {k: v for k, v in fixed_config.items()
+                     if k not in NOT_FIXED + MACHINE_FIELDS},
+        "fold_subjects_sha256": hashlib.sha256(json.dumps(subjects).encode()).hexdigest(),
     }
 
 
@@ -231,18 +233,22 @@ def join_study(study: optuna.Study, identity: dict[str, Any]) -> None:
         for key, value in identity.items():
             study.set_user_attr(key, value)
         return
-    differ = [key for key, value in identity.items() if known.get(key) != value]
+    differ = _differences(known, identity)
     if differ:
-        shown = "; ".join(f"{k}: study has {known.get(k)!r}, this call {identity[k]!r}"
-                          for k in differ)
-        raise InputError(f"study {study.study_name} was started with other settings ({shown})")
+        raise InputError(f"study {study.study_name} was started with other settings "
+                         f"({'; '.join(differ)})")
 
 
-def _plain(value: Any) -> Any:
-    """JSON/TOML-safe value: paths as strings, tuples as lists."""
-    if isinstance(value, Path):
-        return str(value)
-    return list(value) if isinstance(value, tuple) else value
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: study has A, this call B' for each differing entry, nested keys dotted."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: study has {a!r}, this call {b!r}")
+    return found
 
 
 # ---------------------------------------------------------------------------- folds
