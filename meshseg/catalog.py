@@ -13,12 +13,15 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
+from meshseg import archs
 from meshseg.errors import OutputError, WeightsError
 from meshseg.export import onnx_parameters, read_onnx
 from meshseg.io import atomic_path
 from meshseg.model import FoldedLayer, count_parameters, fold
 from meshseg.tfjs import load_tfjs
-from meshseg.weights import load_checkpoint, sha256_file
+from meshseg.weights import load_network, sha256_file
 
 _BRAINCHOP_COMMIT = "75c1105a431ee6a604032b58d3f5b1626fb0093c"
 BRAINCHOP_URL = (f"https://raw.githubusercontent.com/neurolabusc/T2lesion/{_BRAINCHOP_COMMIT}"
@@ -78,6 +81,8 @@ class LoadedModel:
     postprocess: str
     onnx: bytes | None = None  # the graph itself, for a model given as an .onnx file
     crop: str = "head"  # "nonzero": brainchop's crop to the voxels > 0 (see infer.head_box)
+    network: nn.Module | None = None  # a non-MeshNet architecture, run whole in window^3 tiles
+    window: int | None = None
 
 
 def home() -> Path:
@@ -207,7 +212,12 @@ def _load_path(path: Path, name: str, postprocess: str) -> LoadedModel:
         return LoadedModel(name=name, layers=tf.layers, postprocess=postprocess, crop="nonzero",
                            architecture=f"MeshNet-{tf.channels} ({tf.activation.upper()}, TF.js)",
                            parameters=tf.n_parameters)
-    model, _ = load_checkpoint(path)
+    checkpoint = load_network(path)
+    model = checkpoint.model
+    if checkpoint.architecture != archs.MESHNET:
+        return LoadedModel(name=name, layers=[], postprocess=postprocess, network=model,
+                           window=checkpoint.window, parameters=count_parameters(model),
+                           architecture=archs.get(checkpoint.architecture).title)
     cfg = model.config
     return LoadedModel(name=name, layers=fold(model), postprocess=postprocess,
                        architecture=f"MeshNet-{cfg.channels} ({cfg.activation.upper()})",

@@ -157,6 +157,36 @@ def models_pull(name: str, mirror: str | None) -> None:
     click.echo(f"{name}: verified in {folder}")
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def arch(as_json: bool) -> None:
+    """List the benchmark networks with their parameter counts (in=1, out=2, 256^3).
+
+    Train one with `meshseg train --architecture NAME` (MeshNet-N: --architecture meshnet
+    --channels N); see docs/architectures.md.
+    """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from meshseg import archs
+
+    try:
+        rows = archs.info()
+    except MeshsegError as err:
+        fail(str(err))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "parameters", "paper", "source")
+    for row in rows:
+        paper = archs.PAPER_PARAMETERS[row["name"]]
+        table.add_row(row["name"], f"{row['parameters']:,}",
+                      "same" if paper == row["parameters"] else f"{paper:,}", row["source"])
+    Console().print(table)
+
+
 def _config_options(config_cls: type, skip: tuple[str, ...]):
     """Click options generated from a config dataclass, so flags and settings never drift.
 
@@ -209,7 +239,8 @@ def _train_config_options(command):
 @_train_config_options
 def train(data: Path | None, out: Path | None, resume_dir: Path | None, quiet: bool,
           **settings) -> None:
-    """Train MeshNet with the paper's recipe (every setting is a flag; see docs/training.md)."""
+    """Train MeshNet, or a baseline (--architecture, see `meshseg arch`), with the paper's
+    recipe (every setting is a flag; see docs/training.md)."""
     from meshseg import train as training
     from meshseg.config import TrainConfig
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import tomli_w
 
+from meshseg import archs
 from meshseg.errors import InputError
 from meshseg.io import atomic_path
 
@@ -39,8 +40,11 @@ class TrainConfig:
                                   "val_fraction of the training subjects.")
     val_fraction: float = _help("Share of subjects held out for validation without val_data.",
                                 0.2)
+    architecture: str = _help("Network to train: meshnet, or a baseline that `meshseg arch` "
+                              "lists (e.g. segresnet, mednext-s, umamba-bot).", archs.MESHNET)
     channels: int = _help("MeshNet channels per layer (paper: 26; 16 and 5 are smaller).", 26)
-    activation: str = _help("Activation after each batch norm: relu (paper) or elu.", "relu")
+    activation: str = _help("MeshNet activation after each batch norm: relu (paper) or elu.",
+                            "relu")
     epochs: int = _help("Passes over the training data per restart.", 50)
     lr: float = _help("Peak learning rate of the one-cycle schedule (AdamW).", 1e-3)
     weight_decay: float = _help("AdamW decoupled weight decay.", 3e-5)
@@ -106,6 +110,23 @@ class TrainConfig:
             value = getattr(self, name)
             if not ok(value):
                 raise InputError(f"training setting {name}={value!r}: must be {rule}")
+        arch = archs.get(self.architecture)  # an unknown name is refused with the known ones
+        arch.check_size(self.input_side(), "training setting crop" if self.crop else
+                        f"training volume side (downsample {self.downsample})")
+        if self.checkpointing and arch.name != archs.MESHNET:
+            raise InputError(f"training setting checkpointing=True: layer checkpointing is for "
+                             f"MeshNet only, not architecture {arch.name}")
+
+    def input_side(self) -> int:
+        """Side of the cubes the network trains on: the crop, else the (downsampled) volume."""
+        from meshseg.conform import CONFORMED_SHAPE
+
+        return self.crop or CONFORMED_SHAPE[0] // self.downsample
+
+    def network_options(self) -> dict[str, Any]:
+        """What `archs.build` needs besides the name; saved with the checkpoint."""
+        return archs.options_for(self.architecture, self.channels, self.activation,
+                                 self.input_side())
 
 
 def _int(value: Any) -> bool:

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
+from torch import nn
 
+from meshseg.archs import INSTALL_HINT
 from meshseg.catalog import LoadedModel
 from meshseg.conform import conform, to_unit_range, unconform
 from meshseg.errors import DeviceError, MeshsegError, WeightsError
 from meshseg.export import onnx_runner, to_onnx
-from meshseg.infer import Runner, lesion_probability, torch_runner
+from meshseg.infer import PRECISIONS, Box, OnLayer, Runner, lesion_probability, torch_runner
 from meshseg.io import Volume, load_volume, save_like
 from meshseg.validate import check_volume
 
@@ -59,11 +61,18 @@ class Result:
 
 def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
            slab: int | None = None, precision: str = "fp32") -> Runner:
-    """The network on the chosen backend: layer-by-layer torch, or onnxruntime.
+    """The network on the chosen backend: layer-by-layer torch, or onnxruntime; a non-MeshNet
+    architecture runs whole on torch, in tiles (`window_runner`; `slab` does not apply).
 
     Raises:
-        WeightsError: an ONNX-only model asked to run on the torch backend.
+        WeightsError: an ONNX-only model asked to run on the torch backend, or a non-MeshNet
+            model on the onnx backend.
     """
+    if model.network is not None:
+        if backend == "onnx":
+            raise WeightsError(f"{model.name}: the onnx backend runs MeshNet models only "
+                               f"({model.architecture})")
+        return window_runner(model.network, model.window, device, precision)
     if backend == "onnx":
         if precision != "fp32":
             raise DeviceError(f"--precision {precision}: the onnx backend runs in fp32 only")
@@ -71,6 +80,37 @@ def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
     if not model.layers:
         raise WeightsError(f"{model.name}: an ONNX model runs only with --backend onnx")
     return torch_runner(model.layers, device, slab=slab, precision=precision)
+
+
+def window_runner(network: nn.Module, window: int, device: torch.device,
+                  precision: str = "fp32") -> Runner:
+    """A whole network as a `Runner`: MONAI's sliding-window inference over the crop in
+    window^3 tiles (the size it trained on; 25% overlap, Gaussian-weighted blending), so
+    networks tied to their training size (UNETR, U-Mamba-Enc) and crops of any shape work.
+
+    Raises:
+        DeviceError: fp16 on the CPU.
+        WeightsError: MONAI is not installed.
+    """
+    if precision == "fp16" and device.type != "cuda":
+        raise DeviceError("--precision fp16 needs CUDA; use bf16 on the CPU")
+    try:
+        from monai.inferers import sliding_window_inference
+    except ImportError as err:
+        raise WeightsError(f"tiled inference needs MONAI: {INSTALL_HINT}") from err
+    network = network.to(device).eval()
+
+    def run(x: torch.Tensor, on_layer: OnLayer | None, keep: Box) -> torch.Tensor:
+        report = on_layer or (lambda done, total: None)
+        report(0, 1)
+        with torch.no_grad(), torch.autocast(device.type, dtype=PRECISIONS[precision],
+                                             enabled=precision != "fp32"):
+            logits = sliding_window_inference(x[None].to(device), (window,) * 3, 1, network,
+                                              overlap=0.25, mode="gaussian")
+        report(1, 1)
+        return logits[0][(slice(None), *keep)].float().cpu()
+
+    return run
 
 
 def segment(volume: Volume, run: Runner, progress: Progress | None = None,

@@ -1,4 +1,5 @@
-"""Train MeshNet on conformed T2w scans and lesion masks (the recipe of Fedorov et al. 2025).
+"""Train MeshNet (or a baseline of `meshseg.archs`) on conformed T2w scans and lesion masks
+with the recipe of Fedorov et al. 2025.
 
 Defaults follow the paper: whole 256^3 volumes, batch 1, AdamW (lr 1e-3, weight decay 3e-5,
 eps 1e-4), a one-cycle schedule starting at lr/100 with 1% warm-up, cross-entropy with
@@ -32,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
+from meshseg import archs
 from meshseg.config import PATH_FIELDS, TrainConfig, load_config, save_config
 from meshseg.data import (
     ConformedCache,
@@ -45,8 +47,8 @@ from meshseg.data import (
 from meshseg.errors import DeviceError, InputError, OutputError
 from meshseg.infer import resolve_device
 from meshseg.io import atomic_path
-from meshseg.model import MeshNet, MeshNetConfig
-from meshseg.weights import save_checkpoint
+from meshseg.model import MeshNet
+from meshseg.weights import save_checkpoint, save_network
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ def _refuse_problems(problems: list[str]) -> None:
 class _Parts:
     """What one restart trains and saves: model, optimiser, schedule, scaler, sampling RNG."""
 
-    model: MeshNet
+    model: nn.Module
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.OneCycleLR
     scaler: torch.amp.GradScaler
@@ -157,8 +159,7 @@ def _build(config: TrainConfig, restart: int, total_steps: int, device: torch.de
     seed = int(np.random.SeedSequence([config.seed, restart]).generate_state(1)[0])
     torch.manual_seed(seed)
     random.seed(seed)
-    model = MeshNet(MeshNetConfig(channels=config.channels,
-                                  activation=config.activation)).to(device)
+    model = archs.build(config.architecture, **config.network_options()).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay, eps=config.eps)
     scheduler = one_cycle(optimizer, config, total_steps)
@@ -237,8 +238,8 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
             rows.append(row)
             if val_dice > best["val_dice"]:
                 best = {"val_dice": val_dice, "restart": restart + 1, "epoch": epoch}
-                save_checkpoint(run_dir / BEST_FILE, parts.model,
-                                {**best, "seed": config.seed, "config": config.to_dict()})
+                _save_best(run_dir / BEST_FILE, config, parts.model,
+                           {**best, "seed": config.seed, "config": config.to_dict()})
             _save_state(run_dir / STATE_FILE, parts, restart, epoch, best, rows)
             _write_metrics(run_dir / METRICS_FILE, rows)
             logger.info("restart %d/%d epoch %d/%d: train loss %.4f, val loss %.4f, "
@@ -250,6 +251,16 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
     logger.info("%s: best validation Dice %.4f (restart %d, epoch %d)", run_dir,
                 best["val_dice"], best["restart"], best["epoch"])
     return run_dir
+
+
+def _save_best(path: Path, config: TrainConfig, model: nn.Module, meta: dict) -> None:
+    """MeshNet in its own checkpoint format (foldable for layer-by-layer inference), any
+    other architecture with its name and build options."""
+    if isinstance(model, MeshNet):
+        save_checkpoint(path, model, meta)
+    else:
+        save_network(path, model, config.architecture, config.network_options(),
+                     config.input_side(), meta)
 
 
 def _epoch_keys(rng: np.random.Generator, n: int, samples: int) -> list[tuple[int, int]]:
@@ -282,9 +293,9 @@ def _train_epoch(config: TrainConfig, setup: _Setup, parts: _Parts, criterion: n
     return total / len(loader), lr
 
 
-def forward(model: MeshNet, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
-    """Logits (N, 2, D, H, W). With `checkpointing` only each block's input is kept and the
-    block's inner activations (convolution, norm) are recomputed during backward."""
+def forward(model: nn.Module, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    """Logits (N, 2, D, H, W). With `checkpointing` (MeshNet only) only each block's input is
+    kept and the block's inner activations (convolution, norm) are recomputed during backward."""
     if not checkpointing:
         return model(x)
     for block in model.blocks:
@@ -310,7 +321,7 @@ def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _validate(model: MeshNet, loader: DataLoader, criterion: nn.Module, device: torch.device,
+def _validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
               amp: bool) -> tuple[float, float]:
     """(mean loss, mean Dice of argmax lesion vs mask) over the validation volumes."""
     model.eval()

@@ -1,53 +1,78 @@
-"""MeshNet checkpoints: one safetensors file holding the weights and their config.
+"""Checkpoints: one safetensors file holding the weights and what rebuilds the network.
 
 safetensors stores raw tensors plus a string-to-string header, so loading a
 checkpoint can never execute code (unlike a pickled ``torch.save`` file).
+MeshNet checkpoints (FORMAT) carry the MeshNet config; checkpoints of the other
+architectures of `meshseg.archs` (NETWORK_FORMAT) carry the architecture's name
+and its build options.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from meshseg.errors import WeightsError
+from meshseg import archs
+from meshseg.errors import MeshsegError, WeightsError
 from meshseg.io import atomic_path
 from meshseg.model import MeshNet, MeshNetConfig
 
 FORMAT = "meshseg-meshnet/1"
+NETWORK_FORMAT = "meshseg-network/1"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A network of any architecture, rebuilt and loaded, in eval mode; `options` are its
+    build options (for MeshNet, its whole config)."""
+
+    model: nn.Module
+    architecture: str
+    options: dict[str, Any]
+    meta: dict[str, Any]
+    window: int | None = None  # side of the cubes it trained on; None for MeshNet (any size)
 
 
 def save_checkpoint(path: str | Path, model: MeshNet, meta: dict | None = None) -> None:
     """Write `model`'s weights, config and `meta` (JSON-safe) atomically to `path`."""
-    path = Path(path)
-    header = {
-        "format": FORMAT,
-        "config": json.dumps(model.config.to_dict()),
-        "meta": json.dumps(meta or {}),
-    }
+    _write(path, model, {"format": FORMAT, "architecture": archs.MESHNET,
+                         "config": json.dumps(model.config.to_dict())}, meta)
+
+
+def save_network(path: str | Path, model: nn.Module, architecture: str,
+                 options: dict[str, Any], window: int, meta: dict | None = None) -> None:
+    """Write a network built by `archs.build(architecture, **options)` atomically to `path`;
+    `window` is the side of the cubes it trained on (inference tiles the volume with them)."""
+    _write(path, model, {"format": NETWORK_FORMAT, "architecture": architecture,
+                         "options": json.dumps(options), "window": str(window)}, meta)
+
+
+def _write(path: str | Path, model: nn.Module, header: dict[str, str], meta: dict | None) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=header)
+    with atomic_path(Path(path)) as tmp:
+        save_file(state, str(tmp), metadata={**header, "meta": json.dumps(meta or {})})
 
 
 def load_checkpoint(path: str | Path) -> tuple[MeshNet, dict]:
-    """Read a checkpoint written by `save_checkpoint`; the model comes back in eval mode.
+    """Read a MeshNet checkpoint written by `save_checkpoint`; the model comes back in eval mode.
 
     Raises:
-        WeightsError: missing file, not a meshseg checkpoint, or weights that do not fit.
+        WeightsError: missing file, not a meshseg MeshNet checkpoint, or weights that do not fit.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such checkpoint file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise WeightsError(f"{path}: not a readable safetensors checkpoint ({err})") from err
+    return _meshnet(path, *_read(path))
+
+
+def _meshnet(path: Path, header: dict[str, str],
+             state: dict[str, torch.Tensor]) -> tuple[MeshNet, dict]:
     if header.get("format") != FORMAT:
         raise WeightsError(f"{path}: not a meshseg MeshNet checkpoint (format "
                            f"{header.get('format')!r}, expected {FORMAT!r})")
@@ -56,13 +81,55 @@ def load_checkpoint(path: str | Path) -> tuple[MeshNet, dict]:
         meta = json.loads(header.get("meta", "{}"))
     except (KeyError, ValueError, TypeError) as err:
         raise WeightsError(f"{path}: malformed checkpoint config ({err})") from err
-    model = MeshNet(config)
+    return _filled(path, MeshNet(config), state), meta
+
+
+def load_network(path: str | Path) -> Checkpoint:
+    """Read a checkpoint of any architecture (MeshNet's format included).
+
+    Raises:
+        WeightsError: missing file, not a meshseg checkpoint, an architecture this meshseg
+            cannot build (or whose packages are missing), or weights that do not fit.
+    """
+    path = Path(path)
+    header, state = _read(path)
+    if header.get("format") == FORMAT:
+        model, meta = _meshnet(path, header, state)
+        return Checkpoint(model, archs.MESHNET, model.config.to_dict(), meta)
+    if header.get("format") != NETWORK_FORMAT:
+        raise WeightsError(f"{path}: not a meshseg checkpoint (format {header.get('format')!r})")
+    try:
+        name, options = header["architecture"], json.loads(header["options"])
+        window, meta = int(header["window"]), json.loads(header.get("meta", "{}"))
+        model = archs.build(name, **options)
+    except (KeyError, ValueError, TypeError) as err:
+        raise WeightsError(f"{path}: malformed checkpoint header ({err})") from err
+    except MeshsegError as err:
+        raise WeightsError(f"{path}: {err}") from err
+    return Checkpoint(_filled(path, model, state), name, options, meta, window)
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(header, tensors) of a safetensors file, without running any code from it."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{path}: not a readable safetensors checkpoint ({err})") from err
+    return header, state
+
+
+def _filled(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`model` holding exactly `state`, in eval mode."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise WeightsError(f"{path}: weights do not match the config ({first})") from err
-    return model.eval(), meta
+    return model.eval()
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -1,0 +1,10 @@
+"""MeshNet as a registry builder (the network itself lives in meshseg.model)."""
+
+from __future__ import annotations
+
+from meshseg.model import MeshNet, MeshNetConfig
+
+
+def meshnet(channels: int = 26, activation: str = "relu") -> MeshNet:
+    """MeshNet-`channels` for 1 input channel and 2 classes (the paper's widths: 5, 16, 26)."""
+    return MeshNet(MeshNetConfig(channels=channels, activation=activation))

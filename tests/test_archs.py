@@ -1,0 +1,136 @@
+"""The benchmark architectures: paper parameter counts, forward passes on small volumes, the
+Mamba CPU path, the KAN layer, `meshseg arch`, and training and predicting by name.
+
+Forward passes use the smallest cube each network takes (twice its down-sampling); those that
+take seconds on two CPU cores are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from meshseg import archs, catalog, predict
+from meshseg.errors import InputError, WeightsError
+from meshseg.io import load_volume
+from meshseg.train import fit
+from meshseg.weights import load_network
+from tests.test_train import config  # noqa: F401 (the tiny training run's fixture)
+
+# over ~3 s each on two busy CPU cores; MedNeXt-S and the Mamba layer test stand in for
+# their siblings in the fast suite
+SLOW_FORWARD = {"swinunetr", "unetr", "mednext-b", "mednext-m", "umamba-bot", "umamba-enc",
+                "ukan"}
+
+
+def test_arch_command_lists_the_paper_counts():
+    """All 14 networks, counted for in=1, out=2 at 256^3, equal the paper's counts."""
+    from click.testing import CliRunner
+
+    from meshseg.cli import main
+
+    result = CliRunner().invoke(main, ["arch", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["name"] for r in rows] == list(archs.PAPER_PARAMETERS)
+    assert {r["name"]: r["parameters"] for r in rows} == archs.PAPER_PARAMETERS
+    assert all(set(r) == {"name", "parameters", "source"} for r in rows)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FORWARD else n
+    for n in archs.ARCHITECTURES])
+def test_forward_on_a_small_volume(name):
+    arch = archs.get(name)
+    side = 2 * arch.downsampling if arch.downsampling > 1 else 8
+    options = {"size": side} if "size" in arch.options else {}
+    torch.manual_seed(0)
+    network = archs.build(name, **options).eval()
+    with torch.no_grad():
+        logits = network(torch.rand(1, 1, side, side, side))
+    assert logits.shape == (1, 2, side, side, side)
+    assert torch.isfinite(logits).all()
+
+
+def test_unknown_names_options_and_sizes_are_refused():
+    with pytest.raises(InputError, match="unknown architecture 'unet3d' .known: meshnet, "
+                                         "segresnet"):
+        archs.build("unet3d")
+    with pytest.raises(InputError, match="MeshNet-16 is --architecture meshnet --channels 16"):
+        archs.get("meshnet-16")
+    with pytest.raises(InputError, match="architecture vnet takes no option size"):
+        archs.build("vnet", size=64)
+    with pytest.raises(InputError, match="size 40: architecture unetr needs a multiple of 16 "
+                                         "that is at least 32"):
+        archs.build("unetr", size=40)
+    assert archs.settings("meshnet-5") == {"architecture": "meshnet", "channels": 5}
+    assert archs.settings("ukan") == {"architecture": "ukan"}
+
+
+def test_missing_package_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "monai", None)  # makes `import monai` fail
+    with pytest.raises(InputError, match=r"architecture segresnet needs MONAI: pip install "
+                                         r"'meshseg\[benchmark\]'"):
+        archs.build("segresnet")
+
+
+def test_mamba_cpu_path_has_mamba_ssm_parameter_layout():
+    from meshseg.archs.umamba import MambaLayer
+
+    layer = MambaLayer(8)
+    assert {name for name, _ in layer.mamba.named_parameters()} == {
+        "in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+        "dt_proj.bias", "A_log", "D", "out_proj.weight"}
+    x = torch.rand(2, 8, 3, 5, 4)  # a token count that is not a power of two
+    out = layer(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    tokens = MambaLayer(3 * 5 * 4, channel_tokens=True)(x)  # Enc's channel-token layout
+    assert tokens.shape == x.shape
+
+
+def test_kan_layer_shapes_and_spline_bases():
+    from meshseg.archs.ukan import GRID_SIZE, SPLINE_ORDER, KANLinear
+
+    layer = KANLinear(4, 3)
+    assert layer(torch.rand(2, 5, 4)).shape == (2, 5, 3)
+    assert sum(p.numel() for p in layer.parameters()) == 4 * 3 * (2 + GRID_SIZE + SPLINE_ORDER)
+    inside = torch.linspace(-1, 0.999, 101).reshape(-1, 1).expand(-1, 4)
+    bases = layer.bases(inside)
+    assert bases.shape == (101, 4, GRID_SIZE + SPLINE_ORDER)
+    torch.testing.assert_close(bases.sum(-1), torch.ones(101, 4))
+    assert (bases >= 0).all()
+    assert layer.bases(torch.full((1, 4), 5.0)).abs().sum() == 0  # no support beyond the grid
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architecture": "unet3d"}, "unknown architecture 'unet3d'"),
+    ({"architecture": "resunet"}, "crop 12: architecture resunet needs a multiple of 16"),
+    ({"architecture": "segresnet", "crop": 16, "checkpointing": True},
+     "checkpointing=True: layer checkpointing is for MeshNet only"),
+])
+def test_train_refuses_what_the_architecture_cannot_take(config, change, message):  # noqa: F811
+    with pytest.raises(InputError, match=message):
+        fit(replace(config, **change))
+    assert not config.out.exists()
+
+
+def test_train_a_baseline_then_predict_with_it(config):  # noqa: F811
+    run_dir = fit(replace(config, architecture="segresnet", crop=16))
+    best = run_dir / "best.safetensors"
+    checkpoint = load_network(best)
+    assert (checkpoint.architecture, checkpoint.options, checkpoint.window) == ("segresnet", {},
+                                                                                16)
+    assert checkpoint.meta["config"]["architecture"] == "segresnet"
+
+    model = catalog.load(str(best))
+    assert model.architecture == "SegResNet" and model.parameters == 1_176_186
+    run = predict.runner(model, torch.device("cpu"))
+    volume = load_volume(config.data.parent / "s0.nii.gz")
+    prob = predict.segment(volume, run)
+    assert prob.shape == volume.data.shape and 0 <= prob.min() and prob.max() <= 1
+    with pytest.raises(WeightsError, match="onnx backend runs MeshNet models only"):
+        predict.runner(model, torch.device("cpu"), backend="onnx")
