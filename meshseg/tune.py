@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
+from meshseg import archs
 from meshseg.config import TrainConfig
 from meshseg.errors import InputError, OutputError
 from meshseg.io import atomic_path
@@ -138,7 +139,7 @@ def import_optuna():
 
 def tunes_channels(fixed: dict[str, Any]) -> bool:
     """Channels are MeshNet's width; other architectures keep their own configuration."""
-    return str(fixed.get("architecture", "meshnet")).lower().startswith("meshnet")
+    return fixed.get("architecture", archs.MESHNET) == archs.MESHNET
 
 
 def suggest(trial: optuna.Trial, channels: bool) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """meshseg tune: a study on tiny synthetic pairs, resumed, pruned, refused when it differs.
 
 Scans stay on their own 24^3 grid (`fake_conform_pair`) and train on 12^3 crops for one
-step per epoch, so a trial of three inner folds takes about a second.
+step per epoch, so a trial of three inner folds takes a few seconds.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from meshseg.cli import main
 from meshseg.config import TrainConfig
 from meshseg.data import read_manifest
 from meshseg.errors import InputError
-from meshseg.tune import TuneSettings, train_flags, tune, write_manifest
+from meshseg.tune import (
+    TuneSettings,
+    suggest,
+    train_flags,
+    tune,
+    tunes_channels,
+    write_manifest,
+)
 from tests.test_data import fake_conform_pair, write_pair
 
 CENTRES = [(6, 7, 8), (16, 12, 10), (9, 15, 17), (12, 12, 12), (8, 16, 9), (15, 9, 14)]
@@ -137,3 +144,27 @@ def test_train_flags_spell_every_kind_of_setting():
     assert train_flags({"lr": 0.00123456789, "class_weights": [0.25, 1.0], "flip_lr": False,
                         "channels": 12}) == ["--lr", "0.00123457", "--class-weights", "0.25",
                                              "1", "--no-flip-lr", "--channels", "12"]
+
+
+def test_channels_are_searched_for_meshnet_only():
+    params = {"background_weight": 0.5, "lr": 1e-3, "weight_decay": 1e-3, "pct_start": 0.1,
+              "channels": 7}
+    assert suggest(optuna.trial.FixedTrial(params), channels=True)["channels"] == 7
+    assert "channels" not in suggest(optuna.trial.FixedTrial(params), channels=False)
+    assert tunes_channels({}) and tunes_channels({"architecture": "meshnet"})
+    assert not tunes_channels({"architecture": "segresnet"})
+
+
+@pytest.mark.slow
+def test_the_architecture_reaches_training(manifest, tmp_path):
+    pytest.importorskip("monai")
+    out = tmp_path / "tune"
+    result = tune_command(manifest, out, "--trials", "1", "--architecture", "segresnet",
+                          "--crop", "16")
+    assert result.exit_code == 0, result.output
+    trial = read_trials(out)[0]
+    assert trial["channels"] == ""  # not searched
+    run = Path(trial["folder"]) / "inner-1"
+    assert tomllib.loads((run / "config.toml").read_text())["architecture"] == "segresnet"
+    assert trial["state"] == "complete"  # a study's first trial is never pruned
+    assert tomllib.loads((out / "best.toml").read_text())["architecture"] == "segresnet"
