@@ -494,6 +494,82 @@ def _stats_cell(stats: dict[str, float] | None, n: int) -> str:
             f"{stats['median']:.3f} [{stats['q1']:.3f}, {stats['q3']:.3f}]")
 
 
+CV_OWN_SETTINGS = ("data", "out", "val_data", "val_fraction", "architecture", "channels",
+                   "restarts", "seed")
+
+
+def _cv_train_options(command):
+    from meshseg.config import TrainConfig
+
+    return _config_options(TrainConfig, skip=CV_OWN_SETTINGS)(command)
+
+
+@main.command("cv")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="The whole dataset: a .csv manifest (image,mask[,subject,acq]) or a BIDS "
+                   "folder.")
+@click.option("--out", "results", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="Results folder; rerun with the same options to continue.")
+@click.option("--arch", "models", multiple=True, required=True, metavar="NAME",
+              help="A network to compare (repeat): a name `meshseg arch` lists, e.g. "
+                   "meshnet-26, resunet.")
+@click.option("--splits", "splits_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Use this splits file (e.g. another results folder's splits.json) instead "
+                   "of making the splits from --seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the splits; restart r of every unit trains with seed + r.")
+@click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Trainings per inner fold; the best validation Dice is selected.")
+@click.option("--outer", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Outer folds (train / hold-out test), as in the paper.")
+@click.option("--inner", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Inner folds (train / validation) inside each outer training set.")
+@click.option("--reference", help="Model the others are tested against. Default: meshnet-26 "
+                                  "when compared, else the first --arch.")
+@click.option("--only", multiple=True, metavar="KEY=VALUE[,...]",
+              help="Train only the units matching all these keys (model, outer, inner, "
+                   "restart, index); repeat to add units. No report is made: rerun without "
+                   "--only once every unit is trained.")
+@click.option("--list", "list_units", is_flag=True,
+              help="Write the splits, print every unit with its index and status, and exit.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors and the result only.")
+@_cv_train_options
+def cv_command(data: Path, results: Path, models: tuple[str, ...], splits_file: Path | None,
+               seed: int, restarts: int, outer: int, inner: int, reference: str | None,
+               only: tuple[str, ...], list_units: bool, quiet: bool, **train_settings) -> None:
+    """Nested cross-validation of each --arch: the paper's Table 1 on DATA.
+
+    Trains every unit (model, outer fold, inner fold, restart) with `meshseg train`, picks
+    each outer fold's best inner run by validation Dice, segments the hold-out scans, scores
+    them and writes RESULTS/summary.md, summary.csv and figures/ (see docs/reproduce.md).
+    """
+    from meshseg import cv
+
+    _log_to_console(quiet)
+    settings = cv.CvSettings(data=data, out=results, models=tuple(dict.fromkeys(models)),
+                             splits=splits_file, seed=seed, restarts=restarts, outer=outer,
+                             inner=inner, reference=reference,
+                             train={k: v for k, v in train_settings.items() if v is not None})
+    try:
+        selectors = [cv.parse_selector(text) for text in only]
+        if list_units:
+            cv.prepare(settings)  # RESULTS/splits.json, which parallel tasks then share
+            epochs = cv.epochs(settings)
+            for unit in cv.units(settings):
+                click.echo(f"{unit.index}\t{unit.label()}\t"
+                           f"{cv.status(unit, results, epochs)}")
+            return
+        rows = cv.run(settings, selectors)
+    except DeviceError as err:
+        fail(str(err), EXIT_USAGE)
+    except MeshsegError as err:
+        fail(str(err))
+    if rows is None:
+        click.echo(f"{results}: selected units trained; rerun without --only for the report")
+    else:
+        click.echo((results / cv.SUMMARY_MD).read_text(encoding="utf-8"), nl=False)
+
+
 @main.command()
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path),
                 default="example_t2.nii.gz")

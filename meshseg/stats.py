@@ -51,11 +51,12 @@ def paired_wilcoxon(scores: Mapping[str, float], reference: Mapping[str, float])
         int, float]:
     """(paired subjects, two-sided Wilcoxon signed-rank p) over subjects both scored.
 
-    Subjects with a NaN score on either side are left out. Identical scores give p = 1
+    Subjects with a NaN or infinite score on either side (HD95 or AVD with an empty mask)
+    are left out. Identical scores give p = 1
     (no evidence of a difference; scipy would return NaN); no pairs give NaN.
     """
     subjects = sorted(s for s in scores.keys() & reference.keys()
-                      if not (math.isnan(scores[s]) or math.isnan(reference[s])))
+                      if math.isfinite(scores[s]) and math.isfinite(reference[s]))
     a = np.array([scores[s] for s in subjects])
     b = np.array([reference[s] for s in subjects])
     if not subjects:

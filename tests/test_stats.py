@@ -34,6 +34,8 @@ def test_pairs_only_shared_finite_subjects_and_degenerate_cases():
     model["extra"] = 0.1
     reference["s0"] = math.nan
     assert paired_wilcoxon(model, reference) == (5, pytest.approx(2 / 32))
+    model["s1"] = math.inf
+    assert paired_wilcoxon(model, reference) == (4, pytest.approx(2 / 16))
     assert paired_wilcoxon(reference, reference)[1] == 1.0
     n, p = paired_wilcoxon({"a": 1.0}, {"b": 1.0})
     assert n == 0 and math.isnan(p)

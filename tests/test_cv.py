@@ -1,0 +1,174 @@
+"""meshseg cv end to end on tiny synthetic data: two architectures, the results folder,
+skipping finished units, resuming interrupted ones, and --only / --list.
+
+Scans keep their own 32^3 grid in training (`fake_conform_pair`), and the hold-out scans are
+segmented by a stand-in for `predict.segment` that thresholds the scan, so the fast tests
+never push a 256^3 volume through a network; the slow test runs the real pipeline.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from meshseg import cv, data, predict
+from meshseg.cli import main
+from meshseg.errors import InputError
+from meshseg.splits import FORMAT
+from tests.test_data import fake_conform_pair, write_pair
+
+MODELS = ("meshnet-5", "resunet")
+CENTRES = [(8, 8, 8), (16, 16, 16), (20, 12, 10), (10, 20, 16), (16, 10, 22), (12, 14, 12)]
+TRAIN_FLAGS = ["--epochs", "1", "--steps-per-epoch", "1", "--crop", "32", "--device", "cpu"]
+
+
+def write_cohort(folder: Path) -> Path:
+    """Six subjects, two acquisitions, lesions of 2 to 7 voxels radius; their manifest."""
+    rows = ["image,mask,subject,acq"]
+    for i, centre in enumerate(CENTRES):
+        pair = write_pair(folder, f"s{i}", shape=(32, 32, 32), center=centre, radius=2 + i,
+                          seed=i)
+        rows.append(f"{pair.image.name},{pair.mask.name},s{i},{'ab'[i % 2]}")
+    (folder / "data.csv").write_text("\n".join(rows) + "\n")
+    return folder / "data.csv"
+
+
+def bright_voxels(volume, run, progress=None, crop="head") -> np.ndarray:
+    """Stand-in for predict.segment: lesions are the bright voxels (as write_pair paints them)."""
+    return (volume.data > 150).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """The cohort, a cache and the patches every test here uses (module-wide)."""
+    root = tmp_path_factory.mktemp("cv")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "conform_pair", fake_conform_pair)
+        patch.setattr(predict, "segment", bright_voxels)
+        yield root, write_cohort(root / "in")
+
+
+def cv_args(root: Path, manifest: Path, results: str, *more: str) -> list[str]:
+    return ["cv", "--data", str(manifest), "--out", str(root / results), "--outer", "2",
+            "--inner", "2", *(a for m in MODELS for a in ("--arch", m)), *TRAIN_FLAGS,
+            "--cache", str(root / "cache"), "-q", *more]
+
+
+@pytest.fixture(scope="module")
+def finished(cohort) -> Path:
+    """One complete cv run of both architectures."""
+    root, manifest = cohort
+    result = CliRunner().invoke(main, cv_args(root, manifest, "results"))
+    assert result.exit_code == 0, result.output
+    assert "| meshnet-5 | 5,682 |" in result.output
+    return root / "results"
+
+
+def test_results_folder(finished):
+    splits = (finished / "splits.json").read_text()
+    assert FORMAT in splits
+    for model in MODELS:
+        rows = list(csv.DictReader((finished / "metrics" / f"{model}.csv").open()))
+        assert sorted(r["subject"] for r in rows) == [f"s{i}" for i in range(6)]
+        assert all(float(r["dice"]) == 1.0 for r in rows)  # the stand-in finds the bright ball
+        assert len(list((finished / "predictions" / model).glob("*_lesion.nii.gz"))) == 6
+        for k in range(2):
+            for j in range(2):
+                run = finished / "runs" / model / f"outer{k}" / f"inner{j}" / "restart0"
+                assert (run / "best.safetensors").exists()
+    manifests = list(csv.DictReader((finished / "manifests/outer0/inner1/val.csv").open()))
+    assert manifests and set(manifests[0]) == {"image", "mask", "subject", "acq"}
+    assert len(list(csv.DictReader((finished / "selection.csv").open()))) == 4
+    summary = list(csv.DictReader((finished / "summary.csv").open()))
+    assert [r["model"] for r in summary] == list(MODELS)
+    assert float(summary[0]["dice_mean"]) == 1.0 and summary[0]["scans"] == "6"
+    assert "| model | parameters | DICE | AVD | MCC |" in (finished / "summary.md").read_text()
+    for figure in (cv.BOX_FIGURE, cv.SIZE_FIGURE):
+        assert (finished / "figures" / figure).read_bytes().startswith(b"\x89PNG")
+
+
+def test_rerun_skips_finished_units_and_predictions(cohort, finished):
+    root, manifest = cohort
+    run = finished / "runs/resunet/outer1/inner0/restart0"
+    prediction = finished / "predictions/resunet/s0_lesion.nii.gz"
+    stamps = [(p, p.stat().st_mtime_ns) for p in (run / "last.pt", prediction)]
+    result = CliRunner().invoke(main, cv_args(root, manifest, "results"))
+    assert result.exit_code == 0, result.output
+    assert [p.stat().st_mtime_ns for p, _ in stamps] == [t for _, t in stamps]
+
+
+def test_list_only_and_resume(cohort, finished):
+    root, manifest = cohort
+    listed = CliRunner().invoke(main, cv_args(root, manifest, "partial", "--list"))
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert len(lines) == 8
+    assert lines[5] == "5\tmodel=resunet,outer=0,inner=1,restart=0\ttodo"
+    only = CliRunner().invoke(main, cv_args(root, manifest, "partial", "--only", "index=1",
+                                            "--splits", str(finished / "splits.json")))
+    assert only.exit_code == 0, only.output
+    assert "rerun without --only" in only.output
+    listed = CliRunner().invoke(main, cv_args(root, manifest, "partial", "--list"))
+    assert [line.split("\t")[2] for line in listed.output.splitlines()].count("done") == 1
+    settings = cv.CvSettings(data=manifest, out=root / "partial", models=MODELS, outer=2,
+                             inner=2, train={"epochs": 2, "steps_per_epoch": 1, "crop": 32,
+                                             "device": "cpu", "cache": root / "cache"})
+
+    class Killed(Exception):
+        pass
+
+    def kill(unit, row):
+        raise Killed
+
+    unit = cv.units(settings)[0]
+    with pytest.raises(Killed):
+        cv.run(settings, [{"index": "0"}], on_epoch=kill)
+    assert cv.status(unit, settings.out, 2) == "started"
+    cv.run(settings, [{"index": "0"}])
+    assert cv.status(unit, settings.out, 2) == "done"
+    assert len(cv._metrics(unit.folder(settings.out))) == 2  # resumed after epoch 1
+    failed = CliRunner().invoke(main, cv_args(root, manifest, "partial", "--only", "model=unet"))
+    assert failed.exit_code == 1 and "--only selects no unit" in failed.stderr
+
+
+def test_selectors():
+    settings = cv.CvSettings(data=Path("d.csv"), out=Path("r"), models=MODELS, restarts=2)
+    units = cv.units(settings)
+    assert len(units) == 2 * 3 * 3 * 2 and [u.index for u in units] == list(range(36))
+    assert cv.select(units, []) == units
+    picked = cv.select(units, [cv.parse_selector("model=resunet,outer=2,inner=0"),
+                               cv.parse_selector("index=3")])
+    assert [u.label() for u in picked] == [
+        "model=meshnet-5,outer=0,inner=1,restart=1",
+        "model=resunet,outer=2,inner=0,restart=0", "model=resunet,outer=2,inner=0,restart=1"]
+    for bad in ("outer=x", "fold=1", "model"):
+        with pytest.raises(InputError, match="--only"):
+            cv.parse_selector(bad)
+
+
+def test_unknown_reference_or_architecture(tmp_path):
+    settings = cv.CvSettings(data=tmp_path / "d.csv", out=tmp_path, models=("meshnet-5",),
+                             reference="resunet")
+    with pytest.raises(InputError, match="reference model resunet is not among"):
+        cv.run(settings)
+    with pytest.raises(InputError, match="unknown architecture 'unet'"):
+        cv.prepare(cv.CvSettings(data=tmp_path / "d.csv", out=tmp_path, models=("unet",)))
+
+
+@pytest.mark.slow
+def test_real_pipeline_three_by_three(tmp_path, monkeypatch):
+    """The paper's 3 x 3 folds, the real predict pipeline (256^3 conform) for both models."""
+    monkeypatch.setattr(data, "conform_pair", fake_conform_pair)
+    manifest = write_cohort(tmp_path / "in")
+    args = ["cv", "--data", str(manifest), "--out", str(tmp_path / "results"),
+            "--arch", "meshnet-5", "--arch", "resunet", *TRAIN_FLAGS,
+            "--cache", str(tmp_path / "cache"), "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "results/runs").rglob("best.safetensors"))) == 18
+    summary = list(csv.DictReader((tmp_path / "results/summary.csv").open()))
+    assert [r["model"] for r in summary] == list(MODELS)
