@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -205,14 +204,9 @@ def write_manifests(results: Path, chosen: splits.Splits, pairs: Sequence[Pair],
 
 
 def _write_manifest(path: Path, pairs: Sequence[Pair]) -> Path:
-    """image, mask, subject, acq with absolute paths, atomically."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["image", "mask", "subject", "acq"])
-    writer.writerows([p.image.resolve(), p.mask.resolve(), p.subject, p.acq or ""]
-                     for p in pairs)
-    with atomic_path(path, suffix=".part.csv") as tmp:
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    """image, mask, subject, acq with absolute paths."""
+    _write_csv(path, ["image", "mask", "subject", "acq"],
+               [[p.image.resolve(), p.mask.resolve(), p.subject, p.acq or ""] for p in pairs])
     return path
 
 
@@ -286,8 +280,9 @@ def select_best(settings: CvSettings) -> list[Selected]:
 
 
 def predict_test(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair],
-                 best: Selected) -> list[tuple[Path, Path]]:
-    """Segment the outer fold's hold-out scans with its selected run: (prediction, mask).
+                 best: Selected) -> list[tuple[str, Path, Path]]:
+    """Segment the outer fold's hold-out scans with its selected run: (scan, prediction,
+    mask) for each.
 
     A prediction newer than the checkpoint is kept, so a rerun skips it.
 
@@ -311,25 +306,19 @@ def predict_test(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pa
                               overwrite=stale)
         if result.status == "failed":
             raise InputError(result.error)
-        done.append((target, pair.mask))
+        done.append((ids[pair.image], target, pair.mask))
     return done
 
 
 def score_model(settings: CvSettings, model: str,
-                predicted: Sequence[tuple[Path, Path]]) -> list[evaluate.Score]:
+                predicted: Sequence[tuple[str, Path, Path]]) -> list[evaluate.Score]:
     """Per-scan scores of one model's hold-out predictions (rows named by scan), saved as
     RESULTS/metrics/<model>.csv."""
-    scores = [replace(evaluate.score(pred, mask), subject=_scan_of(pred))
-              for pred, mask in predicted]
+    scores = [replace(evaluate.score(pred, mask), subject=scan) for scan, pred, mask in predicted]
     folder = settings.out / "metrics"
     _mkdir(folder)
     evaluate.write_csv(scores, folder / f"{model}.csv")
     return scores
-
-
-def _scan_of(prediction: Path) -> str:
-    """The scan name a prediction file was named after."""
-    return re.sub(r"_lesion$", "", stem(prediction))
 
 
 # ---------------------------------------------------------------------------- report
@@ -345,6 +334,16 @@ class Row:
     stars: dict[str, str]
     p_holm: dict[str, float]
     scans: int
+
+    def cell(self, metric: str) -> str:
+        """mean (std) over folds, with the significance star."""
+        return f"{self.mean(metric):.3f} ({self.std(metric):.3f}){self.stars[metric]}"
+
+    def mean(self, metric: str) -> float:
+        return float(np.mean(self.folds[metric]))
+
+    def std(self, metric: str) -> float:
+        return float(np.std(self.folds[metric], ddof=1))
 
 
 def table(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair],
@@ -387,24 +386,20 @@ def write_summary(settings: CvSettings, rows: Sequence[Row]) -> None:
     """summary.md (Table 1 layout) and summary.csv (the numbers behind it), atomically."""
     lines = ["| model | parameters | DICE | AVD | MCC |", "| --- | ---: | --- | --- | --- |"]
     for row in rows:
-        cells = [f"{np.mean(row.folds[m]):.3f} ({np.std(row.folds[m], ddof=1):.3f})"
-                 f"{row.stars[m]}" for m in TABLE_METRICS]
-        lines.append(f"| {row.model} | {row.parameters:,} | {' | '.join(cells)} |")
+        name = row.model + (" (reference)" if row.model == settings.reference_model else "")
+        lines.append(f"| {name} | {row.parameters:,} | "
+                     f"{' | '.join(row.cell(m) for m in TABLE_METRICS)} |")
     note = (f"\nMean (std) over the {settings.outer} outer folds of each fold's mean over its "
             f"hold-out scans. * : Holm-corrected Wilcoxon signed-rank test against "
             f"{settings.reference_model} on per-scan scores, p < 0.05.\n")
     with atomic_path(settings.out / SUMMARY_MD, suffix=".part.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n" + note, encoding="utf-8")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["model", "parameters", "scans"] + [f"{m}_{x}" for m in TABLE_METRICS
-                                                        for x in ("mean", "std", "p_holm")])
-    for row in rows:
-        writer.writerow([row.model, row.parameters, row.scans]
-                        + [v for m in TABLE_METRICS for v in (np.mean(row.folds[m]),
-                           np.std(row.folds[m], ddof=1), row.p_holm[m])])
-    with atomic_path(settings.out / SUMMARY_CSV, suffix=".part.csv") as tmp:
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    _write_csv(settings.out / SUMMARY_CSV,
+               ["model", "parameters", "scans"] + [f"{m}_{x}" for m in TABLE_METRICS
+                                                   for x in ("mean", "std", "p_holm")],
+               [[row.model, row.parameters, row.scans]
+                + [v for m in TABLE_METRICS for v in (row.mean(m), row.std(m), row.p_holm[m])]
+                for row in rows])
 
 
 def write_figures(settings: CvSettings, rows: Sequence[Row],
@@ -456,7 +451,9 @@ def run(settings: CvSettings, selectors: Sequence[dict[str, str]] = (),
 def report(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair]) -> list[Row]:
     """Select, predict the hold-out scans, score, and write the summary and figures."""
     best = select_best(settings)
-    _write_selection(settings.out / SELECTION_FILE, best)
+    _write_csv(settings.out / SELECTION_FILE,
+               ["model", "outer", "inner", "restart", "val_dice", "checkpoint"],
+               [[b.model, b.outer, b.inner, b.restart, b.val_dice, b.checkpoint] for b in best])
     scores = {}
     for model in settings.models:
         predicted = [p for b in best if b.model == model
@@ -468,12 +465,12 @@ def report(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair]) -
     return rows
 
 
-def _write_selection(path: Path, best: Sequence[Selected]) -> None:
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A CSV file, atomically."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["model", "outer", "inner", "restart", "val_dice", "checkpoint"])
-    writer.writerows([b.model, b.outer, b.inner, b.restart, b.val_dice, b.checkpoint]
-                     for b in best)
+    writer.writerow(header)
+    writer.writerows(rows)
     with atomic_path(path, suffix=".part.csv") as tmp:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
 

@@ -77,8 +77,10 @@ def size_plot(points: Mapping[str, ModelPoint], path: Path, *, ylabel: str = "me
                       textcoords="offset points", fontsize=8)
     front = pareto_front(points)
     axes.plot([1 / points[n].parameters for n in front], [points[n].median for n in front],
-              "--", color="grey", label="Pareto frontier")
+              "--o", color="grey", markerfacecolor="none", markersize=12,
+              label="Pareto frontier")  # rings, so a frontier of one model shows too
     axes.set_xscale("log")
+    axes.margins(x=0.15, y=0.1)  # room for the names
     axes.set_xlabel("1 / parameters")
     axes.set_ylabel(ylabel)
     axes.legend(loc="lower left")

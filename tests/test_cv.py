@@ -64,7 +64,7 @@ def finished(cohort) -> Path:
     root, manifest = cohort
     result = CliRunner().invoke(main, cv_args(root, manifest, "results"))
     assert result.exit_code == 0, result.output
-    assert "| meshnet-5 | 5,682 |" in result.output
+    assert "| meshnet-5 (reference) | 5,682 |" in result.output
     return root / "results"
 
 
