@@ -19,6 +19,7 @@ from meshseg.errors import InputError, WeightsError
 from meshseg.io import load_volume
 from meshseg.train import fit
 from meshseg.weights import load_network
+from tests.test_data import write_pair
 from tests.test_train import config  # noqa: F401 (the tiny training run's fixture)
 
 # over ~3 s each on two busy CPU cores; MedNeXt-S and the Mamba layer test stand in for
@@ -106,6 +107,19 @@ def test_kan_layer_shapes_and_spline_bases():
     assert layer.bases(torch.full((1, 4), 5.0)).abs().sum() == 0  # no support beyond the grid
 
 
+def test_tiled_inference_equals_the_whole_pass_for_a_pointwise_network():
+    """Windows smaller than the crop, overlapping, blended: a 1x1x1 network must come out as
+    if run on the whole crop, inside the kept box only."""
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(1, 2, 1)
+    x = torch.rand(1, 20, 27, 33)
+    keep = (slice(2, 18), slice(3, 24), slice(0, 33))
+    run = predict.window_runner(network, 16, torch.device("cpu"))
+    with torch.no_grad():
+        expected = network(x[None])[0][(slice(None), *keep)]
+    torch.testing.assert_close(run(x, None, keep), expected)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"architecture": "unet3d"}, "unknown architecture 'unet3d'"),
     ({"architecture": "resunet"}, "crop 12: architecture resunet needs a multiple of 16"),
@@ -118,19 +132,46 @@ def test_train_refuses_what_the_architecture_cannot_take(config, change, message
     assert not config.out.exists()
 
 
-def test_train_a_baseline_then_predict_with_it(config):  # noqa: F811
-    run_dir = fit(replace(config, architecture="segresnet", crop=16))
-    best = run_dir / "best.safetensors"
-    checkpoint = load_network(best)
-    assert (checkpoint.architecture, checkpoint.options, checkpoint.window) == ("segresnet", {},
-                                                                                16)
-    assert checkpoint.meta["config"]["architecture"] == "segresnet"
+@pytest.fixture
+def baseline_config(config, tmp_path):  # noqa: F811
+    """The tiny training run on 32^3 volumes, training the residual U-Net (the fastest
+    baseline) on whole 32^3 cubes."""
+    rows = ["image,mask,subject"]
+    for i, centre in enumerate([(8, 9, 10), (20, 16, 14), (12, 20, 22), (16, 16, 16)]):
+        pair = write_pair(tmp_path / "in32", f"s{i}", shape=(32, 32, 32), center=centre,
+                          radius=4, seed=i)
+        rows.append(f"{pair.image.name},{pair.mask.name},s{i}")
+    (tmp_path / "in32" / "train.csv").write_text("\n".join(rows) + "\n")
+    return replace(config, data=tmp_path / "in32" / "train.csv", architecture="resunet",
+                   crop=32)
 
-    model = catalog.load(str(best))
-    assert model.architecture == "SegResNet" and model.parameters == 1_176_186
+
+@pytest.fixture
+def baseline_run(baseline_config):
+    """The residual U-Net trained for one epoch: its run folder."""
+    return fit(baseline_config)
+
+
+def test_train_a_baseline_then_run_it(baseline_run):
+    checkpoint = load_network(baseline_run / "best.safetensors")
+    assert (checkpoint.architecture, checkpoint.options, checkpoint.window) == ("resunet", {}, 32)
+    assert checkpoint.meta["config"]["architecture"] == "resunet"
+
+    model = catalog.load(str(baseline_run / "best.safetensors"))
+    assert model.architecture == "Residual U-Net" and model.parameters == 1_979_610
     run = predict.runner(model, torch.device("cpu"))
-    volume = load_volume(config.data.parent / "s0.nii.gz")
-    prob = predict.segment(volume, run)
-    assert prob.shape == volume.data.shape and 0 <= prob.min() and prob.max() <= 1
+    keep = (slice(2, 30), slice(0, 32), slice(5, 20))
+    logits = run(torch.rand(1, 32, 32, 32), None, keep)
+    assert logits.shape == (2, 28, 32, 15) and torch.isfinite(logits).all()
     with pytest.raises(WeightsError, match="onnx backend runs MeshNet models only"):
         predict.runner(model, torch.device("cpu"), backend="onnx")
+
+
+@pytest.mark.slow
+def test_segment_a_scan_with_a_trained_baseline(baseline_run, baseline_config):
+    """The whole predict pipeline (conform, tiles over the head crop, back to the scan)."""
+    run = predict.runner(catalog.load(str(baseline_run / "best.safetensors")),
+                         torch.device("cpu"))
+    volume = load_volume(baseline_config.data.parent / "s0.nii.gz")
+    prob = predict.segment(volume, run)
+    assert prob.shape == volume.data.shape and 0 <= prob.min() and prob.max() <= 1

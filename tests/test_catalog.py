@@ -13,7 +13,13 @@ import torch
 from meshseg import catalog
 from meshseg.errors import WeightsError
 from meshseg.model import MeshNet, MeshNetConfig
-from meshseg.weights import load_checkpoint, save_checkpoint, sha256_file
+from meshseg.weights import (
+    load_checkpoint,
+    load_network,
+    save_checkpoint,
+    save_network,
+    sha256_file,
+)
 
 
 @pytest.fixture
@@ -46,6 +52,25 @@ def test_checkpoint_round_trip(tmp_path):
     assert meta == {"note": "test"} and loaded.config == model.config
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key])
+
+
+def test_network_checkpoint_round_trip(tmp_path):
+    """Any architecture: weights, name, build options and training window come back."""
+    from meshseg import archs
+
+    network = archs.build("umamba-enc", size=32)
+    path = tmp_path / "enc.safetensors"
+    save_network(path, network, "umamba-enc", {"size": 32}, 32, {"val_dice": 0.5})
+    loaded = load_network(path)
+    assert (loaded.architecture, loaded.options, loaded.window) == ("umamba-enc", {"size": 32}, 32)
+    assert loaded.meta == {"val_dice": 0.5} and not loaded.model.training
+    for key, value in network.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[key]), key
+    with pytest.raises(WeightsError, match="not a meshseg MeshNet checkpoint"):
+        load_checkpoint(path)
+    meshnet = tmp_path / "m.safetensors"
+    save_checkpoint(meshnet, MeshNet(MeshNetConfig(channels=3)))
+    assert load_network(meshnet).architecture == "meshnet"
 
 
 def test_pickle_is_refused_without_running_it(tmp_path):

@@ -32,7 +32,7 @@ class Architecture:
 
     `downsampling` is the network's total down-sampling factor: every input side must be a
     multiple of it, and at least twice it, so the deepest feature map keeps more than one voxel
-    per side (its instance and batch norms need more than one value while training).
+    per side (instance and batch norms cannot normalise a single value).
     `options` names the keyword options `build` passes on (channels, activation, size), so a
     checkpoint can record exactly what rebuilds the network.
     """
@@ -150,14 +150,14 @@ def build(name: str, **options: Any) -> nn.Module:
     if "size" in options:
         arch.check_size(options["size"], "size")
     for module in arch.needs:
-        require(module, name)
+        _require(module, name)
     module_name, function = arch.builder.split(":")
     builder: Callable[..., nn.Module] = getattr(
         importlib.import_module(f"meshseg.archs.{module_name}"), function)
     return builder(**options)
 
 
-def require(module: str, name: str) -> None:
+def _require(module: str, name: str) -> None:
     """Import `module` or refuse, naming what to install.
 
     Raises:
@@ -166,7 +166,7 @@ def require(module: str, name: str) -> None:
     try:
         importlib.import_module(module)
     except ImportError as err:
-        label = {"monai": "MONAI", "mambapy": "mambapy"}.get(module, module)
+        label = "MONAI" if module == "monai" else module
         raise InputError(f"architecture {name} needs {label}: {INSTALL_HINT}") from err
 
 
