@@ -382,6 +382,9 @@ def export_onnx_command(model_spec: str, output: Path) -> None:
 
     try:
         model = catalog.load(model_spec)
+        if model.network is not None:
+            raise click.UsageError(f"{model_spec}: ONNX export is for MeshNet models only, "
+                                   f"not {model.architecture}")
         if not model.layers:
             raise click.UsageError(f"{model_spec} is already an ONNX model")
         export_onnx(model.layers, output, name=model.name)

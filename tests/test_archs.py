@@ -13,8 +13,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from meshseg import archs, catalog, predict
+from meshseg.cli import main
 from meshseg.errors import InputError, WeightsError
 from meshseg.io import load_volume
 from meshseg.train import fit
@@ -30,10 +32,6 @@ SLOW_FORWARD = {"swinunetr", "unetr", "mednext-b", "mednext-m", "umamba-bot", "u
 
 def test_arch_command_lists_the_paper_counts():
     """All 14 networks, counted for in=1, out=2 at 256^3, equal the paper's counts."""
-    from click.testing import CliRunner
-
-    from meshseg.cli import main
-
     result = CliRunner().invoke(main, ["arch", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
@@ -165,6 +163,9 @@ def test_train_a_baseline_then_run_it(baseline_run):
     assert logits.shape == (2, 28, 32, 15) and torch.isfinite(logits).all()
     with pytest.raises(WeightsError, match="onnx backend runs MeshNet models only"):
         predict.runner(model, torch.device("cpu"), backend="onnx")
+    export = CliRunner().invoke(main, ["export", "onnx", str(baseline_run / "best.safetensors"),
+                                       "-o", str(baseline_run / "x.onnx")])
+    assert export.exit_code == 2 and "ONNX export is for MeshNet models only" in export.output
 
 
 @pytest.mark.slow
