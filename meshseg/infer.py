@@ -38,6 +38,7 @@ CPU_SLAB_BYTES = 32 * 2**20
 CUDA_FREE_SHARE = 16
 
 BYTES_PER_FLOAT = 4
+WINDOW_SLACK = 0.5  # free rows per window, as a share of its two slabs; see _Rows
 Box = tuple[slice, slice, slice]
 
 
@@ -73,49 +74,80 @@ def _regions(layers: list[FoldedLayer], shape_dhw: tuple[int, int, int], keep: B
     return regions[::-1]
 
 
-def _window_pads(region: slice, pad: int, size: int) -> tuple[slice, int, int]:
-    """Input index range of an output range widened by `pad`, and the zeros it lacks per side."""
+def _window_pads(region: slice, pad: int, low_bound: int,
+                 high_bound: int) -> tuple[slice, int, int]:
+    """Input index range of an output range widened by `pad`, clipped to what the source holds
+    ([low_bound, high_bound)), and the zeros it lacks per side."""
     low, high = region.start - pad, region.stop + pad
-    return slice(max(low, 0), min(high, size)), max(-low, 0), max(high - size, 0)
+    return (slice(max(low, low_bound), min(high, high_bound)), max(low_bound - low, 0),
+            max(high - high_bound, 0))
 
 
 @dataclass
 class _Rows:
-    """Rows [start, stop) of one layer's output along D, over the H and W extent it holds."""
+    """Rows [start, stop) of one layer's output along D, over the H and W extent it holds.
+
+    A layer's rows run over [first, last): the rows its consumer reads, including the zero rows
+    that stand for the consumer's padding beyond the volume (so no slab is ever padded in D by
+    a copy). Row `start` sits at buffer index `offset`. Forgetting rows only moves `start`; the held
+    rows are moved to the buffer's front only when an append would run past its end, so each
+    row is copied about once rather than once per slab (deep halos made that the main cost).
+    """
 
     data: torch.Tensor  # (1, C, capacity, h, w)
     start: int
     stop: int
     height: slice
     width: slice
+    first: int
+    last: int
+    offset: int = 0
 
     def rows(self, low: int, high: int) -> torch.Tensor:
-        return self.data[:, :, low - self.start:high - self.start]
+        return self.data[:, :, self.offset + low - self.start:self.offset + high - self.start]
 
     def forget_below(self, row: int) -> None:
-        """Drop rows before `row` (no longer needed), moving the rest to the buffer's front."""
+        """Drop rows before `row` (no longer needed)."""
         new_start = min(max(row, self.start), self.stop)
-        held = self.stop - new_start
-        if new_start > self.start and held:
-            self.data[:, :, :held] = self.rows(new_start, self.stop).clone()
+        self.offset += new_start - self.start
         self.start = new_start
 
     def room(self) -> int:
         return self.data.shape[2] - (self.stop - self.start)
 
-    def append(self, y: torch.Tensor) -> None:
-        rows = y.shape[2]
-        self.data[:, :, self.stop - self.start:self.stop - self.start + rows] = y
+    def append(self, y: torch.Tensor | None, rows: int = 0) -> None:
+        """Add the next rows: y, or `rows` zero rows when y is None."""
+        rows = rows if y is None else y.shape[2]
+        held = self.stop - self.start
+        if self.offset + held + rows > self.data.shape[2]:
+            self._compact()
+        target = self.data[:, :, self.offset + held:self.offset + held + rows]
+        if y is None:
+            target.zero_()
+        else:
+            target.copy_(y)
         self.stop += rows
 
+    def _compact(self) -> None:
+        """Move the held rows to the buffer's front in pieces no longer than the gap, so that
+        no piece overlaps its destination (overlapping copies are undefined in PyTorch)."""
+        held, gap = self.stop - self.start, self.offset
+        if gap == 0:
+            raise RuntimeError("window buffer full (a bug in meshseg.infer's schedule)")
+        for first in range(0, held, gap):
+            count = min(gap, held - first)
+            self.data[:, :, first:first + count] = self.data[:, :, gap + first:gap + first + count]
+        self.offset = 0
 
-def _window_buffer(channels: int, rows: int, region: Box, dtype: torch.dtype,
-                   device: torch.device) -> _Rows:
-    """An empty channels-last window of `rows` rows over a region's H and W extent."""
+
+def _window_buffer(channels: int, rows: int, region: Box, span: tuple[int, int],
+                   dtype: torch.dtype, device: torch.device) -> _Rows:
+    """An empty channels-last window of `rows` rows over a region's H and W extent, for the
+    rows span [first, last) of a layer's output."""
     height, width = region[1].stop - region[1].start, region[2].stop - region[2].start
     storage = torch.empty((1, rows, height, width, channels), dtype=dtype, device=device)
-    return _Rows(storage.permute(0, 4, 1, 2, 3), region[0].start, region[0].start,
-                 region[1], region[2])
+    return _Rows(storage.permute(0, 4, 1, 2, 3), span[0], span[0], region[1], region[2],
+                 *span)
 
 
 def _slab(source: _Rows, layer: FoldedLayer, weight: torch.Tensor, bias: torch.Tensor,
@@ -124,12 +156,13 @@ def _slab(source: _Rows, layer: FoldedLayer, weight: torch.Tensor, bias: torch.T
     """act(conv(input)) for output `rows` over the region's H and W: (1, C_out, rows, h, w).
 
     The input is the source's rows widened by the padding; wherever that leaves the volume the
-    missing rows and columns are zeros, exactly as padding=dilation gives at the border.
+    missing rows and columns are zeros, exactly as padding=dilation gives at the border. Window
+    buffers hold their zero rows, so only the network's input is ever padded in D by a copy.
     """
     pad = layer.padding
-    depth_in, low, high = _window_pads(rows, pad, shape_dhw[0])
-    height_in, top, bottom = _window_pads(region[1], pad, shape_dhw[1])
-    width_in, left, right = _window_pads(region[2], pad, shape_dhw[2])
+    depth_in, low, high = _window_pads(rows, pad, source.first, source.last)
+    height_in, top, bottom = _window_pads(region[1], pad, 0, shape_dhw[1])
+    width_in, left, right = _window_pads(region[2], pad, 0, shape_dhw[2])
     window = source.rows(depth_in.start, depth_in.stop)[
         :, :, :, height_in.start - source.height.start:height_in.stop - source.height.start,
         width_in.start - source.width.start:width_in.stop - source.width.start]
@@ -142,6 +175,20 @@ def _slab(source: _Rows, layer: FoldedLayer, weight: torch.Tensor, bias: torch.T
     if layer.activation is not None:
         y = ACTIVATIONS[layer.activation](inplace=True)(y)
     return y
+
+
+def _slab_stop(start: int, rows: int, end: int, depth: int) -> int:
+    """End of the slab from `start`: at most `rows` rows, never across the volume's edges, so
+    a slab is either all zero padding or all inside the volume."""
+    edge = 0 if start < 0 else depth if start < depth else end
+    return min(start + rows, end, edge)
+
+
+def _pointwise(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A 1x1x1 convolution as one matrix product over the channels-last slab (PyTorch sends
+    small 1x1x1 convolutions to a slow generic kernel)."""
+    out = F.linear(y.permute(0, 2, 3, 4, 1), weight.flatten(1), bias)
+    return out.permute(0, 4, 1, 2, 3)
 
 
 def run_layers(x: torch.Tensor, layers: list[FoldedLayer], device: torch.device,
@@ -182,44 +229,63 @@ def run_layers(x: torch.Tensor, layers: list[FoldedLayer], device: torch.device,
         raise ValueError(f"slab must be a positive number of rows, got {slab}")
     shape = tuple(x.shape[1:])
     keep = keep or tuple(slice(0, n) for n in shape)
-    regions = _regions(layers, shape, keep)
+    # A final linear 1x1x1 layer (MeshNet's classifier) runs on each slab of the layer before it, so
+    # that layer's output never needs a window of its own.
+    head = (layers[-1] if len(layers) > 1 and layers[-1].weight.shape[-1] == 1
+            and layers[-1].activation is None else None)
+    body = layers[:-1] if head is not None else layers
+    regions = _regions(layers, shape, keep)[:len(body)]
     rows = [_slab_rows(layer, tuple(r.stop - r.start for r in region), device, slab)
-            for layer, region in zip(layers, regions)]
+            for layer, region in zip(body, regions)]
     total = sum(math.ceil((r[0].stop - r[0].start) / n) for r, n in zip(regions, rows))
     # Made outside inference mode: callers get an ordinary tensor they may modify in place.
     result = torch.empty((layers[-1].weight.shape[0], *(k.stop - k.start for k in keep)))
+    # Each layer's output rows: what its consumer reads, zero rows beyond the volume included.
+    spans = [(regions[i + 1][0].start - body[i + 1].padding,
+              regions[i + 1][0].stop + body[i + 1].padding) for i in range(len(body) - 1)]
+    spans.append((regions[-1][0].start, regions[-1][0].stop))
     with torch.inference_mode():
         weights = [(layer.weight.to(device, dtype), layer.bias.to(device, dtype))
                    for layer in layers]
-        sources = [_Rows(x[None], 0, shape[0], slice(0, shape[1]), slice(0, shape[2]))]
-        for index, layer in enumerate(layers[:-1]):  # window rows: 2 slabs + the next halo
-            window_rows = rows[index] + rows[index + 1] + 2 * layers[index + 1].padding
+        sources = [_Rows(x[None], 0, shape[0], slice(0, shape[1]), slice(0, shape[2]),
+                         0, shape[0])]
+        for index, layer in enumerate(body[:-1]):  # window: 2 slabs, the next halo, slack
+            window_rows = (math.ceil((1 + WINDOW_SLACK) * (rows[index] + rows[index + 1]))
+                           + 2 * body[index + 1].padding)
             sources.append(_window_buffer(layer.weight.shape[0], window_rows, regions[index],
-                                          dtype, device))
-        next_row = [region[0].start for region in regions]
+                                          spans[index], dtype, device))
+        next_row = [span[0] for span in spans]
         done = 0
-        while next_row[-1] < regions[-1][0].stop:
+        while next_row[-1] < spans[-1][1]:
             progressed = False
-            for index, layer in enumerate(layers):
-                start, end = next_row[index], regions[index][0].stop
-                stop = min(start + rows[index], end)
-                needed = min(stop + layer.padding, shape[0])
-                if start >= end or sources[index].stop < needed:
-                    continue  # finished, or its input rows are not computed yet
-                last = index == len(layers) - 1
+            for index, layer in enumerate(body):
+                start, end = next_row[index], spans[index][1]
+                if start >= end:
+                    continue  # finished
+                zeros = start < 0 or start >= shape[0]  # rows of padding beyond the volume
+                stop = _slab_stop(start, rows[index], end, shape[0])
+                source = sources[index]
+                if not zeros and source.stop < min(stop + layer.padding, source.last):
+                    continue  # its input rows are not computed yet
+                last = index == len(body) - 1
                 if not last:
                     target = sources[index + 1]
-                    target.forget_below(next_row[index + 1] - layers[index + 1].padding)
+                    target.forget_below(next_row[index + 1] - body[index + 1].padding)
                     if target.room() < stop - start:
                         continue  # the next layer must consume first
-                y = _slab(sources[index], layer, *weights[index], slice(start, stop),
-                          regions[index], shape, device)
+                next_row[index] = stop
+                progressed = True
+                if zeros:
+                    target.append(None, stop - start)
+                    continue
+                y = _slab(source, layer, *weights[index], slice(start, stop), regions[index],
+                          shape, device)
                 if last:
+                    if head is not None:
+                        y = _pointwise(y, *weights[-1])
                     result[:, start - keep[0].start:stop - keep[0].start] = y[0].float().cpu()
                 else:
                     target.append(y)
-                next_row[index] = stop
-                progressed = True
                 done += 1
                 if on_layer is not None:
                     on_layer(done, total)
@@ -299,14 +365,16 @@ def lesion_probability(volume01: np.ndarray, run: Runner, margin: int = 18,
     volume01 = np.asarray(volume01, dtype=np.float32)
     if volume01.ndim != 3:
         raise ValueError(f"lesion_probability needs a 3-D volume, got shape {volume01.shape}")
-    probability = np.zeros(volume01.shape, dtype=np.float32)
     foreground = volume01 > 0
     if not foreground.any():
-        return probability
+        return np.zeros(volume01.shape, dtype=np.float32)
     box = head_box(volume01) if crop == "head" else _bounding_box(foreground)
     cropped = np.pad(volume01[box], margin)  # brainchop pads with zeros, not with image voxels
+    del foreground
     inner = tuple(slice(margin, n - margin) for n in cropped.shape)
     logits = run(torch.from_numpy(cropped)[None], on_layer, inner)
+    del cropped
+    probability = np.zeros(volume01.shape, dtype=np.float32)  # made late: lower peak memory
     probability[box] = torch.softmax(logits, dim=0)[1].numpy()
     return probability
 

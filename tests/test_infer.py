@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from meshseg import infer
 from meshseg.errors import DeviceError
 from meshseg.infer import head_box, lesion_probability, resolve_device, run_layers, torch_runner
 from meshseg.model import MeshNet, MeshNetConfig, fold
@@ -213,3 +214,27 @@ def test_random_shapes_boxes_and_slabs_equal_the_full_pass():
         part = run_layers(x, layers, CPU, slab=slab, keep=keep)
         torch.testing.assert_close(part, forward(model, x)[(slice(None), *keep)],
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("slack", [0, 0.5, 3])
+def test_window_slack_does_not_change_results(monkeypatch, slack):
+    # slack 0 compacts windows on nearly every slab, in pieces smaller than the held rows
+    monkeypatch.setattr(infer, "WINDOW_SLACK", slack)
+    model = small_meshnet()
+    x = torch.rand(1, 23, 19, 21, generator=torch.Generator().manual_seed(5))
+    for slab in (1, 2, None):
+        torch.testing.assert_close(run_layers(x, fold(model), CPU, slab=slab),
+                                   forward(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_network_input_is_padded_by_a_copy(monkeypatch):
+    # windows hold their zero rows, so deep halos never cost a padded copy of a whole window
+    padded = []
+    real_pad = torch.nn.functional.pad
+    monkeypatch.setattr(infer.F, "pad", lambda t, *a, **k: padded.append(t.shape[1])
+                        or real_pad(t, *a, **k))
+    model = small_meshnet(in_channels=2)
+    x = torch.rand(2, 30, 12, 12, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(run_layers(x, fold(model), CPU, slab=2), forward(model, x),
+                               rtol=1e-5, atol=1e-5)
+    assert padded and set(padded) == {2}  # only windows of the 2-channel input
