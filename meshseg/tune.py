@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import optuna
 
     from meshseg.data import Pair
+    from meshseg.splits import Splits
 
 logger = logging.getLogger(__name__)
 
@@ -255,21 +256,17 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 # ---------------------------------------------------------------------------- folds
 
 
-def inner_folds(settings: TuneSettings) -> list[tuple[list[Pair], list[Pair]]]:
-    """(train, val) pairs of each inner fold of the first outer fold.
-
-    The splits come from `settings.splits`, else from the seed; either way they are
-    written to the output folder so the study's folds can be inspected and reused.
-    """
+def inner_folds(settings: TuneSettings) -> tuple[Splits, list[tuple[list[Pair], list[Pair]]]]:
+    """The splits, from `settings.splits` or else from the seed, and the (train, val) pairs
+    of each inner fold of their first outer fold."""
     from meshseg.data import load_dataset
-    from meshseg.splits import fold_pairs, load_splits, make_splits, save_splits
+    from meshseg.splits import fold_pairs, load_splits, make_splits
 
     pairs = load_dataset(settings.data)
     splits = (load_splits(settings.splits, pairs) if settings.splits is not None
               else make_splits(pairs, seed=settings.seed))
-    save_splits(splits, settings.out / SPLITS_FILE)
-    return [fold_pairs(splits, pairs, OUTER_FOLD, inner)
-            for inner in range(len(splits.folds[OUTER_FOLD].val))]
+    return splits, [fold_pairs(splits, pairs, OUTER_FOLD, inner)
+                    for inner in range(len(splits.folds[OUTER_FOLD].val))]
 
 
 def write_manifest(pairs: list[Pair], path: Path) -> None:
@@ -438,12 +435,16 @@ def tune(settings: TuneSettings,
             started with other settings; OutputError: the output folder cannot be written;
             errors of `train.fit` (a CUDA out-of-memory error only fails that trial).
     """
+    from meshseg.splits import save_splits
+
     settings.check()
     import_optuna()
     make_folder(settings.out)
-    folds = inner_folds(settings)
+    splits, folds = inner_folds(settings)
     study = open_study(settings, pruner)
     join_study(study, study_identity(settings, folds, tunes_channels(settings.fixed)))
+    # only now: a process the study refuses must not replace the study's splits file
+    save_splits(splits, settings.out / SPLITS_FILE)
     import torch
 
     study.optimize(Objective(settings, folds), n_trials=settings.trials,

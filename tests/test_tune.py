@@ -95,6 +95,11 @@ def test_tune_runs_resumes_writes_a_usable_best_and_keeps_its_settings(manifest,
             "has 0.5, this call 0.9)") in other.output
     assert len(read_trials(out)) == 2
 
+    splits = (out / "splits.json").read_bytes()
+    reseeded = tune_command(manifest, out, "--trials", "1", "--seed", "1")
+    assert reseeded.exit_code == 1 and "seed: study has 0, this call 1" in reseeded.output
+    assert (out / "splits.json").read_bytes() == splits  # the refused call left it alone
+
 
 def test_a_pruned_trial_stops_after_the_epoch_and_keeps_its_run(manifest, tmp_path):
     out = tmp_path / "tune"
