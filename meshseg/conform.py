@@ -14,12 +14,14 @@ data are finite and its affine is invertible.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-from nibabel.affines import from_matvec, to_matvec
+from nibabel.affines import apply_affine, from_matvec, to_matvec
 from nibabel.processing import resample_from_to
 
 from meshseg.io import Volume
@@ -211,13 +213,50 @@ def _resample(data: np.ndarray, from_affine: np.ndarray, to_shape: Sequence[int]
 
     Trilinear in general; nearest neighbour when the grids differ only by axis order,
     flips and whole-voxel shifts, so that such inputs come back voxel-identical.
+
+    Only the target voxels that can see the source are computed (a native scan usually
+    covers a fraction of the 256^3 grid), in one slab per CPU core: nibabel's resampler
+    (scipy.ndimage) is single-threaded but releases the GIL.
     """
     to_from = np.linalg.inv(from_affine) @ to_affine
-    image = nib.Nifti1Image(data, from_affine)
     order = 0 if _is_reordering(to_from) else 1
-    resampled = resample_from_to(image, (tuple(to_shape), to_affine), order=order,
-                                 mode="constant", cval=0.0)
-    return np.asarray(resampled.dataobj, dtype=np.float32)
+    image = nib.Nifti1Image(data, from_affine)
+    out = np.zeros(tuple(to_shape), dtype=np.float32)
+    box = _covered_box(data.shape, np.linalg.inv(to_from), to_shape)
+    if box is None:
+        return out
+    slabs = np.array_split(np.arange(box[0].start, box[0].stop), _workers())
+    parts = [(slice(int(rows[0]), int(rows[-1]) + 1), box[1], box[2])
+             for rows in slabs if rows.size]
+
+    def fill(part: tuple[slice, slice, slice]) -> None:
+        shape = tuple(s.stop - s.start for s in part)
+        part_affine = to_affine @ from_matvec(np.eye(3), [s.start for s in part])
+        out[part] = np.asarray(resample_from_to(image, (shape, part_affine), order=order,
+                                                mode="constant", cval=0.0).dataobj)
+
+    with ThreadPoolExecutor(len(parts)) as pool:
+        list(pool.map(fill, parts))
+    return out
+
+
+def _covered_box(from_shape: Sequence[int], from_to: np.ndarray,
+                 to_shape: Sequence[int]) -> tuple[slice, slice, slice] | None:
+    """Target voxels within one voxel of the source volume (trilinear interpolation reads
+    zeros beyond it, so everything else is 0), or None when they do not meet."""
+    corners = np.array(np.meshgrid(*[(-1.0, n) for n in from_shape], indexing="ij"))
+    mapped = apply_affine(from_to, corners.reshape(3, -1).T)
+    low = np.maximum(np.floor(mapped.min(axis=0)).astype(int), 0)
+    high = np.minimum(np.ceil(mapped.max(axis=0)).astype(int) + 1, to_shape)
+    if (high <= low).any():
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+
+
+def _workers() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
 
 
 def _is_reordering(vox2vox: np.ndarray) -> bool:
