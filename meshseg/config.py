@@ -53,7 +53,8 @@ class TrainConfig:
     pct_start: float = _help("Share of all steps spent warming up to lr, then cosine decay.",
                              0.01)
     label_smoothing: float = _help("Cross-entropy label smoothing.", 0.01)
-    class_weights: tuple[float, float] = _help("Cross-entropy weights: background, lesion.",
+    class_weights: tuple[float, float] = _help("Cross-entropy weights: background (>= 0; the "
+                                               "paper searched 0..1), lesion (> 0).",
                                                (0.5, 1.0))
     batch_size: int = _help("Volumes (or crops) per optimisation step.", 1)
     restarts: int = _help("Independent re-initialisations; the best validation Dice is kept.", 1)
@@ -152,8 +153,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("div_factor", lambda v: _number(v) and v >= 1, ">= 1"),
     ("pct_start", lambda v: _number(v) and 0 <= v <= 1, "between 0 and 1"),
     ("label_smoothing", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
-    ("class_weights", lambda v: isinstance(v, tuple) and len(v) == 2
-     and all(_number(w) and w > 0 for w in v), "two positive numbers (background, lesion)"),
+    ("class_weights", lambda v: isinstance(v, tuple) and len(v) == 2 and all(map(_number, v))
+     and v[0] >= 0 and v[1] > 0, "two numbers, background >= 0 and lesion > 0"),
     ("batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("restarts", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("seed", lambda v: _int(v) and v >= 0, "an integer >= 0"),

@@ -215,8 +215,7 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
         torch.backends.cudnn.benchmark = True  # one fixed input shape: pick the fastest kernels
     val_loader = DataLoader(setup.val_set, batch_size=1, num_workers=config.num_workers)
     steps = config.steps_per_epoch or math.ceil(len(setup.train_set) / config.batch_size)
-    criterion = nn.CrossEntropyLoss(weight=torch.tensor(config.class_weights, device=device),
-                                    label_smoothing=config.label_smoothing)
+    criterion = loss_function(config, device)
     rows = list(state["metrics"]) if state else []
     best = dict(state["best"]) if state else {"val_dice": -1.0}
     _write_metrics(run_dir / METRICS_FILE, rows)  # drops rows of an epoch killed before last.pt
@@ -253,6 +252,26 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
     return run_dir
 
 
+def loss_function(config: TrainConfig,
+                  device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy with the class weights and label smoothing of `config`.
+
+    torch divides by the summed class weights of the voxels, so with a background weight of
+    0 (the paper's search space includes it) a batch without lesion voxels would be 0/0 =
+    NaN and poison the weights; such a batch carries no weight to learn from and gives a
+    loss of 0 instead (no gradient).
+    """
+    criterion = nn.CrossEntropyLoss(weight=torch.tensor(config.class_weights, device=device),
+                                    label_smoothing=config.label_smoothing)
+    if config.class_weights[0] > 0:
+        return criterion
+
+    def loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return criterion(logits, mask) if bool((mask == 1).any()) else (logits * 0).sum()
+
+    return loss
+
+
 def _save_best(path: Path, config: TrainConfig, model: nn.Module, meta: dict) -> None:
     """MeshNet in its own checkpoint format (foldable for layer-by-layer inference), any
     other architecture with its name and build options."""
@@ -270,7 +289,7 @@ def _epoch_keys(rng: np.random.Generator, n: int, samples: int) -> list[tuple[in
     return [(int(i), int(d)) for i, d in zip(order, draws)]
 
 
-def _train_epoch(config: TrainConfig, setup: _Setup, parts: _Parts, criterion: nn.Module,
+def _train_epoch(config: TrainConfig, setup: _Setup, parts: _Parts, criterion: Callable,
                  steps: int) -> tuple[float, float]:
     """`steps` optimiser steps on freshly drawn samples; returns (mean loss, last step's lr)."""
     device = setup.device
@@ -321,7 +340,7 @@ def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
+def _validate(model: nn.Module, loader: DataLoader, criterion: Callable, device: torch.device,
               amp: bool) -> tuple[float, float]:
     """(mean loss, mean Dice of argmax lesion vs mask) over the validation volumes."""
     model.eval()

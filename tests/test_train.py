@@ -24,6 +24,7 @@ from meshseg.train import (
     fit,
     forward,
     load_config,
+    loss_function,
     one_cycle,
     resume,
     save_config,
@@ -76,7 +77,9 @@ def test_config_round_trips_through_toml(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"epochs": 0}, "epochs=0: must be an integer >= 1"),
     ({"activation": "gelu"}, "activation='gelu': must be one of elu, relu"),
-    ({"class_weights": (1.0,)}, "class_weights=.*two positive numbers"),
+    ({"class_weights": (1.0,)}, "class_weights=.*two numbers, background >= 0 and lesion > 0"),
+    ({"class_weights": (0.5, 0.0)}, "class_weights=\\(0.5, 0.0\\): must be two numbers"),
+    ({"class_weights": (-0.1, 1.0)}, "class_weights=\\(-0.1, 1.0\\): must be two numbers"),
     ({"val_fraction": 1.0}, "val_fraction=1.0: must be between 0 and 1"),
     ({"crop": 0}, "crop=0"),
     ({"crop": 25}, "crop 25: must be between 1 and the volume side 24"),
@@ -85,6 +88,23 @@ def test_bad_settings_are_refused_by_name(config, change, message):
     with pytest.raises(InputError, match=message):
         fit(replace(config, **change))
     assert not config.out.exists()
+
+
+def test_background_weight_zero_is_allowed_and_a_lesion_free_batch_gives_no_nan(config):
+    zero = replace(config, class_weights=(0.0, 1.0))
+    zero.check()  # the paper's search reaches a background weight of 0
+    loss = loss_function(zero, torch.device("cpu"))
+    logits = torch.randn(1, 2, 4, 4, 4, requires_grad=True)
+    empty = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    free = loss(logits, empty)
+    free.backward()
+    assert free.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
+    lesion = empty.clone()
+    lesion[0, 1, 2, 3] = 1
+    expected = torch.nn.CrossEntropyLoss(weight=torch.tensor([0.0, 1.0]),
+                                         label_smoothing=zero.label_smoothing)(logits, lesion)
+    assert loss(logits, lesion).item() == pytest.approx(expected.item())
+    assert torch.isfinite(expected)
 
 
 def test_fit_writes_the_run_files(config, caplog):

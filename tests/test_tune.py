@@ -160,6 +160,15 @@ def test_channels_are_searched_for_meshnet_only():
     assert not tunes_channels({"architecture": "segresnet"})
 
 
+def test_the_lowest_background_weight_of_the_search_trains():
+    params = {"background_weight": 0.0, "lr": 1e-3, "weight_decay": 1e-3, "pct_start": 0.1,
+              "channels": 5}
+    tuned = suggest(optuna.trial.FixedTrial(params), channels=True)
+    assert tuned["class_weights"] == (0.0, 1.0)
+    settings = TuneSettings(data=Path("d.csv"), out=Path("o"))
+    settings.train_config(Path("t.csv"), Path("v.csv"), Path("run"), tuned).check()
+
+
 @pytest.mark.slow
 def test_the_architecture_reaches_training(manifest, tmp_path):
     pytest.importorskip("monai")
