@@ -230,6 +230,9 @@ def _train_config_options(command):
 
 
 @main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Start from the settings in this config.toml (a run's, or tune's "
+                   "best.toml); flags given here override them.")
 @click.option("--data", type=click.Path(path_type=Path),
               help="Training pairs: a .csv manifest (image,mask[,subject,acq]) or a BIDS folder.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder to create.")
@@ -237,31 +240,43 @@ def _train_config_options(command):
               help="Continue the run in this folder from its last finished epoch.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @_train_config_options
-def train(data: Path | None, out: Path | None, resume_dir: Path | None, quiet: bool,
-          **settings) -> None:
+def train(config_file: Path | None, data: Path | None, out: Path | None,
+          resume_dir: Path | None, quiet: bool, **settings) -> None:
     """Train MeshNet, or a baseline (--architecture, see `meshseg arch`), with the paper's
     recipe (every setting is a flag; see docs/training.md)."""
     from meshseg import train as training
-    from meshseg.config import TrainConfig
 
     _log_to_console(quiet)
     given = {k: v for k, v in settings.items() if v is not None}
     try:
         if resume_dir is not None:
-            if data or out or given:
+            if data or out or given or config_file:
                 raise click.UsageError("--resume takes no other settings (they are in "
                                        f"{resume_dir / training.CONFIG_FILE})")
             run_dir = training.resume(resume_dir)
         else:
-            if data is None or out is None:
-                raise click.UsageError("give --data and --out (or --resume RUN_DIR)")
-            config = TrainConfig(data=data, out=out, **given)
-            run_dir = training.fit(config)
+            run_dir = training.fit(_train_config(config_file, data, out, given))
     except DeviceError as err:
         fail(str(err), EXIT_USAGE)
     except MeshsegError as err:
         fail(str(err))
     click.echo(f"{run_dir}: best model in {run_dir / training.BEST_FILE}")
+
+
+def _train_config(config_file: Path | None, data: Path | None, out: Path | None,
+                  given: dict):
+    """The TrainConfig of `meshseg train`: the file's settings, then the flags over them.
+
+    Raises:
+        click.UsageError: no data or out from either; InputError: a bad file.
+    """
+    from meshseg.config import TrainConfig, read_settings
+
+    values = read_settings(config_file) if config_file is not None else {}
+    values.update(given, **{k: v for k, v in (("data", data), ("out", out)) if v is not None})
+    if "data" not in values or "out" not in values:
+        raise click.UsageError("give --data and --out (or --resume RUN_DIR)")
+    return TrainConfig.from_dict(values)
 
 
 def _log_to_console(quiet: bool) -> None:
@@ -335,7 +350,7 @@ def tune(data: Path, out: Path, study_name: str, storage: str | None, trials: in
     Channels, learning rate, weight decay, background weight and warm-up are searched; the
     other training settings are flags fixed for every trial. Rerun to add trials.
     """
-    from meshseg.tune import TuneSettings, train_flags
+    from meshseg.tune import TuneSettings
     from meshseg.tune import tune as run_study
 
     _log_to_console(quiet)
@@ -356,10 +371,8 @@ def tune(data: Path, out: Path, study_name: str, storage: str | None, trials: in
         click.echo("no trial has finished all its inner folds yet")
     else:
         click.echo(f"best trial {result.best_number}: mean inner-fold validation Dice "
-                   f"{result.best_value:.4f}\n"
-                   f"  meshseg train --data DATA --out RUN "
-                   f"{' '.join(train_flags(result.best_settings))}\n"
-                   f"settings in {result.best_file}")
+                   f"{result.best_value:.4f}; train with its settings:\n"
+                   f"  meshseg train --config {result.best_file} --data DATA --out RUN")
     click.echo(f"every trial in {result.trials_file}")
 
 

@@ -7,7 +7,7 @@ options from these fields without importing torch.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -91,9 +91,7 @@ class TrainConfig:
         Raises:
             InputError: unknown settings, or data/out missing.
         """
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise InputError(f"unknown training settings: {', '.join(unknown)}")
+        check_names(d)
         if "data" not in d or "out" not in d:
             raise InputError("training settings need both data and out")
         values = {k: Path(v) if k in PATH_FIELDS else v for k, v in d.items()}
@@ -128,6 +126,17 @@ class TrainConfig:
         """What `archs.build` needs besides the name; saved with the checkpoint."""
         return archs.options_for(self.architecture, self.channels, self.activation,
                                  self.input_side())
+
+
+def check_names(names: Iterable[str]) -> None:
+    """Refuse names that are not TrainConfig settings (a typo would otherwise be ignored).
+
+    Raises:
+        InputError: listing the unknown names.
+    """
+    unknown = sorted(set(names) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise InputError(f"unknown training settings: {', '.join(unknown)}")
 
 
 def _int(value: Any) -> bool:
@@ -175,11 +184,12 @@ def save_config(config: TrainConfig, path: Path) -> None:
         tmp.write_text(tomli_w.dumps(config.to_dict()), encoding="utf-8")
 
 
-def load_config(path: Path) -> TrainConfig:
-    """Read a config.toml written by `save_config`.
+def read_settings(path: Path) -> dict[str, Any]:
+    """The settings of a config.toml: a run's, or one without data and out such as tune's
+    best.toml. Only their names are checked here; `TrainConfig.check` judges the values.
 
     Raises:
-        InputError: missing, not TOML, or not training settings.
+        InputError: missing, not TOML, or a setting TrainConfig does not have.
     """
     try:
         with open(path, "rb") as handle:
@@ -188,6 +198,20 @@ def load_config(path: Path) -> TrainConfig:
         raise InputError(f"{path}: cannot read ({err.strerror or err})") from err
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{path}: not valid TOML ({err})") from err
+    try:
+        check_names(values)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from err
+    return values
+
+
+def load_config(path: Path) -> TrainConfig:
+    """Read a config.toml written by `save_config`.
+
+    Raises:
+        InputError: missing, not TOML, or not training settings.
+    """
+    values = read_settings(path)
     try:
         return TrainConfig.from_dict(values)
     except InputError as err:

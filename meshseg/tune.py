@@ -26,14 +26,14 @@ import logging
 import socket
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
 from meshseg import archs
-from meshseg.config import TrainConfig
+from meshseg.config import TrainConfig, check_names
 from meshseg.errors import InputError, OutputError
 from meshseg.io import atomic_path
 
@@ -98,10 +98,8 @@ class TuneSettings:
         for ok, rule in rules:
             if not ok:
                 raise InputError(f"tune: {rule}")
-        unknown = sorted(set(self.fixed) - {f.name for f in fields(TrainConfig)})
+        check_names(self.fixed)
         misplaced = sorted(set(self.fixed) & set(NOT_FIXED))
-        if unknown:
-            raise InputError(f"unknown training settings: {', '.join(unknown)}")
         if misplaced:
             raise InputError(f"tune sets these training settings itself: {', '.join(misplaced)}")
         self.train_config(Path("train.csv"), Path("val.csv"), self.out, {}).check()
@@ -416,8 +414,9 @@ def best_toml(study_name: str, trial: optuna.trial.FrozenTrial) -> str:
     train_settings = trial.user_attrs["train_settings"]
     head = (f"# meshseg tune, study {study_name}: best trial {trial.number}, mean inner-fold "
             f"validation Dice {trial.value:.4f}\n"
-            "# These are config.toml settings (add data and out). As flags:\n"
-            f"# meshseg train --data DATA --out RUN {' '.join(train_flags(train_settings))}\n")
+            "# config.toml settings without data and out; train with them:\n"
+            "# meshseg train --config best.toml --data DATA --out RUN\n"
+            f"# or as flags: {' '.join(train_flags(train_settings))}\n")
     return head + tomli_w.dumps(train_settings)
 
 

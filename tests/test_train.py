@@ -268,3 +268,30 @@ def test_train_command_runs_and_resumes(config):
     assert mixed.exit_code == 2 and "--resume takes no other settings" in mixed.output
     missing = CliRunner().invoke(main, ["train", "--data", str(config.data)])
     assert missing.exit_code == 2 and "--out" in missing.output
+
+
+def test_train_config_file_with_flags_over_it(config, tmp_path):
+    """`--config FILE` (no data or out in it, like tune's best.toml); flags win over it."""
+    from click.testing import CliRunner
+
+    from meshseg.cli import main
+
+    settings = tmp_path / "best.toml"
+    settings.write_text("# a comment\nchannels = 3\nepochs = 5\ncrop = 12\nlr = 0.002\n"
+                        "class_weights = [0.0, 1.0]\nval_fraction = 0.25\nsteps_per_epoch = 1\n")
+    args = ["train", "--config", str(settings), "--data", str(config.data), "--out",
+            str(config.out), "--epochs", "1", "--device", "cpu", "--cache", str(config.cache),
+            "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    saved = load_config(config.out / "config.toml")
+    assert (saved.channels, saved.epochs, saved.lr, saved.class_weights) == (3, 1, 0.002,
+                                                                             (0.0, 1.0))
+    settings.write_text("chanels = 3\n")
+    typo = CliRunner().invoke(main, ["train", "--config", str(settings), "--data", "d.csv",
+                                     "--out", str(tmp_path / "other")])
+    assert typo.exit_code == 1
+    assert f"{settings}: unknown training settings: chanels" in typo.output
+    both = CliRunner().invoke(main, ["train", "--config", str(settings), "--resume",
+                                     str(config.out)])
+    assert both.exit_code == 2 and "--resume takes no other settings" in both.output

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from meshseg import data
 from meshseg.cli import main
-from meshseg.config import TrainConfig
+from meshseg.config import load_config
 from meshseg.data import read_manifest
 from meshseg.errors import InputError
 from meshseg.tune import (
@@ -61,7 +61,7 @@ def test_tune_runs_resumes_writes_a_usable_best_and_keeps_its_settings(manifest,
     out = tmp_path / "tune"
     first = tune_command(manifest, out, "--trials", "1")
     assert first.exit_code == 0, first.output
-    assert "best trial" in first.output and "meshseg train --data DATA" in first.output
+    assert "best trial" in first.output and "meshseg train --config " in first.output
     assert {"study.db", "splits.json", "trials.csv", "best.toml", "meshseg"} <= {
         p.name for p in out.iterdir()}
 
@@ -84,8 +84,13 @@ def test_tune_runs_resumes_writes_a_usable_best_and_keeps_its_settings(manifest,
     best = tomllib.loads((out / "best.toml").read_text())
     assert best["epochs"] == 1 and best["crop"] == 12 and best["class_weights"][1] == 1.0
     assert "device" not in best and "cache" not in best  # machine-specific, left out
-    config = TrainConfig.from_dict({**best, "data": "d.csv", "out": "run"})
-    config.check()
+    handed = CliRunner().invoke(main, ["train", "--config", str(out / "best.toml"), "--data",
+                                       str(manifest), "--out", str(tmp_path / "run"),
+                                       "--cache", str(tmp_path / "cache"), "-q"])
+    assert handed.exit_code == 0, handed.output
+    config = load_config(tmp_path / "run" / "config.toml")
+    assert {k: getattr(config, k) for k in best} == {
+        **best, "class_weights": tuple(best["class_weights"])}
     assert max(float(t["value"]) for t in done) == pytest.approx(
         float((out / "best.toml").read_text().split("Dice ")[1].split()[0]), abs=1e-4)
 
