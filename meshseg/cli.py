@@ -196,6 +196,8 @@ def _config_options(config_cls: type, skip: tuple[str, ...]):
     import types
     import typing
 
+    from meshseg.config import flag as config_flag
+
     hints = typing.get_type_hints(config_cls)
 
     def decorate(command):
@@ -206,7 +208,7 @@ def _config_options(config_cls: type, skip: tuple[str, ...]):
             optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
             base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional \
                 else kind
-            flag = "--" + spec.name.replace("_", "-")
+            flag = config_flag(spec.name)
             shown = spec.metadata["help"] + (f" [default: {spec.default}]"
                                              if spec.default is not None else "")
             if base is bool:

@@ -139,6 +139,22 @@ def check_names(names: Iterable[str]) -> None:
         raise InputError(f"unknown training settings: {', '.join(unknown)}")
 
 
+def flag(name: str) -> str:
+    """The `meshseg train` flag of a setting: lr -> --lr, class_weights -> --class-weights."""
+    return "--" + name.replace("_", "-")
+
+
+def as_flags(settings: dict[str, Any]) -> list[str]:
+    """Settings (config.toml form) as `meshseg train` flags; floats keep every digit."""
+    flags = []
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            flags.append(flag(key) if value else f"--no-{flag(key)[2:]}")
+        else:
+            flags += [flag(key), *map(str, value if isinstance(value, list) else [value])]
+    return flags
+
+
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

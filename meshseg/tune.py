@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 
 from meshseg import archs
-from meshseg.config import TrainConfig, check_names
+from meshseg.config import TrainConfig, as_flags, check_names
 from meshseg.errors import InputError, OutputError
 from meshseg.io import atomic_path
 
@@ -350,20 +350,6 @@ def best_settings(settings: TuneSettings, tuned: dict[str, Any]) -> dict[str, An
     return {k: v for k, v in full.items() if k in keep}
 
 
-def train_flags(train_settings: dict[str, Any]) -> list[str]:
-    """The same settings as `meshseg train` flags."""
-    flags = []
-    for key, value in train_settings.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else f"--no-{flag[2:]}")
-        else:
-            values = value if isinstance(value, list) else [value]
-            flags.extend([flag, *(f"{v:.6g}" if isinstance(v, float) else str(v)
-                                  for v in values)])
-    return flags
-
-
 # ---------------------------------------------------------------------------- reports
 
 
@@ -416,7 +402,7 @@ def best_toml(study_name: str, trial: optuna.trial.FrozenTrial) -> str:
             f"validation Dice {trial.value:.4f}\n"
             "# config.toml settings without data and out; train with them:\n"
             "# meshseg train --config best.toml --data DATA --out RUN\n"
-            f"# or as flags: {' '.join(train_flags(train_settings))}\n")
+            f"# or as flags: {' '.join(as_flags(train_settings))}\n")
     return head + tomli_w.dumps(train_settings)
 
 

@@ -270,6 +270,21 @@ def test_train_command_runs_and_resumes(config):
     assert missing.exit_code == 2 and "--out" in missing.output
 
 
+def test_settings_as_flags_parse_back_to_the_same_config(tmp_path):
+    """as_flags spells every kind of setting so that `meshseg train` reads it back exactly."""
+    from meshseg.cli import main
+    from meshseg.config import as_flags
+
+    settings = {"lr": 0.00123456789, "class_weights": [0.25, 1.0], "flip_lr": False,
+                "amp": True, "channels": 12, "architecture": "meshnet"}
+    flags = as_flags(settings)
+    assert flags[:5] == ["--lr", "0.00123456789", "--class-weights", "0.25", "1.0"]
+    context = main.commands["train"].make_context(
+        "train", ["--data", "d.csv", "--out", "o", *flags])
+    parsed = {k: v for k, v in context.params.items() if k in settings}
+    assert parsed == {**settings, "class_weights": (0.25, 1.0)}
+
+
 def test_train_config_file_with_flags_over_it(config, tmp_path):
     """`--config FILE` (no data or out in it, like tune's best.toml); flags win over it."""
     from click.testing import CliRunner

@@ -23,7 +23,6 @@ from meshseg.errors import InputError
 from meshseg.tune import (
     TuneSettings,
     suggest,
-    train_flags,
     tune,
     tunes_channels,
     write_manifest,
@@ -148,12 +147,6 @@ def test_manifest_round_trips_through_read_manifest(tmp_path):
              data.Pair(tmp_path / "b.nii.gz", tmp_path / "b_mask.nii.gz", "sub-2")]
     write_manifest(pairs, tmp_path / "x.csv")
     assert read_manifest(tmp_path / "x.csv") == pairs
-
-
-def test_train_flags_spell_every_kind_of_setting():
-    assert train_flags({"lr": 0.00123456789, "class_weights": [0.25, 1.0], "flip_lr": False,
-                        "channels": 12}) == ["--lr", "0.00123457", "--class-weights", "0.25",
-                                             "1", "--no-flip-lr", "--channels", "12"]
 
 
 def test_channels_are_searched_for_meshnet_only():
