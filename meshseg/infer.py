@@ -355,27 +355,30 @@ def lesion_probability(volume01: np.ndarray, run: Runner, margin: int = 18,
                        on_layer: OnLayer | None = None, crop: str = "nonzero") -> np.ndarray:
     """Lesion (class 1) probability for a conformed volume scaled to 0..1, as brainchop runs it.
 
-    The network sees the bounding box of the voxels > 0 padded with `margin` zero voxels on
-    every side (brainchop's 18), whether or not the box touches the volume border, so the
-    context beyond the head is zeros either way. Softmax over the classes gives probabilities;
-    like brainchop, which removes the padding before putting labels back, only the bounding box
-    is written: the result is float32 of volume01's shape, 0 outside the box. An all-zero
-    volume returns zeros without running the network.
+    The network sees a box of the volume padded with `margin` zero voxels on every side
+    (brainchop's 18), whether or not the box touches the volume border, so the context beyond
+    it is zeros either way: with crop="nonzero" brainchop's box of the voxels > 0, with
+    crop="head" the head's box (`head_box`). Softmax over the classes gives probabilities.
+    Only the head's box is computed and written (the result is float32 of volume01's shape, 0
+    elsewhere): on a zero background it equals brainchop's box, and where noise makes the box
+    of the voxels > 0 the whole volume, computing outside the head could only find lesions in
+    noise (and `run` skips the work that only those voxels need). An all-zero volume returns
+    zeros without running the network.
     """
     volume01 = np.asarray(volume01, dtype=np.float32)
     if volume01.ndim != 3:
         raise ValueError(f"lesion_probability needs a 3-D volume, got shape {volume01.shape}")
-    foreground = volume01 > 0
-    if not foreground.any():
+    if not (volume01 > 0).any():
         return np.zeros(volume01.shape, dtype=np.float32)
-    box = head_box(volume01) if crop == "head" else _bounding_box(foreground)
+    head = head_box(volume01)
+    box = head if crop == "head" else _bounding_box(volume01 > 0)
     cropped = np.pad(volume01[box], margin)  # brainchop pads with zeros, not with image voxels
-    del foreground
-    inner = tuple(slice(margin, n - margin) for n in cropped.shape)
-    logits = run(torch.from_numpy(cropped)[None], on_layer, inner)
+    keep = tuple(slice(h.start - b.start + margin, h.stop - b.start + margin)
+                 for h, b in zip(head, box))
+    logits = run(torch.from_numpy(cropped)[None], on_layer, keep)
     del cropped
     probability = np.zeros(volume01.shape, dtype=np.float32)  # made late: lower peak memory
-    probability[box] = torch.softmax(logits, dim=0)[1].numpy()
+    probability[head] = torch.softmax(logits, dim=0)[1].numpy()
     return probability
 
 

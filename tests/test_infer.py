@@ -187,6 +187,22 @@ def test_head_crop_keeps_the_head_result():
     np.testing.assert_allclose(cropped[truth], full[truth], rtol=1e-5, atol=1e-6)
 
 
+def test_brainchop_crop_over_noise_is_computed_and_written_only_in_the_head():
+    """Noise makes brainchop's crop (the voxels > 0) the whole volume: the network still sees
+    exactly that crop, but only the head's box is computed and written."""
+    volume, _ = _noisy_head(noise=0.02)
+    model = small_meshnet()
+    probability = lesion_probability(volume, torch_runner(fold(model), CPU), margin=4)
+
+    head = head_box(volume)
+    crop = torch.from_numpy(np.pad(volume, 4))[None]  # the box of the voxels > 0 is all
+    full = torch.softmax(forward(model, crop), dim=0)[1, 4:-4, 4:-4, 4:-4].numpy()
+    np.testing.assert_allclose(probability[head], full[head], rtol=1e-5, atol=1e-6)
+    outside = np.ones(volume.shape, bool)
+    outside[head] = False
+    assert outside.any() and not probability[outside].any()
+
+
 def test_bf16_is_close_to_fp32():
     model = small_meshnet()
     x = torch.rand(1, 20, 24, 18, generator=torch.Generator().manual_seed(5))
