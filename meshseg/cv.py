@@ -32,7 +32,7 @@ import numpy as np
 from meshseg import archs, evaluate, splits
 from meshseg.cohort import stem
 from meshseg.config import TrainConfig
-from meshseg.data import Pair, load_dataset
+from meshseg.data import Pair, load_dataset, write_manifest
 from meshseg.errors import InputError, OutputError
 from meshseg.io import atomic_path
 
@@ -200,14 +200,7 @@ def write_manifests(results: Path, chosen: splits.Splits, pairs: Sequence[Pair],
     folder = results / "manifests" / f"outer{outer}" / f"inner{inner}"
     train, val = splits.fold_pairs(chosen, pairs, outer, inner)
     _mkdir(folder)
-    return _write_manifest(folder / "train.csv", train), _write_manifest(folder / "val.csv", val)
-
-
-def _write_manifest(path: Path, pairs: Sequence[Pair]) -> Path:
-    """image, mask, subject, acq with absolute paths."""
-    _write_csv(path, ["image", "mask", "subject", "acq"],
-               [[p.image.resolve(), p.mask.resolve(), p.subject, p.acq or ""] for p in pairs])
-    return path
+    return write_manifest(train, folder / "train.csv"), write_manifest(val, folder / "val.csv")
 
 
 # ---------------------------------------------------------------------------- training

@@ -120,6 +120,18 @@ def read_manifest(csv_path: Path) -> list[Pair]:
     return pairs
 
 
+def write_manifest(pairs: Sequence[Pair], path: Path) -> Path:
+    """Write `pairs` as a manifest `read_manifest` reads back (image, mask, subject, acq),
+    atomically; absolute paths, so it works wherever it is moved or read from."""
+    with atomic_path(path, suffix=".part.csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(("image", "mask", "subject", "acq"))
+            writer.writerows((p.image.absolute(), p.mask.absolute(), p.subject, p.acq or "")
+                             for p in pairs)
+    return path
+
+
 def _subject_of(image: Path, entities: dict[str, str]) -> str:
     """sub- label when the name has one, else the name: keeps a subject's sessions together."""
     return f"sub-{entities['sub']}" if "sub" in entities else _stem(image)

@@ -267,17 +267,6 @@ def inner_folds(settings: TuneSettings) -> tuple[Splits, list[tuple[list[Pair], 
                     for inner in range(len(splits.folds[OUTER_FOLD].val))]
 
 
-def write_manifest(pairs: list[Pair], path: Path) -> None:
-    """A CSV manifest (image,mask,subject,acq) as `data.read_manifest` reads it; absolute
-    paths, so it works from the trial folder."""
-    with atomic_path(path, suffix=".part.csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(("image", "mask", "subject", "acq"))
-            for p in pairs:
-                writer.writerow((p.image.absolute(), p.mask.absolute(), p.subject, p.acq or ""))
-
-
 # ---------------------------------------------------------------------------- trials
 
 
@@ -302,6 +291,7 @@ class Objective:
     folds: list[tuple[list[Pair], list[Pair]]]
 
     def __call__(self, trial: optuna.Trial) -> float:
+        from meshseg.data import write_manifest
         from meshseg.train import fit
 
         tuned = suggest(trial, tunes_channels(self.settings.fixed))

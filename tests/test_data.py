@@ -24,6 +24,7 @@ from meshseg.data import (
     load_dataset,
     read_manifest,
     split_by_subject,
+    write_manifest,
 )
 from meshseg.errors import InputError
 from meshseg.io import load_volume
@@ -311,3 +312,10 @@ def test_crop_start_contains_the_lesion_voxel_and_stays_inside():
     empty = np.zeros_like(mask)
     assert all(0 <= s <= n - 10 for s, n in zip(crop_start(empty.shape, 10, empty, 1.0, rng),
                                                    empty.shape))
+
+
+def test_manifest_round_trips_through_read_manifest(tmp_path):
+    pairs = [Pair(tmp_path / "a.nii.gz", tmp_path / "a_mask.nii.gz", "sub-1", "spc3p2"),
+             Pair(tmp_path / "b.nii.gz", tmp_path / "b_mask.nii.gz", "sub-2")]
+    write_manifest(pairs, tmp_path / "x.csv")
+    assert read_manifest(tmp_path / "x.csv") == pairs

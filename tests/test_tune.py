@@ -25,7 +25,6 @@ from meshseg.tune import (
     suggest,
     tune,
     tunes_channels,
-    write_manifest,
 )
 from tests.test_data import fake_conform_pair, write_pair
 
@@ -140,13 +139,6 @@ def test_missing_optuna_names_the_extra(manifest, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(InputError, match=r"pip install 'meshseg\[benchmark\]'"):
         tune(TuneSettings(data=manifest, out=tmp_path / "tune"))
-
-
-def test_manifest_round_trips_through_read_manifest(tmp_path):
-    pairs = [data.Pair(tmp_path / "a.nii.gz", tmp_path / "a_mask.nii.gz", "sub-1", "spc3p2"),
-             data.Pair(tmp_path / "b.nii.gz", tmp_path / "b_mask.nii.gz", "sub-2")]
-    write_manifest(pairs, tmp_path / "x.csv")
-    assert read_manifest(tmp_path / "x.csv") == pairs
 
 
 def test_channels_are_searched_for_meshnet_only():
