@@ -530,7 +530,7 @@ def _cv_train_options(command):
               required=True, help="Results folder; rerun with the same options to continue.")
 @click.option("--arch", "models", multiple=True, required=True, metavar="NAME",
               help="A network to compare (repeat): a name `meshseg arch` lists, e.g. "
-                   "meshnet-26, resunet.")
+                   "resunet, or meshnet-N for MeshNet with N channels.")
 @click.option("--splits", "splits_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Use this splits file (e.g. another results folder's splits.json) instead "
                    "of making the splits from --seed.")

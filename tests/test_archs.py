@@ -70,6 +70,18 @@ def test_unknown_names_options_and_sizes_are_refused():
     assert archs.settings("ukan") == {"architecture": "ukan"}
 
 
+def test_any_meshnet_width_by_name():
+    """meshnet-N selects MeshNet with N channels, so cv can compare any width."""
+    assert archs.settings("meshnet-12") == {"architecture": "meshnet", "channels": 12}
+    assert archs.count_parameters("meshnet-12", {}) == 31_778  # the bundled MeshNet-12
+    assert archs.count_parameters("meshnet-26", {}) == archs.PAPER_PARAMETERS["meshnet-26"]
+    for bad in ("meshnet-0", "meshnet-07", "meshnet-", "meshnet-x", "meshnet-12b"):
+        with pytest.raises(InputError, match=f"unknown architecture '{bad}'"):
+            archs.settings(bad)
+    with pytest.raises(InputError, match="MeshNet-12 is --architecture meshnet --channels 12"):
+        archs.get("meshnet-12")
+
+
 def test_missing_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "monai", None)  # makes `import monai` fail
     with pytest.raises(InputError, match=r"architecture segresnet needs MONAI: pip install "

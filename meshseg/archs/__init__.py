@@ -13,6 +13,7 @@ is missing.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -85,9 +86,10 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("ukan", "U-KAN", "meshseg (3-D U-KAN after Li et al. 2024)", "ukan:ukan", 32),
 )}
 
-# The MeshNet widths of the paper: listed by `meshseg arch`, trained as
-# `--architecture meshnet --channels N`.
+# The MeshNet widths of the paper, listed by `meshseg arch`. Any width N is named
+# meshnet-N (`meshnet_width`) and trained as `--architecture meshnet --channels N`.
 MESHNET_PRESETS: dict[str, int] = {"meshnet-5": 5, "meshnet-16": 16, "meshnet-26": 26}
+_MESHNET_N = re.compile(r"meshnet-([1-9][0-9]*)")
 
 # The paper's Table 1 in its order, with its parameter counts.
 PAPER_PARAMETERS: dict[str, int] = {
@@ -114,15 +116,23 @@ def get(name: str) -> Architecture:
     """
     if isinstance(name, str) and name in ARCHITECTURES:
         return ARCHITECTURES[name]
-    width = MESHNET_PRESETS.get(name) if isinstance(name, str) else None
+    width = meshnet_width(name)
     hint = f"; MeshNet-{width} is --architecture meshnet --channels {width}" if width else ""
     raise InputError(f"unknown architecture {name!r} (known: {', '.join(names())}){hint}")
 
 
+def meshnet_width(name: Any) -> int | None:
+    """N for a name meshnet-N (N channels, N >= 1), else None."""
+    found = _MESHNET_N.fullmatch(name) if isinstance(name, str) else None
+    return int(found.group(1)) if found else None
+
+
 def settings(name: str) -> dict[str, Any]:
-    """Training settings (TrainConfig fields) that select `name`, a MeshNet preset included."""
-    if name in MESHNET_PRESETS:
-        return {"architecture": MESHNET, "channels": MESHNET_PRESETS[name]}
+    """Training settings (TrainConfig fields) that select `name`: an architecture, or
+    meshnet-N for MeshNet with N channels (the paper's 5, 16, 26 or any other width)."""
+    width = meshnet_width(name)
+    if width is not None:
+        return {"architecture": MESHNET, "channels": width}
     return {"architecture": get(name).name}
 
 
@@ -135,14 +145,15 @@ def options_for(name: str, channels: int, activation: str, size: int) -> dict[st
 def build(name: str, **options: Any) -> nn.Module:
     """A freshly initialised network for 1 input channel and 2 classes.
 
-    `name` is an architecture or a MeshNet preset; `options` are those the architecture lists
+    `name` is an architecture or meshnet-N; `options` are those the architecture lists
     (channels and activation for MeshNet, the input side `size` for UNETR and U-Mamba-Enc).
 
     Raises:
         InputError: unknown name or option, or a package the network needs is missing.
     """
-    if name in MESHNET_PRESETS:
-        name, options = MESHNET, {"channels": MESHNET_PRESETS[name], **options}
+    width = meshnet_width(name)
+    if width is not None:
+        name, options = MESHNET, {"channels": width, **options}
     arch = get(name)
     unknown = sorted(set(options) - set(arch.options))
     if unknown:
