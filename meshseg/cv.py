@@ -342,13 +342,14 @@ class Row:
 def table(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair],
           scores: dict[str, list[evaluate.Score]]) -> list[Row]:
     """Table 1: per model the mean of each metric per outer fold, and significance of the
-    per-scan differences to the reference model (Wilcoxon, Holm over models)."""
+    per-subject differences to the reference model (Wilcoxon, Holm over models)."""
     from meshseg import stats
 
     tested_in = {subject: k for k, f in enumerate(chosen.folds) for subject in f.test}
     ids = scan_ids(pairs)
     fold_of = {ids[p.image]: tested_in[p.subject] for p in pairs}
-    tests = {metric: stats.compare({m: {s.subject: getattr(s, metric) for s in rows}
+    subject_of = {ids[p.image]: p.subject for p in pairs}
+    tests = {metric: stats.compare({m: subject_means(rows, metric, subject_of)
                                     for m, rows in scores.items()}, settings.reference_model)
              for metric in TABLE_METRICS}
     out = []
@@ -362,6 +363,19 @@ def table(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair],
                        {m: c.p_holm if c else float("nan") for m, c in found.items()},
                        len(rows)))
     return out
+
+
+def subject_means(rows: Sequence[evaluate.Score], metric: str,
+                  subject_of: dict[str, str]) -> dict[str, float]:
+    """A metric per subject: the mean over the subject's scans (rows are named by scan).
+
+    The signed-rank test needs independent pairs; a subject's sessions are not independent,
+    so the models are paired by subject, each subject once.
+    """
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        values.setdefault(subject_of[row.subject], []).append(getattr(row, metric))
+    return {subject: float(np.mean(v)) for subject, v in values.items()}
 
 
 def _finite_mean(values: Sequence[float]) -> float:
@@ -384,7 +398,8 @@ def write_summary(settings: CvSettings, rows: Sequence[Row]) -> None:
                      f"{' | '.join(row.cell(m) for m in TABLE_METRICS)} |")
     note = (f"\nMean (std) over the {settings.outer} outer folds of each fold's mean over its "
             f"hold-out scans. * : Holm-corrected Wilcoxon signed-rank test against "
-            f"{settings.reference_model} on per-scan scores, p < 0.05.\n")
+            f"{settings.reference_model} on per-subject scores (mean over a subject's scans), "
+            "p < 0.05.\n")
     with atomic_path(settings.out / SUMMARY_MD, suffix=".part.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n" + note, encoding="utf-8")
     _write_csv(settings.out / SUMMARY_CSV,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from meshseg import cv, data, predict
+from meshseg import cv, data, evaluate, predict
 from meshseg.cli import main
 from meshseg.errors import InputError
 from meshseg.splits import FORMAT
@@ -172,3 +172,13 @@ def test_real_pipeline_three_by_three(tmp_path, monkeypatch):
     assert len(list((tmp_path / "results/runs").rglob("best.safetensors"))) == 18
     summary = list(csv.DictReader((tmp_path / "results/summary.csv").open()))
     assert [r["model"] for r in summary] == list(MODELS)
+
+
+def test_models_are_paired_by_subject_once_each():
+    """Two sessions of one subject are one pair in the test, with their mean score."""
+    def row(scan: str, dice: float):
+        return evaluate.Score(scan, dice, *[0.0] * 8, 0, "", "")
+
+    subject_of = {"a1": "a", "a2": "a", "b1": "b"}
+    rows = [row("a1", 0.2), row("a2", 0.6), row("b1", 0.9)]
+    assert cv.subject_means(rows, "dice", subject_of) == pytest.approx({"a": 0.4, "b": 0.9})
