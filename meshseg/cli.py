@@ -561,21 +561,21 @@ def cv_command(data: Path, results: Path, models: tuple[str, ...], splits_file: 
     each outer fold's best inner run by validation Dice, segments the hold-out scans, scores
     them and writes RESULTS/summary.md, summary.csv and figures/ (see docs/reproduce.md).
     """
-    from meshseg import cv
+    from meshseg import cv, cv_units
 
     _log_to_console(quiet)
-    settings = cv.CvSettings(data=data, out=results, models=tuple(dict.fromkeys(models)),
+    settings = cv_units.CvSettings(data=data, out=results, models=tuple(dict.fromkeys(models)),
                              splits=splits_file, seed=seed, restarts=restarts, outer=outer,
                              inner=inner, reference=reference,
                              train={k: v for k, v in train_settings.items() if v is not None})
     try:
-        selectors = [cv.parse_selector(text) for text in only]
+        selectors = [cv_units.parse_selector(text) for text in only]
         if list_units:
-            cv.prepare(settings)  # RESULTS/splits.json, which parallel tasks then share
-            epochs = cv.epochs(settings)
-            for unit in cv.units(settings):
+            cv_units.prepare(settings)  # RESULTS/splits.json, which parallel tasks then share
+            epochs = cv_units.epochs(settings)
+            for unit in cv_units.units(settings):
                 click.echo(f"{unit.index}\t{unit.label()}\t"
-                           f"{cv.status(unit, results, epochs)}")
+                           f"{cv_units.status(unit, results, epochs)}")
             return
         rows = cv.run(settings, selectors)
     except DeviceError as err:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from meshseg import cv, data, evaluate, predict
+from meshseg import cv, cv_units, data, evaluate, predict
 from meshseg.cli import main
 from meshseg.errors import InputError
 from meshseg.splits import FORMAT
@@ -114,7 +114,7 @@ def test_list_only_and_resume(cohort, finished):
     assert "rerun without --only" in only.output
     listed = CliRunner().invoke(main, cv_args(root, manifest, "partial", "--list"))
     assert [line.split("\t")[2] for line in listed.output.splitlines()].count("done") == 1
-    settings = cv.CvSettings(data=manifest, out=root / "partial", models=MODELS, outer=2,
+    settings = cv_units.CvSettings(data=manifest, out=root / "partial", models=MODELS, outer=2,
                              inner=2, train={"epochs": 2, "steps_per_epoch": 1, "crop": 32,
                                              "device": "cpu", "cache": root / "cache"})
 
@@ -124,39 +124,40 @@ def test_list_only_and_resume(cohort, finished):
     def kill(unit, row):
         raise Killed
 
-    unit = cv.units(settings)[0]
+    unit = cv_units.units(settings)[0]
     with pytest.raises(Killed):
         cv.run(settings, [{"index": "0"}], on_epoch=kill)
-    assert cv.status(unit, settings.out, 2) == "started"
+    assert cv_units.status(unit, settings.out, 2) == "started"
     cv.run(settings, [{"index": "0"}])
-    assert cv.status(unit, settings.out, 2) == "done"
-    assert len(cv._metrics(unit.folder(settings.out))) == 2  # resumed after epoch 1
+    assert cv_units.status(unit, settings.out, 2) == "done"
+    assert len(cv_units.metric_rows(unit.folder(settings.out))) == 2  # resumed after epoch 1
     failed = CliRunner().invoke(main, cv_args(root, manifest, "partial", "--only", "model=unet"))
     assert failed.exit_code == 1 and "--only selects no unit" in failed.stderr
 
 
 def test_selectors():
-    settings = cv.CvSettings(data=Path("d.csv"), out=Path("r"), models=MODELS, restarts=2)
-    units = cv.units(settings)
+    settings = cv_units.CvSettings(data=Path("d.csv"), out=Path("r"), models=MODELS, restarts=2)
+    units = cv_units.units(settings)
     assert len(units) == 2 * 3 * 3 * 2 and [u.index for u in units] == list(range(36))
-    assert cv.select(units, []) == units
-    picked = cv.select(units, [cv.parse_selector("model=resunet,outer=2,inner=0"),
-                               cv.parse_selector("index=3")])
+    assert cv_units.select(units, []) == units
+    picked = cv_units.select(units, [cv_units.parse_selector("model=resunet,outer=2,inner=0"),
+                               cv_units.parse_selector("index=3")])
     assert [u.label() for u in picked] == [
         "model=meshnet-5,outer=0,inner=1,restart=1",
         "model=resunet,outer=2,inner=0,restart=0", "model=resunet,outer=2,inner=0,restart=1"]
     for bad in ("outer=x", "fold=1", "model"):
         with pytest.raises(InputError, match="--only"):
-            cv.parse_selector(bad)
+            cv_units.parse_selector(bad)
 
 
 def test_unknown_reference_or_architecture(tmp_path):
-    settings = cv.CvSettings(data=tmp_path / "d.csv", out=tmp_path, models=("meshnet-5",),
+    settings = cv_units.CvSettings(data=tmp_path / "d.csv", out=tmp_path, models=("meshnet-5",),
                              reference="resunet")
     with pytest.raises(InputError, match="reference model resunet is not among"):
         cv.run(settings)
     with pytest.raises(InputError, match="unknown architecture 'unet'"):
-        cv.prepare(cv.CvSettings(data=tmp_path / "d.csv", out=tmp_path, models=("unet",)))
+        cv_units.prepare(cv_units.CvSettings(data=tmp_path / "d.csv", out=tmp_path,
+                                             models=("unet",)))
 
 
 @pytest.mark.slow
