@@ -528,7 +528,7 @@ def _cv_train_options(command):
                    "folder.")
 @click.option("--out", "results", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="Results folder; rerun with the same options to continue.")
-@click.option("--arch", "models", multiple=True, required=True, metavar="NAME",
+@click.option("--architecture", "models", multiple=True, required=True, metavar="NAME",
               help="A network to compare (repeat): a name `meshseg arch` lists, e.g. "
                    "resunet, or meshnet-N for MeshNet with N channels.")
 @click.option("--splits", "splits_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -543,7 +543,7 @@ def _cv_train_options(command):
 @click.option("--inner", type=click.IntRange(min=2), default=3, show_default=True,
               help="Inner folds (train / validation) inside each outer training set.")
 @click.option("--reference", help="Model the others are tested against. Default: meshnet-26 "
-                                  "when compared, else the first --arch.")
+                                  "when compared, else the first --architecture.")
 @click.option("--only", multiple=True, metavar="KEY=VALUE[,...]",
               help="Train only the units matching all these keys (model, outer, inner, "
                    "restart, index); repeat to add units. No report is made: rerun without "
@@ -555,7 +555,7 @@ def _cv_train_options(command):
 def cv_command(data: Path, results: Path, models: tuple[str, ...], splits_file: Path | None,
                seed: int, restarts: int, outer: int, inner: int, reference: str | None,
                only: tuple[str, ...], list_units: bool, quiet: bool, **train_settings) -> None:
-    """Nested cross-validation of each --arch: the paper's Table 1 on DATA.
+    """Nested cross-validation of each --architecture: the paper's Table 1 on DATA.
 
     Trains every unit (model, outer fold, inner fold, restart) with `meshseg train`, picks
     each outer fold's best inner run by validation Dice, segments the hold-out scans, scores

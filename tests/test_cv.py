@@ -54,7 +54,7 @@ def cohort(tmp_path_factory):
 
 def cv_args(root: Path, manifest: Path, results: str, *more: str) -> list[str]:
     return ["cv", "--data", str(manifest), "--out", str(root / results), "--outer", "2",
-            "--inner", "2", *(a for m in MODELS for a in ("--arch", m)), *TRAIN_FLAGS,
+            "--inner", "2", *(a for m in MODELS for a in ("--architecture", m)), *TRAIN_FLAGS,
             "--cache", str(root / "cache"), "-q", *more]
 
 
@@ -166,7 +166,7 @@ def test_real_pipeline_three_by_three(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "conform_pair", fake_conform_pair)
     manifest = write_cohort(tmp_path / "in")
     args = ["cv", "--data", str(manifest), "--out", str(tmp_path / "results"),
-            "--arch", "meshnet-5", "--arch", "resunet", *TRAIN_FLAGS,
+            "--architecture", "meshnet-5", "--architecture", "resunet", *TRAIN_FLAGS,
             "--cache", str(tmp_path / "cache"), "-q"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
