@@ -59,7 +59,6 @@ LESION_WEIGHT = 1.0
 OUTER_FOLD = 0  # the paper tuned on the inner folds of the first outer fold
 SPLITS_FILE, STUDY_DB, BEST_FILE, TRIALS_FILE = "splits.json", "study.db", "best.toml", "trials.csv"
 HEARTBEAT_S = 60  # a trial whose process stops beating this long (x2) is marked failed
-INSTALL_HINT = "pip install 'meshseg[benchmark]'"
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ def import_optuna():
     try:
         import optuna
     except ImportError as err:
-        raise InputError(f"meshseg tune needs Optuna: {INSTALL_HINT}") from err
+        raise InputError(f"meshseg tune needs Optuna: {archs.INSTALL_HINT}") from err
     return optuna
 
 
