@@ -26,7 +26,7 @@ from nibabel.processing import resample_from_to
 from meshseg.cohort import stem
 from meshseg.errors import InputError
 from meshseg.io import GRID_ATOL_MM, atomic_path, is_nifti_path, load_volume
-from meshseg.metrics import avd, dice, hd95, lesion_counts, mcc
+from meshseg.metrics import avd, dice, hd95, lesion_counts, mcc, voxel_ml
 from meshseg.synth import ARC_QUARTILES_ML
 
 SUFFIXES = re.compile(r"(_(lesion|prob|mask|label|T2w|desc-[A-Za-z0-9]+|space-[A-Za-z0-9]+))+$")
@@ -121,11 +121,11 @@ def score(pred_path: Path, truth_path: Path, resample: bool = False) -> Score:
     else:
         pred_data = pred.data
     p, t = pred_data > 0, truth.data > 0
-    voxel_ml = abs(float(np.linalg.det(truth.affine[:3, :3]))) / 1000
+    ml = voxel_ml(truth.affine)
     spacing_mm = tuple(float(z) for z in np.linalg.norm(truth.affine[:3, :3], axis=0))
     lesions = lesion_counts(p, t)
     return Score(subject=subject_key(truth_path), dice=dice(p, t), avd=avd(p, t), mcc=mcc(p, t),
-                 vol_true_ml=float(t.sum()) * voxel_ml, vol_pred_ml=float(p.sum()) * voxel_ml,
+                 vol_true_ml=float(t.sum()) * ml, vol_pred_ml=float(p.sum()) * ml,
                  hd95_mm=hd95(p, t, spacing_mm), lesions_true=lesions.true,
                  lesions_detected=lesions.detected, lesions_missed=lesions.missed,
                  lesions_false_positive=lesions.false_positive,

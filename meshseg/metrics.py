@@ -20,6 +20,11 @@ import numpy as np
 from scipy import ndimage
 
 
+def voxel_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel in mL of a voxel-to-mm affine (1 mL = 1000 mm^3)."""
+    return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000
+
+
 def _booleans(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both masks as boolean arrays of one shape."""
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)

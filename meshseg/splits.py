@@ -1,15 +1,16 @@
 """Nested cross-validation splits: outer folds (train / hold-out test), inner folds (train / val).
 
 As in Fedorov et al. (2025): 3 outer folds, and 3 inner folds inside each outer training
-set, stratified by lesion volume (the dataset's voxel-count quartiles: bins cut at the 0, 25,
-50, 75 and 100th percentiles) and by acquisition (`Pair.acq`), grouped by subject so that a
+set, stratified by lesion volume (the dataset's quartiles in mL: bins cut at the 0, 25, 50, 75
+and 100th percentiles) and by acquisition (`Pair.acq`), grouped by subject so that a
 subject's sessions never straddle two sets.
 
-A subject's stratum is its volume bin (of its mean mask voxel count over its sessions) and
-its most common acquisition. The folds' counts of every volume bin, every acquisition and
-of all subjects differ by at most one where the strata allow it (`balanced_counts`). The only
-randomness is which subjects of a stratum go to which fold, drawn from the seed: the same
-seed and data give the same splits.
+A subject's stratum is its volume bin (of its mean lesion volume over its sessions, in mL, so
+that scans with different voxel sizes compare fairly) and its most common acquisition. The
+folds' counts of every volume bin, every acquisition and of all subjects differ by at most
+one where the strata allow it (`balanced_counts`). The only randomness is which subjects of
+a stratum go to which fold, drawn from the seed: the same seed and data give the same
+splits.
 
 Splits are saved as JSON (format tag `FORMAT`) with the strata, so they can be read back,
 checked against the data and reused (`meshseg cv --splits FILE`).
@@ -30,16 +31,17 @@ import numpy as np
 from meshseg.data import Pair
 from meshseg.errors import InputError
 from meshseg.io import atomic_path, load_volume
+from meshseg.metrics import voxel_ml
 
-FORMAT = "meshseg-splits/1"
+FORMAT = "meshseg-splits/2"  # /1 held voxel counts on each mask's own grid
 PERCENTILES = (0, 25, 50, 75, 100)
 
 
 @dataclass(frozen=True)
 class Stratum:
-    """What a subject is stratified by: mean lesion voxels, their quartile bin, acquisition."""
+    """What a subject is stratified by: mean lesion volume (mL), its quartile bin, acquisition."""
 
-    voxels: float
+    ml: float
     bin: int
     acq: str | None
 
@@ -61,7 +63,7 @@ class Splits:
     """Nested splits of a dataset's subjects, reproducible from `seed`."""
 
     seed: int
-    cuts: tuple[float, ...]  # voxel counts at PERCENTILES over subjects
+    cuts: tuple[float, ...]  # lesion volumes (mL) at PERCENTILES over subjects
     strata: dict[str, Stratum]
     folds: tuple[OuterFold, ...]
 
@@ -79,18 +81,21 @@ class Splits:
 # ---------------------------------------------------------------------------- making
 
 
-def lesion_voxels(pairs: Iterable[Pair]) -> dict[Path, int]:
-    """Lesion voxel count (> 0) of each pair's mask on its own grid; reads every mask."""
-    return {p.mask: int(np.count_nonzero(load_volume(p.mask).data)) for p in pairs}
+def lesion_ml(pairs: Iterable[Pair]) -> dict[Path, float]:
+    """Lesion volume in mL (voxels > 0 times the voxel volume) of each pair's mask; reads
+    every mask."""
+    masks = {p.mask: load_volume(p.mask) for p in pairs}
+    return {path: np.count_nonzero(m.data) * voxel_ml(m.affine) for path, m in masks.items()}
 
 
-def subject_strata(pairs: Sequence[Pair], voxels: Mapping[Path, int]) -> tuple[
+def subject_strata(pairs: Sequence[Pair], volumes_ml: Mapping[Path, float]) -> tuple[
         tuple[float, ...], dict[str, Stratum]]:
-    """(voxel cut points at PERCENTILES, each subject's stratum)."""
+    """(volume cut points in mL at PERCENTILES, each subject's stratum)."""
     by_subject: dict[str, list[Pair]] = {}
     for pair in pairs:
         by_subject.setdefault(pair.subject, []).append(pair)
-    means = {s: float(np.mean([voxels[p.mask] for p in ps])) for s, ps in by_subject.items()}
+    means = {s: float(np.mean([volumes_ml[p.mask] for p in ps]))
+             for s, ps in by_subject.items()}
     cuts = tuple(float(c) for c in np.percentile(list(means.values()), PERCENTILES))
     strata = {}
     for subject, ps in sorted(by_subject.items()):
@@ -163,17 +168,17 @@ def _imbalance(counts: np.ndarray, features: np.ndarray, weights: np.ndarray) ->
 
 
 def make_splits(pairs: Sequence[Pair], outer: int = 3, inner: int = 3, seed: int = 0,
-                voxels: Mapping[Path, int] | None = None) -> Splits:
+                volumes_ml: Mapping[Path, float] | None = None) -> Splits:
     """Nested stratified splits of the pairs' subjects.
 
     Args:
-        voxels: lesion voxel count per mask path; read from the masks when not given.
+        volumes_ml: lesion volume (mL) per mask path; read from the masks when not given.
 
     Raises:
         InputError: too few subjects for every fold to train, validate and test on some.
     """
-    voxels = lesion_voxels(pairs) if voxels is None else voxels
-    cuts, strata = subject_strata(pairs, voxels)
+    volumes_ml = lesion_ml(pairs) if volumes_ml is None else volumes_ml
+    cuts, strata = subject_strata(pairs, volumes_ml)
     n = len(strata)
     if outer < 2 or inner < 2 or n - math.ceil(n / outer) < inner:
         raise InputError(f"nested splits with {outer} outer and {inner} inner folds (2 or more "
@@ -214,8 +219,8 @@ def save_splits(splits: Splits, path: Path) -> None:
     """Write the splits as JSON, atomically."""
     doc = {
         "format": FORMAT, "seed": splits.seed, "percentiles": list(PERCENTILES),
-        "cuts_voxels": list(splits.cuts),
-        "subjects": {s: {"voxels": st.voxels, "bin": st.bin, "acq": st.acq}
+        "cuts_ml": list(splits.cuts),
+        "subjects": {s: {"ml": st.ml, "bin": st.bin, "acq": st.acq}
                      for s, st in sorted(splits.strata.items())},
         "outer": [{"test": list(f.test), "inner_val": [list(v) for v in f.val]}
                   for f in splits.folds],
@@ -236,12 +241,11 @@ def load_splits(path: Path, pairs: Sequence[Pair]) -> Splits:
         doc = json.loads(path.read_text(encoding="utf-8"))
         if doc.get("format") != FORMAT:
             raise InputError(f"{path}: not a meshseg splits file (format {FORMAT} expected)")
-        strata = {s: Stratum(float(v["voxels"]), int(v["bin"]), v["acq"])
+        strata = {s: Stratum(float(v["ml"]), int(v["bin"]), v["acq"])
                   for s, v in doc["subjects"].items()}
         folds = tuple(OuterFold(tuple(f["test"]), tuple(tuple(v) for v in f["inner_val"]))
                       for f in doc["outer"])
-        splits = Splits(int(doc["seed"]), tuple(float(c) for c in doc["cuts_voxels"]), strata,
-                        folds)
+        splits = Splits(int(doc["seed"]), tuple(float(c) for c in doc["cuts_ml"]), strata, folds)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise InputError(f"{path}: unreadable splits file ({type(err).__name__}: {err})") from err
     problem = check_splits(splits, {p.subject for p in pairs})

@@ -38,16 +38,16 @@ def spread(groups, splits, attribute: str) -> int:
 
 def test_same_seed_same_splits_other_seed_other_splits():
     pairs, voxels = cohort()
-    a = sp.make_splits(pairs, seed=3, voxels=voxels)
-    assert sp.make_splits(pairs, seed=3, voxels=voxels) == a
-    assert sp.make_splits(list(reversed(pairs)), seed=3, voxels=voxels) == a
-    assert sp.make_splits(pairs, seed=4, voxels=voxels).folds != a.folds
+    a = sp.make_splits(pairs, seed=3, volumes_ml=voxels)
+    assert sp.make_splits(pairs, seed=3, volumes_ml=voxels) == a
+    assert sp.make_splits(list(reversed(pairs)), seed=3, volumes_ml=voxels) == a
+    assert sp.make_splits(pairs, seed=4, volumes_ml=voxels).folds != a.folds
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_every_subject_tested_once_and_inner_folds_partition_outer_train(seed):
     pairs, voxels = cohort(37, seed)
-    splits = sp.make_splits(pairs, seed=seed, voxels=voxels)
+    splits = sp.make_splits(pairs, seed=seed, volumes_ml=voxels)
     tested = [s for fold in splits.folds for s in fold.test]
     assert sorted(tested) == splits.subjects == sorted({p.subject for p in pairs})
     for k, fold in enumerate(splits.folds):
@@ -62,7 +62,7 @@ def test_every_subject_tested_once_and_inner_folds_partition_outer_train(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_folds_balance_volume_bins_acquisitions_and_sizes(seed):
     pairs, voxels = cohort(41, seed)
-    splits = sp.make_splits(pairs, seed=seed, voxels=voxels)
+    splits = sp.make_splits(pairs, seed=seed, volumes_ml=voxels)
     assert {st.bin for st in splits.strata.values()} == {0, 1, 2, 3}
     for groups in [[f.test for f in splits.folds], *(f.val for f in splits.folds)]:
         assert spread(groups, splits, "bin") <= 1
@@ -72,7 +72,7 @@ def test_folds_balance_volume_bins_acquisitions_and_sizes(seed):
 
 def test_volume_bins_are_the_quartiles_of_subject_means():
     pairs, voxels = cohort(8, sessions=2)
-    splits = sp.make_splits(pairs, voxels=voxels)
+    splits = sp.make_splits(pairs, volumes_ml=voxels)
     means = [np.mean([voxels[p.mask] for p in pairs if p.subject == s]) for s in splits.subjects]
     assert splits.cuts == pytest.approx(np.percentile(means, [0, 25, 50, 75, 100]))
     assert sorted(Counter(st.bin for st in splits.strata.values()).values()) == [2, 2, 2, 2]
@@ -80,7 +80,7 @@ def test_volume_bins_are_the_quartiles_of_subject_means():
 
 def test_sessions_of_a_subject_stay_together():
     pairs, voxels = cohort(12, sessions=2)
-    splits = sp.make_splits(pairs, voxels=voxels)
+    splits = sp.make_splits(pairs, volumes_ml=voxels)
     for k in range(3):
         test = sp.test_pairs(splits, pairs, k)
         for j in range(3):
@@ -91,28 +91,33 @@ def test_sessions_of_a_subject_stay_together():
                         or subjects[1] & subjects[2])
 
 
-def test_voxels_are_read_from_the_masks(tmp_path, write_nifti):
+def test_volumes_are_read_from_the_masks_in_ml(tmp_path, write_nifti):
+    """Volumes, not voxel counts: 2 mm voxels hold 8 times the volume of 1 mm voxels."""
     pairs = []
     for i, size in enumerate([1, 2, 3, 4, 5, 6]):
         mask = np.zeros((8, 8, 8), np.uint8)
         mask.flat[:size] = 1
-        pairs.append(Pair(Path("unused.nii"), write_nifti(mask, name=f"m{i}.nii.gz"), f"s{i}"))
-    assert sp.lesion_voxels(pairs) == {p.mask: i + 1 for i, p in enumerate(pairs)}
+        affine = np.diag([2.0, 2.0, 2.0, 1.0]) if i == 0 else np.eye(4)
+        pairs.append(Pair(Path("unused.nii"), write_nifti(mask, affine, name=f"m{i}.nii.gz"),
+                          f"s{i}"))
+    assert sp.lesion_ml(pairs) == pytest.approx(
+        {p.mask: ml for p, ml in zip(pairs, [0.008, 0.002, 0.003, 0.004, 0.005, 0.006])})
     splits = sp.make_splits(pairs)
-    assert splits.strata["s5"] == sp.Stratum(6.0, 3, None)
+    assert splits.strata["s0"] == sp.Stratum(pytest.approx(0.008), 3, None)
+    assert splits.strata["s1"].bin == 0  # the fewest mL, not the fewest voxels (s0)
 
 
 def test_too_few_subjects():
     pairs, voxels = cohort(4)
     with pytest.raises(InputError, match="need more subjects than the 4 found"):
-        sp.make_splits(pairs, voxels=voxels)
+        sp.make_splits(pairs, volumes_ml=voxels)
     five, voxels = cohort(5)
-    assert len(sp.make_splits(five, voxels=voxels).folds) == 3
+    assert len(sp.make_splits(five, volumes_ml=voxels).folds) == 3
 
 
 def test_file_round_trip(tmp_path):
     pairs, voxels = cohort(20)
-    splits = sp.make_splits(pairs, seed=9, voxels=voxels)
+    splits = sp.make_splits(pairs, seed=9, volumes_ml=voxels)
     sp.save_splits(splits, tmp_path / "splits.json")
     assert json.loads((tmp_path / "splits.json").read_text())["format"] == sp.FORMAT
     assert sp.load_splits(tmp_path / "splits.json", pairs) == splits
@@ -120,7 +125,7 @@ def test_file_round_trip(tmp_path):
 
 def edited(tmp_path: Path, change) -> Path:
     pairs, voxels = cohort(20)
-    sp.save_splits(sp.make_splits(pairs, voxels=voxels), tmp_path / "s.json")
+    sp.save_splits(sp.make_splits(pairs, volumes_ml=voxels), tmp_path / "s.json")
     doc = json.loads((tmp_path / "s.json").read_text())
     change(doc)
     (tmp_path / "s.json").write_text(json.dumps(doc))
