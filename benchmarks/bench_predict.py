@@ -8,7 +8,10 @@ Every measurement runs in a fresh Python process so that its peak resident memor
   ratio;
 - model: meshseg's inference on the same conformed volume (crop, layers, softmax);
 - e2e: the whole `meshseg predict` command on the native-space example scan (load, conform,
-  infer, resample, write).
+  infer, resample, write);
+- matmul: a 4096^2 float32 (and bfloat16) matrix product, the rate the convolutions could at
+  best reach on this machine. Each network row states the FLOPs it computed (meshseg skips
+  the background and the outer shell) and its GFLOP/s, against that limit.
 
 Times are medians of --repeat runs. Results go to benchmarks/results/latest.{json,md}.
 Usage: python benchmarks/bench_predict.py [--repeat 3] [--models ...] [--backends ...]
@@ -27,16 +30,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "brainchop-t2-lesion-11ch" / "model.json"
 MODELS = {"meshnet5": 5, "meshnet16": 16, "meshnet26": 26, "brainchop11": None}
 
 
 def child(kind: str, model: str, backend: str, scan: str) -> dict:
-    """One measurement in this process; returns seconds and peak RSS."""
+    """One measurement in this process; returns seconds, peak RSS and GFLOP computed."""
     import resource
 
     import torch
+
+    if kind == "matmul":
+        return matmul_rates(torch)
 
     from meshseg import catalog
     from meshseg.conform import conform, to_unit_range
@@ -62,16 +70,55 @@ def child(kind: str, model: str, backend: str, scan: str) -> dict:
         start = time.perf_counter()
         with torch.no_grad():
             net(x).softmax(1).cpu()
+        flops = sum(layer_flops(loaded.layers)) * volume01.size
     else:
         engine, precision = {"onnx": ("onnx", "fp32"), "bf16": ("torch", "bf16")}.get(
             backend, ("torch", "fp32"))
-        lesion_probability(volume01, runner(loaded, device, engine, precision=precision),
-                           crop=loaded.crop)
+        network, seen = runner(loaded, device, engine, precision=precision), {}
+
+        def run(x, on_layer, keep):
+            seen.update(shape=tuple(x.shape[1:]), keep=keep)
+            return network(x, on_layer, keep)
+
+        lesion_probability(volume01, run, crop=loaded.crop)
+        flops = computed_flops(loaded.layers, seen["shape"],
+                               None if engine == "onnx" else seen["keep"])
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds,
+    return {"seconds": seconds, "gflop": flops / 1e9,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def layer_flops(layers) -> list[int]:
+    """Multiply-adds x 2 per output voxel of each layer."""
+    return [2 * layer.weight.numel() for layer in layers]
+
+
+def computed_flops(layers, shape: tuple[int, int, int], keep) -> float:
+    """FLOPs of a pass over `shape` that computes each layer only where the output inside
+    `keep` depends on it (as meshseg's layer-by-layer inference does); keep None: everywhere."""
+    from meshseg.infer import _regions
+
+    full = tuple(slice(0, n) for n in shape)
+    regions = _regions(layers, shape, keep or full)
+    return float(sum(f * np.prod([r.stop - r.start for r in region])
+                     for f, region in zip(layer_flops(layers), regions)))
+
+
+def matmul_rates(torch) -> dict:
+    """GFLOP/s of a 4096^2 matrix product in float32 and bfloat16 (median of 5)."""
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+        torch.matmul(a, b)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - start)
+        rates[f"{name}_gflops"] = 2 * 4096**3 / statistics.median(times) / 1e9
+    return rates
 
 
 def measure(args: list[str]) -> dict:
@@ -142,6 +189,8 @@ def main() -> None:
         scan = folder / "example_t2.nii.gz"
         subprocess.run([sys.executable, "-m", "meshseg", "example", str(scan)], check=True,
                        cwd=ROOT, capture_output=True)
+        limits = measure(["matmul", "-", "-", "-"])
+        print(json.dumps({"matmul": limits}), flush=True)
         for name, model in make_models(folder, args.models.split(",")).items():
             plain_backend = "cuda" if backends == ["cuda"] else "torch"
             plain = median_of(args.repeat, measure, ["plain", model, plain_backend, str(scan)])
@@ -154,26 +203,31 @@ def main() -> None:
                 row["ratio_e2e"] = row["e2e"]["seconds"] / plain["seconds"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    write_results(rows, args)
+    write_results(rows, limits, args)
 
 
-def write_results(rows: list[dict], args: argparse.Namespace) -> None:
+def write_results(rows: list[dict], limits: dict, args: argparse.Namespace) -> None:
     import torch
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "repeat": args.repeat}
+            "threads": torch.get_num_threads(), "repeat": args.repeat, "matmul": limits}
     (args.out / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"Measured {meta['date']} on {meta['cpus']} CPUs ({meta['machine']}), torch "
-             f"{meta['torch']}, median of {meta['repeat']} runs.", "",
-             "| model | backend | plain s | plain MB | model s | model MB | model/plain | "
-             "e2e s | e2e MB | e2e/plain |", "|" + " --- |" * 10]
+             f"{meta['torch']}, median of {meta['repeat']} runs. A float32 matrix product "
+             f"reached {limits['fp32_gflops']:.0f} GFLOP/s (bfloat16: "
+             f"{limits['bf16_gflops']:.0f}).", "",
+             "| model | backend | plain s | plain MB | plain GFLOP/s | model s | model MB | "
+             "model GFLOP | model GFLOP/s | model/plain | e2e s | e2e MB | e2e/plain |",
+             "|" + " --- |" * 13]
     for r in rows:
+        plain, mine = r["plain"], r["model_only"]
         lines.append(
-            f"| {r['model']} | {r['backend']} | {r['plain']['seconds']:.1f} | "
-            f"{r['plain']['peak_rss_mb']:.0f} | {r['model_only']['seconds']:.1f} | "
-            f"{r['model_only']['peak_rss_mb']:.0f} | {r['ratio_model']:.2f} | "
+            f"| {r['model']} | {r['backend']} | {plain['seconds']:.1f} | "
+            f"{plain['peak_rss_mb']:.0f} | {plain['gflop'] / plain['seconds']:.0f} | "
+            f"{mine['seconds']:.1f} | {mine['peak_rss_mb']:.0f} | {mine['gflop']:.0f} | "
+            f"{mine['gflop'] / mine['seconds']:.0f} | {r['ratio_model']:.2f} | "
             f"{r['e2e']['seconds']:.1f} | {r['e2e']['peak_rss_mb']:.0f} | "
             f"{r['ratio_e2e']:.2f} |")
     (args.out / "latest.md").write_text("\n".join(lines) + "\n")
