@@ -52,9 +52,9 @@ def main() -> None:
                    "model, else torch.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
               show_default=True,
-              help="Arithmetic of the torch backend: bf16 halves memory and is faster on CPUs "
-                   "with bf16 units (see docs/benchmarks.md for its agreement with fp32); "
-                   "fp16 needs CUDA.")
+              help="Arithmetic of the torch backend: bf16 halves activation memory (on the "
+                   "CPUs measured it is slower; docs/benchmarks.md gives its speed and "
+                   "agreement with fp32); fp16 needs CUDA.")
 @click.option("--slab", type=click.IntRange(min=1), default=None,
               help="Slab thickness in voxels for layer-by-layer inference (bounds memory).")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
