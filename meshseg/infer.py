@@ -217,8 +217,9 @@ def run_layers(x: torch.Tensor, layers: list[FoldedLayer], device: torch.device,
     layer computes just the region that they depend on (see `_regions`).
 
     `dtype` torch.bfloat16 (or float16 on CUDA) computes and stores activations in half
-    precision: half the memory, and faster where the hardware has bf16 units (AMX, tensor
-    cores); logits differ from float32 by about 1e-2 relative. The result is float32.
+    precision: half the memory (not faster on the CPUs measured: oneDNN's bf16 dilated
+    convolutions are slower than float32, see docs/benchmarks.md);
+    logits differ from float32 by about 1e-2 relative. The result is float32.
 
     CUDA convolutions follow PyTorch's global precision settings (cuDNN may use TF32 on Ampere
     and newer GPUs, about 1e-3 relative error); this function does not change them.
