@@ -32,7 +32,6 @@ from meshseg.cv_units import (
     CvSettings,
     Unit,
     epochs,
-    make_folder,
     metric_rows,
     prepare,
     scan_ids,
@@ -45,7 +44,7 @@ from meshseg.cv_units import (
 )
 from meshseg.data import Pair
 from meshseg.errors import InputError
-from meshseg.io import atomic_path
+from meshseg.io import atomic_path, make_folder
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from meshseg import archs, splits, train
 from meshseg.cohort import stem
 from meshseg.config import TrainConfig
 from meshseg.data import Pair, load_dataset, write_manifest
-from meshseg.errors import InputError, OutputError
-from meshseg.io import atomic_path
+from meshseg.errors import InputError
+from meshseg.io import atomic_path, make_folder
 
 SPLITS_FILE = "splits.json"
 DEFAULT_REFERENCE = "meshnet-26"
@@ -222,10 +222,3 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
     writer.writerows(rows)
     with atomic_path(path, suffix=".part.csv") as tmp:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
-
-
-def make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"{folder}: cannot create folder ({err.strerror or err})") from err

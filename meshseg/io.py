@@ -101,6 +101,14 @@ def type_for(header: nib.Nifti1Header) -> type:
     return nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
 
 
+def make_folder(folder: Path) -> None:
+    """mkdir -p, failing as an OutputError that names the folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{folder}: cannot create folder ({err.strerror or err})") from err
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = ".part") -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.

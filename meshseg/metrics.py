@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+# 26-connected lesions, as brainchop counts them (predict's largest-lesion rule uses it too).
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
 
 def voxel_ml(affine: np.ndarray) -> float:
     """Volume of one voxel in mL of a voxel-to-mm affine (1 mL = 1000 mm^3)."""
@@ -114,9 +117,8 @@ class LesionCounts:
 def lesion_counts(pred: np.ndarray, truth: np.ndarray) -> LesionCounts:
     """Count true lesions found and missed, and predicted lesions that are not lesions."""
     pred, truth = _booleans(pred, truth)
-    full = ndimage.generate_binary_structure(truth.ndim, truth.ndim)  # 26 neighbours in 3-D
-    true_labels, n_true = ndimage.label(truth, structure=full)
-    pred_labels, n_pred = ndimage.label(pred, structure=full)
+    true_labels, n_true = ndimage.label(truth, structure=CONNECTIVITY)
+    pred_labels, n_pred = ndimage.label(pred, structure=CONNECTIVITY)
     detected = np.unique(true_labels[pred & truth]).size
     overlapping = np.unique(pred_labels[pred & truth]).size
     return LesionCounts(true=n_true, detected=detected, missed=n_true - detected,

@@ -23,12 +23,12 @@ from meshseg.errors import DeviceError, MeshsegError, WeightsError
 from meshseg.export import onnx_runner, to_onnx
 from meshseg.infer import PRECISIONS, Box, OnLayer, Runner, lesion_probability, torch_runner
 from meshseg.io import Volume, load_volume, save_like
+from meshseg.metrics import CONNECTIVITY, voxel_ml
 from meshseg.validate import check_volume
 
 Progress = Callable[[str, float], None]
 """Called with a stage name (load, conform, layers, unconform, write) and its fraction done."""
 
-CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connected, as brainchop counts lesions
 
 
 @dataclass(frozen=True)
@@ -144,9 +144,8 @@ def to_mask(prob: np.ndarray, postprocess: str = "none") -> np.ndarray:
 def lesion_stats(mask: np.ndarray, affine: np.ndarray) -> tuple[float, int, int]:
     """(volume in mL, voxel count, number of 26-connected lesions) of a 0/1 mask."""
     voxels = int(mask.sum())
-    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     components = ndimage.label(mask, structure=CONNECTIVITY)[1] if voxels else 0
-    return voxels * voxel_ml, voxels, int(components)
+    return voxels * voxel_ml(affine), voxels, int(components)
 
 
 def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, device: str, *,

@@ -44,8 +44,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from meshseg.errors import MeshsegError, OutputError
-from meshseg.io import atomic_path, save_array
+from meshseg.errors import MeshsegError
+from meshseg.io import atomic_path, make_folder, save_array
+from meshseg.metrics import voxel_ml
 
 NECK_MM = 30  # the template stops at the medulla: continue cord and neck this far below it
 # ARC's lesion volume quartiles (mL; the paper's voxel-count cut points at 1 mm). Sizes are
@@ -97,7 +98,7 @@ class SynthHead:
     @property
     def lesion_ml(self) -> float:
         """Lesion volume on the scan grid (mL)."""
-        return float(np.asarray(self.mask.dataobj).sum() * _voxel_ml(self.mask.affine))
+        return float(np.asarray(self.mask.dataobj).sum() * voxel_ml(self.mask.affine))
 
 
 def synth_head(seed: int, options: SynthOptions = SynthOptions()
@@ -127,10 +128,7 @@ def make_dataset(folder: Path, n: int, seed: int, options: SynthOptions = SynthO
     parallel; the result does not depend on it.
     """
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"{folder}: cannot create folder ({err.strerror or err})") from err
+    make_folder(folder)
     subjects = [f"synth{seed + index:05d}" for index in range(n)]
     images = [folder / f"{subject}_T2w.nii.gz" for subject in subjects]
     masks = [folder / f"{subject}_lesion.nii.gz" for subject in subjects]
@@ -858,8 +856,3 @@ def _scanner(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     if rng.random() < 0.5:
         return np.round(image * (rng.uniform(500, 4000) / peak)).astype(np.int16)
     return (image * np.float32(rng.uniform(0.5, 2000) / peak)).astype(np.float32)
-
-
-def _voxel_ml(affine: np.ndarray) -> float:
-    """Volume of one voxel (mL)."""
-    return abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0

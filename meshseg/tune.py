@@ -34,8 +34,8 @@ import tomli_w
 
 from meshseg import archs
 from meshseg.config import TrainConfig, as_flags, check_names
-from meshseg.errors import InputError, OutputError
-from meshseg.io import atomic_path
+from meshseg.errors import InputError
+from meshseg.io import atomic_path, make_folder
 
 if TYPE_CHECKING:
     import optuna
@@ -267,14 +267,6 @@ def inner_folds(settings: TuneSettings) -> tuple[Splits, list[tuple[list[Pair], 
 
 
 # ---------------------------------------------------------------------------- trials
-
-
-def make_folder(path: Path) -> None:
-    """mkdir -p, as an OutputError naming the folder."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"{path}: cannot create folder ({err.strerror or err})") from err
 
 
 def trial_dir(settings: TuneSettings, number: int) -> Path:
