@@ -473,7 +473,7 @@ def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: b
             fail("no pairs of masks to compare", EXIT_USAGE)
         scores = [evaluate.score(p, t, resample) for p, t in pairs]
         if csv_path is not None:
-            evaluate.write_csv(scores, csv_path)
+            evaluate.write_scores(scores, csv_path)
         groups = {"all": scores, **evaluate.by_volume_bin(scores)}
         if figure is not None:
             from meshseg.figures import box_plot

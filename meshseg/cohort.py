@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from meshseg.errors import OutputError
-from meshseg.io import NIFTI_SUFFIXES, atomic_path, is_nifti_path
+from meshseg.io import NIFTI_SUFFIXES, atomic_path, is_nifti_path, write_csv
 from meshseg.predict import Outputs, Result
 
 MASK_SUFFIX = "_lesion"
@@ -83,13 +81,8 @@ def plan_outputs(inputs: list[Path], output: Path | None, prob: bool) -> list[Ou
 def write_report(results: list[Result], path: Path) -> None:
     """Write the per-input records as .json or .csv, atomically (rewritten after each input)."""
     rows = [asdict(r) for r in results]
-    if path.suffix.lower() == ".json":
-        text = json.dumps(rows, indent=2) + "\n"
-    else:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(Result)])
-        writer.writeheader()
-        writer.writerows(rows)
-        text = buffer.getvalue()
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, newline="")
+    if path.suffix.lower() != ".json":
+        write_csv(path, [f.name for f in fields(Result)], rows)
+        return
+    with atomic_path(path, suffix=".part.json") as tmp:
+        tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

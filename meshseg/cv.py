@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,11 +41,10 @@ from meshseg.cv_units import (
     train_unit,
     unit_config,
     units,
-    write_csv,
 )
 from meshseg.data import Pair
 from meshseg.errors import InputError
-from meshseg.io import atomic_path, make_folder
+from meshseg.io import atomic_path, make_folder, write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,8 @@ def run(settings: CvSettings, selectors: Sequence[dict[str, str]] = (),
 def report(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair]) -> list[Row]:
     """Select, predict the hold-out scans, score, and write the summary and figures."""
     best = select_best(settings)
-    write_csv(settings.out / SELECTION_FILE,
-               ["model", "outer", "inner", "restart", "val_dice", "checkpoint"],
-               [[b.model, b.outer, b.inner, b.restart, b.val_dice, b.checkpoint] for b in best])
+    write_csv(settings.out / SELECTION_FILE, [f.name for f in fields(Selected)],
+              (asdict(b) for b in best))
     scores = {}
     for model in settings.models:
         predicted = [p for b in best if b.model == model
@@ -179,7 +178,7 @@ def score_model(settings: CvSettings, model: str,
     scores = [replace(evaluate.score(pred, mask), subject=scan) for scan, pred, mask in predicted]
     folder = settings.out / "metrics"
     make_folder(folder)
-    evaluate.write_csv(scores, folder / f"{model}.csv")
+    evaluate.write_scores(scores, folder / f"{model}.csv")
     return scores
 
 
@@ -206,6 +205,15 @@ class Row:
 
     def std(self, metric: str) -> float:
         return float(np.std(self.folds[metric], ddof=1))
+
+    def numbers(self) -> dict[str, Any]:
+        """summary.csv's line: per metric the mean, std and Holm-corrected p."""
+        out: dict[str, Any] = {"model": self.model, "parameters": self.parameters,
+                               "scans": self.scans}
+        for m in TABLE_METRICS:
+            out |= {f"{m}_mean": self.mean(m), f"{m}_std": self.std(m),
+                    f"{m}_p_holm": self.p_holm[m]}
+        return out
 
 
 def table(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair],
@@ -271,12 +279,8 @@ def write_summary(settings: CvSettings, rows: Sequence[Row]) -> None:
             "p < 0.05.\n")
     with atomic_path(settings.out / SUMMARY_MD, suffix=".part.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n" + note, encoding="utf-8")
-    write_csv(settings.out / SUMMARY_CSV,
-               ["model", "parameters", "scans"] + [f"{m}_{x}" for m in TABLE_METRICS
-                                                   for x in ("mean", "std", "p_holm")],
-               [[row.model, row.parameters, row.scans]
-                + [v for m in TABLE_METRICS for v in (row.mean(m), row.std(m), row.p_holm[m])]
-                for row in rows])
+    numbers = [row.numbers() for row in rows]
+    write_csv(settings.out / SUMMARY_CSV, list(numbers[0]), numbers)
 
 
 def write_figures(settings: CvSettings, rows: Sequence[Row],

@@ -11,7 +11,6 @@ The report that follows the training is `meshseg.cv`.
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from meshseg.cohort import stem
 from meshseg.config import TrainConfig
 from meshseg.data import Pair, load_dataset, write_manifest
 from meshseg.errors import InputError
-from meshseg.io import atomic_path, make_folder
+from meshseg.io import make_folder
 
 SPLITS_FILE = "splits.json"
 DEFAULT_REFERENCE = "meshnet-26"
@@ -213,12 +212,3 @@ def train_unit(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair
     train_csv, val_csv = write_manifests(settings.out, chosen, pairs, unit.outer, unit.inner)
     return train.fit(unit_config(settings, unit, train_csv, val_csv), on_epoch)
 
-
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """A CSV file, atomically."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
-    with atomic_path(path, suffix=".part.csv") as tmp:
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")

@@ -35,7 +35,14 @@ from meshseg.conform import (
     to_unit_range,
 )
 from meshseg.errors import InputError, OutputError
-from meshseg.io import GRID_ATOL_MM, Volume, atomic_path, is_nifti_path, load_volume
+from meshseg.io import (
+    GRID_ATOL_MM,
+    Volume,
+    atomic_path,
+    is_nifti_path,
+    load_volume,
+    write_csv,
+)
 from meshseg.weights import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -123,13 +130,9 @@ def read_manifest(csv_path: Path) -> list[Pair]:
 def write_manifest(pairs: Sequence[Pair], path: Path) -> Path:
     """Write `pairs` as a manifest `read_manifest` reads back (image, mask, subject, acq),
     atomically; absolute paths, so it works wherever it is moved or read from."""
-    with atomic_path(path, suffix=".part.csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(("image", "mask", "subject", "acq"))
-            writer.writerows((p.image.absolute(), p.mask.absolute(), p.subject, p.acq or "")
-                             for p in pairs)
-    return path
+    return write_csv(path, ("image", "mask", "subject", "acq"),
+                     ({"image": p.image.absolute(), "mask": p.mask.absolute(),
+                       "subject": p.subject, "acq": p.acq or ""} for p in pairs))
 
 
 def _subject_of(image: Path, entities: dict[str, str]) -> str:

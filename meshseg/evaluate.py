@@ -12,11 +12,9 @@ are the hardest and a mean over all subjects hides them.
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import nibabel as nib
@@ -25,7 +23,7 @@ from nibabel.processing import resample_from_to
 
 from meshseg.cohort import stem
 from meshseg.errors import InputError
-from meshseg.io import GRID_ATOL_MM, atomic_path, is_nifti_path, load_volume
+from meshseg.io import GRID_ATOL_MM, is_nifti_path, load_volume, write_csv
 from meshseg.metrics import avd, dice, hd95, lesion_counts, mcc, voxel_ml
 from meshseg.synth import ARC_QUARTILES_ML
 
@@ -155,12 +153,6 @@ def summary(scores: list[Score]) -> dict[str, dict[str, float]]:
     return out
 
 
-def write_csv(scores: list[Score], path: Path) -> None:
-    """One row per subject, atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(asdict(scores[0]).keys()) if scores
-                            else ["subject"])
-    writer.writeheader()
-    writer.writerows(asdict(s) for s in scores)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue(), newline="")
+def write_scores(scores: list[Score], path: Path) -> None:
+    """One row per subject (the Score fields), atomically."""
+    write_csv(path, [f.name for f in fields(Score)], (asdict(s) for s in scores))

@@ -1,20 +1,22 @@
 """Reading scans and writing masks, with the affine always kept beside the voxels.
 
-Writes are atomic: the image goes to a temporary file in the target folder and is
+Writes are atomic: the image (or table) goes to a temporary file in the target folder and is
 renamed over the target only once complete, so a killed run never leaves a
 half-written mask behind.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import os
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -150,6 +152,25 @@ def write_atomic(img: nib.Nifti1Image, path: str | Path) -> None:
             nib.save(img, tmp)
         except OSError as err:
             raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
+
+
+def write_csv(path: str | Path, columns: Sequence[str],
+              rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write rows (keyed by column; a key outside `columns` is a bug and raises) as a UTF-8
+    CSV with a header line, atomically; returns `path`.
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    with atomic_path(path, suffix=".part.csv") as tmp:
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(columns))
+                writer.writeheader()
+                writer.writerows(rows)
+        except OSError as err:
+            raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
+    return Path(path)
 
 
 def _umask() -> int:

@@ -19,7 +19,6 @@ PostgreSQL) so that several processes, on several machines, can work on one stud
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ import tomli_w
 from meshseg import archs
 from meshseg.config import TrainConfig, as_flags, check_names
 from meshseg.errors import InputError
-from meshseg.io import atomic_path, make_folder
+from meshseg.io import atomic_path, make_folder, write_csv
 
 if TYPE_CHECKING:
     import optuna
@@ -345,11 +344,7 @@ def write_reports(settings: TuneSettings, study: optuna.Study) -> tuple[Path | N
     """
     trials = study.get_trials(deepcopy=False)
     trials_file = settings.out / TRIALS_FILE
-    with atomic_path(trials_file, suffix=".part.csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=TRIAL_COLUMNS)
-            writer.writeheader()
-            writer.writerows(_trial_row(t) for t in trials)
+    write_csv(trials_file, TRIAL_COLUMNS, (_trial_row(t) for t in trials))
     best = _best_trial(trials)
     if best is None:
         return None, trials_file

@@ -19,7 +19,7 @@ from meshseg.evaluate import (
     score,
     subject_key,
     summary,
-    write_csv,
+    write_scores,
 )
 from meshseg.metrics import hd95
 from tests.conftest import blob
@@ -89,7 +89,7 @@ def test_lesion_figures_hd95_and_bins_in_csv(tmp_path, write_nifti):
     assert s.hd95_mm == pytest.approx(hd95(pred > 0, truth > 0, (2.0, 2.0, 2.0)))
     assert s.volume_bin == VOLUME_BINS[0]
     out = tmp_path / "scores.csv"
-    write_csv([s], out)
+    write_scores([s], out)
     header = out.read_text().splitlines()[0].split(",")
     assert header[:7] == ["subject", "dice", "avd", "mcc", "vol_true_ml", "vol_pred_ml",
                           "hd95_mm"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from meshseg.errors import InputError, OutputError
-from meshseg.io import load_volume, save_like
+from meshseg.io import load_volume, save_like, write_csv
 from meshseg.validate import check_volume
 from tests.conftest import grid_affine
 
@@ -92,6 +92,16 @@ def test_failed_write_leaves_nothing(write_nifti, tmp_path, monkeypatch):
         save_like(np.ones((8, 8, 8)), vol, out, np.uint8)
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "scan.nii.gz"]
+
+
+def test_csv_rows_by_column_and_atomic(tmp_path):
+    out = tmp_path / "t.csv"
+    assert write_csv(out, ["a", "b"], [{"a": 1, "b": "x,y"}, {"a": 2}]) == out
+    assert out.read_bytes() == b'a,b\r\n1,"x,y"\r\n2,\r\n'
+    with pytest.raises(ValueError, match="not in fieldnames"):  # a misspelt column is a bug
+        write_csv(out, ["a"], [{"a": 3}, {"c": 4}])
+    assert out.read_text(encoding="utf-8").startswith("a,b")  # the old file stays whole
+    assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]
 
 
 def test_unwritable_folder(write_nifti, tmp_path):
