@@ -6,7 +6,8 @@ eps 1e-4), a one-cycle schedule starting at lr/100 with 1% warm-up, cross-entrop
 label smoothing 0.01 and class weights 0.5/1.0, 50 epochs, half precision on CUDA, and
 several restarts of which the best by validation Dice is kept. Validation Dice is the mean
 over validation volumes of the argmax lesion Dice, on whole volumes (on one fixed crop per
-volume, placed over lesion, when training on crops).
+volume, placed over lesion, when training on crops, unless `val_whole` asks for whole
+volumes).
 
 A run folder holds config.toml, split.json (the exact pairs), metrics.csv (one row per
 epoch and restart), last.pt (resume state, rewritten atomically after every epoch, loadable
@@ -200,11 +201,12 @@ def _prepare(config: TrainConfig, train_pairs: list[Pair], val_pairs: list[Pair]
     if amp and device.type != "cuda":
         raise DeviceError(f"half precision (amp) needs a CUDA device, not {device}")
     cache = ConformedCache(config.cache or default_cache_dir())
-    common = {"crop": config.crop, "downsample": config.downsample, "seed": config.seed}
+    common = {"downsample": config.downsample, "seed": config.seed}
+    val_crop = None if config.val_whole else config.crop
     return _Setup(device, amp,
-                  LesionDataset(train_pairs, cache, lesion_p=config.crop_lesion_p,
-                                flip_lr=config.flip_lr, **common),
-                  LesionDataset(val_pairs, cache, lesion_p=1.0, **common))
+                  LesionDataset(train_pairs, cache, crop=config.crop,
+                                lesion_p=config.crop_lesion_p, flip_lr=config.flip_lr, **common),
+                  LesionDataset(val_pairs, cache, crop=val_crop, lesion_p=1.0, **common))
 
 
 def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None,

@@ -129,6 +129,23 @@ def test_fit_writes_the_run_files(config, caplog):
         fit(config)
 
 
+@pytest.mark.parametrize("val_whole, side", [(False, 12), (True, 24)])
+def test_validation_uses_one_crop_or_the_whole_volume(config, monkeypatch, val_whole, side):
+    """Crop training validates on a crop, or with val_whole on the volume predict would see."""
+    from meshseg import train
+
+    seen = []
+    real = train._validate
+
+    def spy(model, loader, *args):
+        seen.extend(tuple(image.shape[2:]) for image, _ in loader)
+        return real(model, loader, *args)
+
+    monkeypatch.setattr(train, "_validate", spy)
+    fit(replace(config, val_whole=val_whole))
+    assert seen == [(side,) * 3]
+
+
 def test_data_problems_stop_training_before_the_run_folder(config):
     (config.data.parent / "s2_mask.nii.gz").unlink()
     with pytest.raises(InputError, match="1 problem.*s2_mask.nii.gz: no such file"):
