@@ -141,15 +141,8 @@ def prepare(settings: CvSettings) -> tuple[list[Pair], splits.Splits]:
     pairs = load_dataset(settings.data)
     scan_ids(pairs)
     saved = settings.out / SPLITS_FILE
-    if settings.splits is not None:
-        chosen = splits.load_splits(settings.splits, pairs)
-        if saved.exists() and splits.load_splits(saved, pairs) != chosen:
-            raise InputError(f"{settings.splits}: differs from {saved}, which the results "
-                             "in this folder were made with")
-    elif saved.exists():
-        chosen = splits.load_splits(saved, pairs)
-    else:
-        chosen = splits.make_splits(pairs, settings.outer, settings.inner, settings.seed)
+    chosen = splits.folder_splits(pairs, saved, settings.splits, settings.outer, settings.inner,
+                                  settings.seed)
     if (len(chosen.folds), len(chosen.folds[0].val)) != (settings.outer, settings.inner):
         raise InputError(f"{settings.splits or saved}: has {len(chosen.folds)} outer and "
                          f"{len(chosen.folds[0].val)} inner folds, not {settings.outer} and "

@@ -229,6 +229,27 @@ def save_splits(splits: Splits, path: Path) -> None:
         tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 
+def folder_splits(pairs: Sequence[Pair], saved: Path, given: Path | None, outer: int = 3,
+                  inner: int = 3, seed: int = 0) -> Splits:
+    """The splits of an output folder whose splits file is `saved`: `given` (a splits file),
+    else `saved` when continuing, else new ones from the seed. The caller saves them.
+
+    A folder's results hold only for the splits they were made with, hence the check.
+
+    Raises:
+        InputError: a bad splits file, or `given` differs from an existing `saved`.
+    """
+    if given is not None:
+        chosen = load_splits(given, pairs)
+        if saved.exists() and load_splits(saved, pairs) != chosen:
+            raise InputError(f"{given}: differs from {saved}, which the results in that "
+                             "folder were made with")
+        return chosen
+    if saved.exists():
+        return load_splits(saved, pairs)
+    return make_splits(pairs, outer, inner, seed)
+
+
 def load_splits(path: Path, pairs: Sequence[Pair]) -> Splits:
     """Read a splits file and check it against the data.
 

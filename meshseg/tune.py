@@ -253,14 +253,14 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def inner_folds(settings: TuneSettings) -> tuple[Splits, list[tuple[list[Pair], list[Pair]]]]:
-    """The splits, from `settings.splits` or else from the seed, and the (train, val) pairs
-    of each inner fold of their first outer fold."""
+    """The splits (`splits.folder_splits`: from `settings.splits`, OUT/splits.json or the
+    seed) and the (train, val) pairs of each inner fold of their first outer fold."""
     from meshseg.data import load_dataset
-    from meshseg.splits import fold_pairs, load_splits, make_splits
+    from meshseg.splits import fold_pairs, folder_splits
 
     pairs = load_dataset(settings.data)
-    splits = (load_splits(settings.splits, pairs) if settings.splits is not None
-              else make_splits(pairs, seed=settings.seed))
+    splits = folder_splits(pairs, settings.out / SPLITS_FILE, settings.splits,
+                           seed=settings.seed)
     return splits, [fold_pairs(splits, pairs, OUTER_FOLD, inner)
                     for inner in range(len(splits.folds[OUTER_FOLD].val))]
 

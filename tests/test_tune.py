@@ -20,8 +20,10 @@ from meshseg.cli import main
 from meshseg.config import load_config
 from meshseg.data import read_manifest
 from meshseg.errors import InputError
+from meshseg.splits import make_splits, save_splits
 from meshseg.tune import (
     TuneSettings,
+    inner_folds,
     suggest,
     tune,
     tunes_channels,
@@ -133,6 +135,18 @@ def test_bad_settings_are_refused_in_one_line(manifest, tmp_path, change, messag
                                **change})
     with pytest.raises(InputError, match=message):
         tune(settings)
+
+
+def test_a_splits_file_other_than_the_folders_is_refused(manifest, tmp_path):
+    """Like cv: OUT/splits.json is reused when continuing, and --splits must equal it."""
+    out = tmp_path / "tune"
+    out.mkdir()
+    pairs = read_manifest(manifest)
+    save_splits(make_splits(pairs, seed=0), out / "splits.json")
+    save_splits(make_splits(pairs, seed=7), tmp_path / "other.json")
+    assert inner_folds(TuneSettings(data=manifest, out=out))[0] == make_splits(pairs, seed=0)
+    with pytest.raises(InputError, match="other.json: differs from .*splits.json"):
+        inner_folds(TuneSettings(data=manifest, out=out, splits=tmp_path / "other.json"))
 
 
 def test_missing_optuna_names_the_extra(manifest, tmp_path, monkeypatch):
