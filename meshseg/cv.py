@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from meshseg import archs, evaluate, splits
+from meshseg import archs, evaluate, splits, train
 from meshseg.cv_units import (
     CvSettings,
     Unit,
     epochs,
+    finished,
     metric_rows,
     prepare,
     scan_ids,
@@ -74,8 +75,9 @@ def run(settings: CvSettings, selectors: Sequence[dict[str, str]] = (),
     todo = select(units(settings), selectors)
     if selectors and not todo:
         raise InputError("--only selects no unit (see --list)")
+    wanted = epochs(settings)
     for unit in todo:
-        if status(unit, settings.out, epochs(settings)) == "done":
+        if status(unit, settings.out, wanted) == "done":
             continue
         logger.info("unit %d: %s", unit.index, unit.label())
         train_unit(settings, chosen, pairs, unit,
@@ -120,21 +122,20 @@ def select_best(settings: CvSettings) -> list[Selected]:
     Raises:
         InputError: a unit has not finished (the message names it and how many remain).
     """
-    missing = [u for u in units(settings) if status(u, settings.out, epochs(settings)) != "done"]
+    every, wanted = units(settings), epochs(settings)
+    rows = {u: metric_rows(u.folder(settings.out)) for u in every}
+    missing = [u for u in every if not finished(rows[u], wanted)]
     if missing:
-        raise InputError(f"{settings.out}: {len(missing)} of {len(units(settings))} training "
+        raise InputError(f"{settings.out}: {len(missing)} of {len(every)} training "
                          f"units not finished, e.g. {missing[0].label()} (index "
                          f"{missing[0].index})")
-    picked = []
-    for model in settings.models:
-        for k in range(settings.outer):
-            candidates = [u for u in units(settings) if (u.model, u.outer) == (model, k)]
-            scored = [(max(float(r["val_dice"]) for r in metric_rows(u.folder(settings.out))), u)
-                      for u in candidates]
-            dice, best = max(scored, key=lambda item: item[0])  # first of equals
-            picked.append(Selected(model, k, best.inner, best.restart, dice,
-                                   best.folder(settings.out) / "best.safetensors"))
-    return picked
+    best: dict[tuple[str, int], tuple[float, Unit]] = {}
+    for unit in every:  # in unit order, so the first of equals wins
+        dice = max(float(r["val_dice"]) for r in rows[unit])
+        if (unit.model, unit.outer) not in best or dice > best[unit.model, unit.outer][0]:
+            best[unit.model, unit.outer] = dice, unit
+    return [Selected(u.model, u.outer, u.inner, u.restart, dice,
+                     u.folder(settings.out) / train.BEST_FILE) for dice, u in best.values()]
 
 
 # ---------------------------------------------------------------------------- hold-out

@@ -113,7 +113,12 @@ def status(unit: Unit, results: Path, epochs: int) -> str:
     folder = unit.folder(results)
     if not (folder / train.CONFIG_FILE).exists():
         return "todo"
-    return "done" if len(metric_rows(folder)) >= epochs else "started"
+    return "done" if finished(metric_rows(folder), epochs) else "started"
+
+
+def finished(rows: Sequence[dict[str, str]], epochs: int) -> bool:
+    """Whether a run's metrics.csv rows cover all its epochs (cv units train one restart)."""
+    return len(rows) >= epochs
 
 
 def metric_rows(folder: Path) -> list[dict[str, str]]:
@@ -193,7 +198,7 @@ def unit_config(settings: CvSettings, unit: Unit, train_csv: Path, val_csv: Path
 
 def epochs(settings: CvSettings) -> int:
     """Epochs every unit trains (the forwarded setting, else TrainConfig's default)."""
-    return unit_config(settings, units(settings)[0], Path(), Path()).epochs
+    return unit_config(settings, Unit(0, settings.models[0], 0, 0, 0), Path(), Path()).epochs
 
 
 def train_unit(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair], unit: Unit,

@@ -91,6 +91,17 @@ def test_results_folder(finished):
         assert (finished / "figures" / figure).read_bytes().startswith(b"\x89PNG")
 
 
+def test_selection_reads_each_run_once(finished, monkeypatch):
+    settings = cv_units.CvSettings(data=Path("d.csv"), out=finished, models=MODELS, outer=2,
+                                   inner=2, train={"epochs": 1})
+    read, reader = [], cv_units.metric_rows
+    for module in (cv, cv_units):
+        monkeypatch.setattr(module, "metric_rows", lambda f: read.append(f) or reader(f))
+    picked = cv.select_best(settings)
+    assert sorted(read) == sorted(u.folder(finished) for u in cv_units.units(settings))
+    assert [(b.model, b.outer) for b in picked] == [(m, k) for m in MODELS for k in range(2)]
+
+
 def test_rerun_skips_finished_units_and_predictions(cohort, finished):
     root, manifest = cohort
     run = finished / "runs/resunet/outer1/inner0/restart0"
