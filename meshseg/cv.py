@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from meshseg import archs, evaluate, splits, train
+from meshseg import evaluate, splits, train
 from meshseg.cv_units import (
     CvSettings,
     Unit,
@@ -40,7 +40,6 @@ from meshseg.cv_units import (
     select,
     status,
     train_unit,
-    unit_config,
     units,
 )
 from meshseg.data import Pair
@@ -90,12 +89,12 @@ def report(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair]) -
     best = select_best(settings)
     write_csv(settings.out / SELECTION_FILE, [f.name for f in fields(Selected)],
               (asdict(b) for b in best))
-    scores = {}
+    scores, sizes = {}, {}
     for model in settings.models:
-        predicted = [p for b in best if b.model == model
-                     for p in predict_test(settings, chosen, pairs, b)]
-        scores[model] = score_model(settings, model, predicted)
-    rows = table(settings, chosen, pairs, scores)
+        held = [predict_test(settings, chosen, pairs, b) for b in best if b.model == model]
+        sizes[model] = held[0].parameters  # every fold trains the same network
+        scores[model] = score_model(settings, model, [s for h in held for s in h.scans])
+    rows = table(settings, chosen, pairs, scores, sizes)
     write_summary(settings, rows)
     write_figures(settings, rows, scores)
     return rows
@@ -141,10 +140,17 @@ def select_best(settings: CvSettings) -> list[Selected]:
 # ---------------------------------------------------------------------------- hold-out
 
 
+@dataclass(frozen=True)
+class HoldOut:
+    """An outer fold's hold-out predictions and the size of the network that made them."""
+
+    parameters: int  # learnable values of the checkpoint, as trained
+    scans: list[tuple[str, Path, Path]]  # (scan, prediction, mask)
+
+
 def predict_test(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair],
-                 best: Selected) -> list[tuple[str, Path, Path]]:
-    """Segment the outer fold's hold-out scans with its selected run: (scan, prediction,
-    mask) for each.
+                 best: Selected) -> HoldOut:
+    """Segment the outer fold's hold-out scans with its selected run.
 
     A prediction newer than the checkpoint is kept, so a rerun skips it.
 
@@ -169,7 +175,7 @@ def predict_test(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pa
         if result.status == "failed":
             raise InputError(result.error)
         done.append((ids[pair.image], target, pair.mask))
-    return done
+    return HoldOut(model.parameters, done)
 
 
 def score_model(settings: CvSettings, model: str,
@@ -218,9 +224,10 @@ class Row:
 
 
 def table(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair],
-          scores: dict[str, list[evaluate.Score]]) -> list[Row]:
-    """Table 1: per model the mean of each metric per outer fold, and significance of the
-    per-subject differences to the reference model (Wilcoxon, Holm over models)."""
+          scores: dict[str, list[evaluate.Score]], parameters: dict[str, int]) -> list[Row]:
+    """Table 1: per model its parameters, the mean of each metric per outer fold, and
+    significance of the per-subject differences to the reference model (Wilcoxon, Holm over
+    models)."""
     from meshseg import stats
 
     tested_in = {subject: k for k, f in enumerate(chosen.folds) for subject in f.test}
@@ -236,7 +243,7 @@ def table(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair],
                                         if fold_of[s.subject] == k])
                           for k in range(settings.outer)] for metric in TABLE_METRICS}
         found = {metric: tests[metric].get(model) for metric in TABLE_METRICS}
-        out.append(Row(model, parameters(settings, model), folds,
+        out.append(Row(model, parameters[model], folds,
                        {m: c.star if c else "" for m, c in found.items()},
                        {m: c.p_holm if c else float("nan") for m, c in found.items()},
                        len(rows)))
@@ -259,12 +266,6 @@ def subject_means(rows: Sequence[evaluate.Score], metric: str,
 def _finite_mean(values: Sequence[float]) -> float:
     finite = [v for v in values if np.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
-
-
-def parameters(settings: CvSettings, model: str) -> int:
-    """Learnable parameters of the model as trained (its architecture and build options)."""
-    config = unit_config(settings, Unit(0, model, 0, 0, 0), Path(), Path())
-    return archs.count_parameters(config.architecture, config.network_options())
 
 
 def write_summary(settings: CvSettings, rows: Sequence[Row]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from meshseg import cv, cv_units, data, evaluate, predict
+from meshseg import archs, cv, cv_units, data, evaluate, predict
 from meshseg.cli import main
 from meshseg.errors import InputError
 from meshseg.splits import FORMAT
@@ -102,13 +102,18 @@ def test_selection_reads_each_run_once(finished, monkeypatch):
     assert [(b.model, b.outer) for b in picked] == [(m, k) for m in MODELS for k in range(2)]
 
 
-def test_rerun_skips_finished_units_and_predictions(cohort, finished):
+def test_rerun_skips_finished_units_and_predictions(cohort, finished, monkeypatch):
+    def build_again(*args, **kwargs):
+        raise AssertionError("the report counts parameters of the checkpoints it loaded")
+
+    monkeypatch.setattr(archs, "count_parameters", build_again)
     root, manifest = cohort
     run = finished / "runs/resunet/outer1/inner0/restart0"
     prediction = finished / "predictions/resunet/s0_lesion.nii.gz"
     stamps = [(p, p.stat().st_mtime_ns) for p in (run / "last.pt", prediction)]
     result = CliRunner().invoke(main, cv_args(root, manifest, "results"))
     assert result.exit_code == 0, result.output
+    assert "| meshnet-5 (reference) | 5,682 |" in result.output
     assert [p.stat().st_mtime_ns for p, _ in stamps] == [t for _, t in stamps]
 
 

@@ -198,4 +198,6 @@ def count_parameters(name: str, options: dict[str, Any]) -> int:
     PyTorch's meta device would skip the memory but not the time (MONAI's truncated-normal
     initialisation is slower there) and Swin-UNETR's constructor reads tensor values.
     """
-    return sum(p.numel() for p in build(name, **options).parameters())
+    from meshseg.model import count_parameters as learnable
+
+    return learnable(build(name, **options))
