@@ -61,21 +61,9 @@ def _write(path: str | Path, model: nn.Module, header: dict[str, str], meta: dic
         save_file(state, str(tmp), metadata={**header, "meta": json.dumps(meta or {})})
 
 
-def load_checkpoint(path: str | Path) -> tuple[MeshNet, dict]:
-    """Read a MeshNet checkpoint written by `save_checkpoint`; the model comes back in eval mode.
-
-    Raises:
-        WeightsError: missing file, not a meshseg MeshNet checkpoint, or weights that do not fit.
-    """
-    path = Path(path)
-    return _meshnet(path, *_read(path))
-
-
 def _meshnet(path: Path, header: dict[str, str],
              state: dict[str, torch.Tensor]) -> tuple[MeshNet, dict]:
-    if header.get("format") != FORMAT:
-        raise WeightsError(f"{path}: not a meshseg MeshNet checkpoint (format "
-                           f"{header.get('format')!r}, expected {FORMAT!r})")
+    """A MeshNet checkpoint (FORMAT): the network rebuilt from its config, and its meta."""
     try:
         config = MeshNetConfig.from_dict(json.loads(header["config"]))
         meta = json.loads(header.get("meta", "{}"))

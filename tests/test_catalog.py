@@ -9,12 +9,12 @@ import threading
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from meshseg import catalog
 from meshseg.errors import WeightsError
 from meshseg.model import MeshNet, MeshNetConfig
 from meshseg.weights import (
-    load_checkpoint,
     load_network,
     save_checkpoint,
     save_network,
@@ -48,10 +48,12 @@ def test_checkpoint_round_trip(tmp_path):
     model = MeshNet(MeshNetConfig(channels=3, activation="elu"))
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, model, {"note": "test"})
-    loaded, meta = load_checkpoint(path)
-    assert meta == {"note": "test"} and loaded.config == model.config
+    loaded = load_network(path)
+    assert loaded.architecture == "meshnet" and loaded.options == model.config.to_dict()
+    assert loaded.meta == {"note": "test"} and loaded.model.config == model.config
+    assert loaded.window is None and not loaded.model.training
     for key, value in model.state_dict().items():
-        assert torch.equal(value, loaded.state_dict()[key])
+        assert torch.equal(value, loaded.model.state_dict()[key])
 
 
 def test_network_checkpoint_round_trip(tmp_path):
@@ -66,11 +68,10 @@ def test_network_checkpoint_round_trip(tmp_path):
     assert loaded.meta == {"val_dice": 0.5} and not loaded.model.training
     for key, value in network.state_dict().items():
         assert torch.equal(value, loaded.model.state_dict()[key]), key
-    with pytest.raises(WeightsError, match="not a meshseg MeshNet checkpoint"):
-        load_checkpoint(path)
-    meshnet = tmp_path / "m.safetensors"
-    save_checkpoint(meshnet, MeshNet(MeshNetConfig(channels=3)))
-    assert load_network(meshnet).architecture == "meshnet"
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(1)}, str(foreign), metadata={"format": "other/1"})
+    with pytest.raises(WeightsError, match="not a meshseg checkpoint .format 'other/1'"):
+        load_network(foreign)
 
 
 def test_pickle_is_refused_without_running_it(tmp_path):
@@ -83,7 +84,7 @@ def test_pickle_is_refused_without_running_it(tmp_path):
     path = tmp_path / "evil.safetensors"
     path.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(WeightsError, match="evil.safetensors"):
-        load_checkpoint(path)
+        load_network(path)
     assert not marker.exists()
 
 
@@ -142,9 +143,10 @@ def test_bundled_cards_match_their_checkpoints():
     for card in cards:
         path = card.folder / card.entry_file
         assert sha256_file(path) == card.files[card.entry_file]
-        model, meta = load_checkpoint(path)
-        assert model.config.channels == card.channels
-        assert sum(p.numel() for p in model.parameters()) == card.parameters
+        loaded = load_network(path)
+        meta = loaded.meta
+        assert loaded.model.config.channels == card.channels
+        assert sum(p.numel() for p in loaded.model.parameters()) == card.parameters
         # written by `meshseg train`: a bundled model records the run that made it
         assert {"config", "val_dice", "epoch"} <= set(meta), meta.keys()
         assert (card.folder / "README.md").is_file(), "every bundled model has a model card"

@@ -29,7 +29,7 @@ from meshseg.train import (
     resume,
     save_config,
 )
-from meshseg.weights import load_checkpoint
+from meshseg.weights import load_network
 from tests.conftest import grid_affine
 from tests.test_data import fake_conform_pair, write_pair
 
@@ -120,8 +120,9 @@ def test_fit_writes_the_run_files(config, caplog):
     assert list(rows[0]) == list(METRIC_COLUMNS) and len(rows) == 1
     assert records[0]["epoch"] == 1 and records[0]["epochs"] == 1
     assert records[0]["best_val_dice"] == records[0]["val_dice"]
-    model, meta = load_checkpoint(run_dir / "best.safetensors")
-    assert model.config.channels == 3
+    best = load_network(run_dir / "best.safetensors")
+    meta = best.meta
+    assert best.architecture == "meshnet" and best.model.config.channels == 3
     assert meta["val_dice"] == float(rows[0]["val_dice"]) and meta["seed"] == 7
     assert (meta["restart"], meta["epoch"]) == (1, 1) and meta["config"]["crop"] == 12
     assert "restart 1/1 epoch 1/1: train loss" in caplog.text
@@ -186,7 +187,7 @@ def test_killed_run_resumes_to_the_same_result(config, tmp_path, caplog):
 
     assert losses(killed.out) == losses(straight.out)
     assert len(losses(killed.out)) == 4
-    best = load_checkpoint(killed.out / "best.safetensors")[1]
+    best = load_network(killed.out / "best.safetensors").meta
     assert best["val_dice"] == max(float(r["val_dice"]) for r in read_metrics(killed.out))
     before = (killed.out / "last.pt").stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="meshseg.train"):
@@ -260,7 +261,7 @@ def test_fit_end_to_end_through_real_conform(tmp_path):
     fit(config)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
     assert [row["epoch"] for row in read_metrics(config.out)] == ["1", "2"]
-    assert load_checkpoint(config.out / "best.safetensors")[1]["config"]["downsample"] == 2
+    assert load_network(config.out / "best.safetensors").meta["config"]["downsample"] == 2
 
 
 def test_train_command_runs_and_resumes(config):
