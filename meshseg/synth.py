@@ -414,8 +414,8 @@ def _draw_lesion(rng: np.random.Generator, atlas: _Atlas, volume_ml: float, side
     core = core[around]
     depth = ndimage.distance_transform_edt(np.pad(core, 1))[1:-1, 1:-1, 1:-1]
     # Gliosis lines the cavity and remains in strands and patches inside it.
-    strands = _smooth_noise(rng, core.shape, 3.0) > rng.uniform(0.5, 2.0)
-    cavity = core & (depth > rng.uniform(1.0, 3.0)) & ~strands
+    strands = _smooth_noise(rng, core.shape, 3.0) > rng.uniform(1.0, 2.5)
+    cavity = core & (depth > rng.uniform(0.5, 2.0)) & ~strands
     extent = ndimage.gaussian_filter(core.astype(np.float32), 0.5)
     cavity_frac = ndimage.gaussian_filter(cavity.astype(np.float32), 0.5)
     return _Lesion(tuple(slice(b.start + a.start, b.start + a.stop) for a, b in zip(around, box)),
@@ -514,8 +514,8 @@ def _draw_contrast(rng: np.random.Generator, random_share: float) -> dict[str, f
     deep = wm + rng.uniform(-0.05, 1.0) * (gm - wm)  # pallidum, putamen: iron darkens T2
     return {
         "wm": wm, "gm": gm, "csf": csf, "deep": deep,
-        "cavity": csf * rng.uniform(0.8, 1.0),
-        "rim": gm + rng.uniform(0.15, 0.75) * (csf - gm),
+        "cavity": csf * rng.uniform(0.9, 1.0),
+        "rim": gm + rng.uniform(0.35, 0.8) * (csf - gm),
         "wmh": gm + rng.uniform(-0.2, 0.4) * (csf - gm),
         "bone": rng.uniform(0.0, 0.08), "marrow": rng.uniform(0.2, 0.65),
         "fat": rng.uniform(0.45, 0.95), "muscle": rng.uniform(0.12, 0.3),
