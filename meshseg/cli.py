@@ -457,10 +457,9 @@ def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: b
     """Score predicted masks PRED against reference masks TRUTH (files or folders).
 
     Per subject: DICE, AVD, MCC, HD95, both volumes and lesion-wise detection; then mean
-    (std) and median [IQR], over all subjects and per true lesion volume quartile.
+    (std) and median [IQR], over all subjects and per true lesion volume quartile (Q1-Q4).
     """
     from rich.console import Console
-    from rich.table import Table
 
     from meshseg import evaluate
 
@@ -474,42 +473,18 @@ def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: b
         scores = [evaluate.score(p, t, resample) for p, t in pairs]
         if csv_path is not None:
             evaluate.write_scores(scores, csv_path)
-        groups = {"all": scores, **evaluate.by_volume_bin(scores)}
         if figure is not None:
             from meshseg.figures import box_plot
 
+            groups = {"all": scores, **evaluate.by_volume_bin(scores)}
             box_plot({f"{name}\n(n={len(group)})": [s.dice for s in group]
                       for name, group in groups.items()}, figure, rank=False,
                      title="DICE by true lesion volume")
     except MeshsegError as err:
         fail(str(err))
-    table = Table("subject", "DICE", "AVD", "MCC", "HD95 mm", "true mL", "pred mL",
-                  "lesions found", "false lesions")
-    for s in scores:
-        table.add_row(s.subject, f"{s.dice:.3f}", f"{s.avd:.3f}", f"{s.mcc:.3f}",
-                      f"{s.hd95_mm:.1f}", f"{s.vol_true_ml:.2f}", f"{s.vol_pred_ml:.2f}",
-                      f"{s.lesions_detected}/{s.lesions_true}", str(s.lesions_false_positive))
-    overall = Table("true lesion volume", "n", *(m.upper().replace("_MM", " mm")
-                                                 for m in evaluate.SUMMARY_METRICS),
-                    "lesions found", caption="mean (std) / median [IQR]; (n=k): k finite values")
-    for name, group in groups.items():
-        stats = evaluate.summary(group)
-        found = sum(s.lesions_detected for s in group), sum(s.lesions_true for s in group)
-        overall.add_row(name, str(len(group)),
-                        *(_stats_cell(stats.get(m), len(group)) for m in evaluate.SUMMARY_METRICS),
-                        f"{found[0]}/{found[1]}")
     console = Console()
-    console.print(table)
-    console.print(overall)
-
-
-def _stats_cell(stats: dict[str, float] | None, n: int) -> str:
-    """mean (std) over median [IQR] of one metric, with its count where values were left out."""
-    if stats is None:
-        return "-"
-    count = f" (n={stats['n']})" if stats["n"] != n else ""
-    return (f"{stats['mean']:.3f} ({stats['std']:.3f}){count}\n"
-            f"{stats['median']:.3f} [{stats['q1']:.3f}, {stats['q3']:.3f}]")
+    console.print(evaluate.scores_table(scores))
+    console.print(evaluate.summary_table(scores))
 
 
 CV_OWN_SETTINGS = ("data", "out", "val_data", "val_fraction", "architecture", "channels",

@@ -20,6 +20,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to
+from rich import box
+from rich.table import Table
 
 from meshseg.cohort import stem
 from meshseg.errors import InputError
@@ -33,8 +35,10 @@ SUMMARY_METRICS = ("dice", "avd", "mcc", "hd95_mm")
 # The paper's quartile cut points of ARC's lesion volumes (voxels at 1 mm^3, i.e. mL / 1000);
 # the outer bins are open, so no volume falls outside them.
 _CUTS = ARC_QUARTILES_ML[1:-1]
-VOLUME_BINS = (f"Q1 < {_CUTS[0]:.1f} mL", f"Q2 {_CUTS[0]:.1f}-{_CUTS[1]:.1f} mL",
-               f"Q3 {_CUTS[1]:.1f}-{_CUTS[2]:.1f} mL", f"Q4 >= {_CUTS[2]:.1f} mL")
+BIN_NAMES = ("Q1", "Q2", "Q3", "Q4")
+VOLUME_BINS = tuple(f"{name} {span} mL" for name, span in zip(BIN_NAMES, (
+    f"< {_CUTS[0]:.1f}", f"{_CUTS[0]:.1f}-{_CUTS[1]:.1f}", f"{_CUTS[1]:.1f}-{_CUTS[2]:.1f}",
+    f">= {_CUTS[2]:.1f}")))
 
 
 @dataclass
@@ -151,6 +155,57 @@ def summary(scores: list[Score]) -> dict[str, dict[str, float]]:
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                      "median": float(q2), "q1": float(q1), "q3": float(q3), "n": len(values)}
     return out
+
+
+def scores_table(scores: list[Score]) -> Table:
+    """One line per subject, for the terminal."""
+    table = _table("subject", "DICE", "AVD", "MCC", "HD95", "true", "pred", "found", "false",
+                   caption="HD95 in mm, true and predicted lesion volumes in mL; found: true "
+                           "lesions detected; false: predicted lesions on no true lesion")
+    for s in scores:
+        table.add_row(s.subject, f"{s.dice:.3f}", f"{s.avd:.3f}", f"{s.mcc:.3f}",
+                      f"{s.hd95_mm:.1f}", f"{s.vol_true_ml:.2f}", f"{s.vol_pred_ml:.2f}",
+                      f"{s.lesions_detected}/{s.lesions_true}", str(s.lesions_false_positive))
+    return table
+
+
+def summary_table(scores: list[Score]) -> Table:
+    """`summary` over all subjects and per volume bin, for the terminal.
+
+    Each metric's cell is mean (std) over median [IQR] (Q3 - Q1, one number), and bins are
+    named Q1..Q4 with their bounds in the caption: so the table fits 80 columns.
+    """
+    table = _table("volume", "n", *(m.removesuffix("_mm").upper() for m in SUMMARY_METRICS),
+                   "found", caption=f"mean (std) over median [IQR]; n=k: k finite values. "
+                                    f"True lesion volume bins: {', '.join(VOLUME_BINS)}.",
+                   show_lines=True)
+    for name, group in [("all", scores), *zip(BIN_NAMES, by_volume_bin(scores).values())]:
+        stats = summary(group)
+        found = sum(s.lesions_detected for s in group), sum(s.lesions_true for s in group)
+        table.add_row(name, str(len(group)),
+                      *(_stats_cell(stats.get(m), len(group), 1 if m == "hd95_mm" else 3)
+                        for m in SUMMARY_METRICS),
+                      f"{found[0]}/{found[1]}")
+    return table
+
+
+def _stats_cell(stats: dict[str, float] | None, n: int, digits: int) -> str:
+    """Mean (std) over median [IQR] of one metric, and its count where values were left out."""
+    if stats is None:
+        return "-"
+    count = f"\nn={stats['n']}" if stats["n"] != n else ""
+    return (f"{stats['mean']:.{digits}f} ({stats['std']:.{digits}f})\n"
+            f"{stats['median']:.{digits}f} [{stats['q3'] - stats['q1']:.{digits}f}]{count}")
+
+
+def _table(*columns: str, caption: str, show_lines: bool = False) -> Table:
+    """A Rich table without vertical rules (narrow enough for 80 columns); a cell too wide
+    for its column folds onto the next line instead of being cut."""
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, caption=caption,
+                  show_lines=show_lines)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
 
 
 def write_scores(scores: list[Score], path: Path) -> None:

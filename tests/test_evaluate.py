@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from meshseg.cli import main
 from meshseg.errors import InputError
@@ -19,6 +20,7 @@ from meshseg.evaluate import (
     score,
     subject_key,
     summary,
+    summary_table,
     write_scores,
 )
 from meshseg.metrics import hd95
@@ -125,5 +127,32 @@ def test_eval_prints_bins_and_writes_a_figure(tmp_path, write_nifti):
             "--figure", str(tmp_path / "dice.png")]
     result = CliRunner(env={"COLUMNS": "200"}).invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert re.search(r"Q4 >= 128.3 mL +│ 0 ", result.output) and "HD95 mm" in result.output
+    assert re.search(r"\n Q4 +0 +- ", result.output) and "Q4 >= 128.3 mL" in result.output
     assert (tmp_path / "dice.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_eval_tables_fit_80_columns(tmp_path, write_nifti):
+    """No cell cut with an ellipsis, and each summary cell keeps mean (std) on one line."""
+    truth = blob((20, 20, 20), (10, 10, 10), 4)
+    names = ["sub-M2001_ses-1253", "sub-M2002_ses-3019"]
+    (tmp_path / "t").mkdir()
+    (tmp_path / "p").mkdir()
+    for name, shift in zip(names, (1, 3)):
+        write_nifti(truth, name=f"t/{name}_lesion.nii.gz", dtype=np.uint8)
+        write_nifti(np.roll(truth, shift, axis=0), name=f"p/{name}_lesion.nii.gz",
+                    dtype=np.uint8)
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(main, ["eval", str(tmp_path / "p"),
+                                                             str(tmp_path / "t")])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output and all(name in result.output for name in names)
+    assert max(map(len, result.output.splitlines())) <= 80
+    assert re.search(r"\n all +2 +0\.\d{3} \(0\.\d{3}\) +", result.output), result.output
+
+    wide = [Score(f"sub-{i}", 0.5, 12.3456 * i, -0.25, 1.0, 1.0, 100 * i, 2, 1, 1, 12, "", "")
+            for i in range(3)]
+    wide[0].avd = math.inf
+    console = Console(width=80, record=True)
+    console.print(summary_table(wide))
+    text = console.export_text()
+    assert "…" not in text and "n=2" in text
+    assert re.search(r"18\.518 \(8\.730\) +-0\.250 \(0\.000\) +100\.0 \(100\.0\)", text)
