@@ -152,7 +152,10 @@ def predict_test(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pa
                  best: Selected) -> HoldOut:
     """Segment the outer fold's hold-out scans with its selected run.
 
-    A prediction newer than the checkpoint is kept, so a rerun skips it.
+    predictions/<model>/outer<k>_checkpoint.txt names the checkpoint the fold's predictions
+    come from. A rerun keeps a prediction newer than the checkpoint when that file names the
+    checkpoint selected now; another selection (e.g. after changing --restarts) redoes them
+    all, and the file is removed until it has.
 
     Raises:
         InputError: a scan fails (the message is `predict`'s one line).
@@ -166,15 +169,22 @@ def predict_test(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pa
     run = runner(model, device)
     folder = settings.out / "predictions" / best.model
     make_folder(folder)
+    source = folder / f"outer{best.outer}_checkpoint.txt"
+    made_by = best.checkpoint.relative_to(settings.out).as_posix()
+    same = source.is_file() and source.read_text(encoding="utf-8").strip() == made_by
+    source.unlink(missing_ok=True)
     ids, done = scan_ids(pairs), []
     for pair in splits.test_pairs(chosen, pairs, best.outer):
         target = folder / f"{ids[pair.image]}_lesion.nii.gz"
-        stale = target.exists() and target.stat().st_mtime < best.checkpoint.stat().st_mtime
+        stale = not same or (target.exists()
+                             and target.stat().st_mtime < best.checkpoint.stat().st_mtime)
         result = segment_file(pair.image, Outputs(target), model, run, str(device),
                               overwrite=stale)
         if result.status == "failed":
             raise InputError(result.error)
         done.append((ids[pair.image], target, pair.mask))
+    with atomic_path(source, suffix=".part.txt") as tmp:
+        tmp.write_text(made_by + "\n", encoding="utf-8")
     return HoldOut(model.parameters, done)
 
 

@@ -9,15 +9,17 @@ never push a 256^3 volume through a network; the slow test runs the real pipelin
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from meshseg import archs, cv, cv_units, data, evaluate, predict
+from meshseg import archs, cv, cv_units, data, evaluate, predict, splits
 from meshseg.cli import main
 from meshseg.errors import InputError
+from meshseg.io import write_csv
 from meshseg.splits import FORMAT
 from tests.test_data import fake_conform_pair, write_pair
 
@@ -50,6 +52,15 @@ def cohort(tmp_path_factory):
         patch.setattr(data, "conform_pair", fake_conform_pair)
         patch.setattr(predict, "segment", bright_voxels)
         yield root, write_cohort(root / "in")
+
+
+def settings_for(root: Path, manifest: Path, results: str, epochs: int = 1,
+                 **changes) -> cv_units.CvSettings:
+    """CvSettings of 2 x 2 folds of meshnet-5 training like TRAIN_FLAGS, for `cv.run`."""
+    return cv_units.CvSettings(**{
+        "data": manifest, "out": root / results, "models": ("meshnet-5",), "outer": 2,
+        "inner": 2, "train": {"epochs": epochs, "steps_per_epoch": 1, "crop": 32,
+                              "device": "cpu", "cache": root / "cache"}, **changes})
 
 
 def cv_args(root: Path, manifest: Path, results: str, *more: str) -> list[str]:
@@ -149,6 +160,31 @@ def test_list_only_and_resume(cohort, finished):
     assert len(cv_units.metric_rows(unit.folder(settings.out))) == 2  # resumed after epoch 1
     failed = CliRunner().invoke(main, cv_args(root, manifest, "partial", "--only", "model=unet"))
     assert failed.exit_code == 1 and "--only selects no unit" in failed.stderr
+
+
+def test_fewer_restarts_redo_the_predictions_of_the_runs_selected_now(cohort):
+    root, manifest = cohort
+    two = settings_for(root, manifest, "restarts", restarts=2)
+    cv.run(two, [{"model": "meshnet-5"}])  # train every unit, no report yet
+    favoured = two.out / "runs/meshnet-5/outer0/inner0/restart1"
+    rows = cv_units.metric_rows(favoured)
+    rows[0]["val_dice"] = "2.0"  # restart 1 wins outer fold 0 while there are two restarts
+    write_csv(favoured / "metrics.csv", list(rows[0]), rows)
+    cv.run(two)
+    source = two.out / "predictions/meshnet-5/outer0_checkpoint.txt"
+    assert source.read_text().strip() == "runs/meshnet-5/outer0/inner0/restart1/best.safetensors"
+    pairs, chosen = cv_units.prepare(two)
+    ids = cv_units.scan_ids(pairs)
+    held = [two.out / f"predictions/meshnet-5/{ids[p.image]}_lesion.nii.gz"
+            for p in splits.test_pairs(chosen, pairs, 0)]
+    stamps = [p.stat().st_mtime_ns for p in held]
+
+    one = replace(two, restarts=1)
+    cv.run(one)
+    selected = list(csv.DictReader((one.out / "selection.csv").open()))[0]
+    assert (selected["outer"], selected["restart"]) == ("0", "0")
+    assert source.read_text().strip().endswith("/restart0/best.safetensors")
+    assert all(p.stat().st_mtime_ns > t for p, t in zip(held, stamps))  # made by restart 0
 
 
 def test_selectors():
