@@ -21,6 +21,9 @@ from meshseg.io import atomic_path
 ACTIVATION_NAMES = ("elu", "relu")  # those meshseg.model.ACTIVATIONS builds
 
 PATH_FIELDS = ("data", "out", "val_data", "cache")
+# Settings that may differ between the machines sharing a tune study or a cv results folder,
+# and that stay out of tune's best.toml.
+MACHINE_FIELDS = ("device", "num_workers", "cache")
 
 
 def _help(text: str, default: Any = None) -> Any:
@@ -140,6 +143,20 @@ def check_names(names: Iterable[str]) -> None:
     unknown = sorted(set(names) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise InputError(f"unknown training settings: {', '.join(unknown)}")
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], holder: str,
+                prefix: str = "") -> list[str]:
+    """'key: <holder> has A, this call B' for each differing entry, nested keys dotted: what
+    a one-line refusal to continue with other settings names."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += differences(a, b, holder, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {holder} has {a!r}, this call {b!r}")
+    return found
 
 
 def flag(name: str) -> str:

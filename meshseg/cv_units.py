@@ -4,7 +4,8 @@ A unit (model, outer fold, inner fold, restart) is one `meshseg train` run in
 RESULTS/runs/<model>/outer<k>/inner<j>/restart<r>/. `units` lists them in a fixed order (their
 index is a SLURM array index), `select` picks some with --only selectors, `status` reads
 how far one got, and `train_unit` trains it, resumes it when interrupted, or leaves it when
-finished. `prepare` fixes the data and the splits every unit draws its manifests from.
+finished. `prepare` fixes the data and the splits every unit draws its manifests from, and
+refuses training settings other than those of the units already set up.
 The report that follows the training is `meshseg.cv`.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from meshseg import archs, splits, train
 from meshseg.cohort import stem
-from meshseg.config import TrainConfig
+from meshseg.config import MACHINE_FIELDS, TrainConfig, differences, load_config
 from meshseg.data import Pair, load_dataset, write_manifest
 from meshseg.errors import InputError
 from meshseg.io import make_folder
@@ -135,11 +136,12 @@ def metric_rows(folder: Path) -> list[dict[str, str]]:
 
 def prepare(settings: CvSettings) -> tuple[list[Pair], splits.Splits]:
     """The data's pairs and the splits: from `settings.splits`, from RESULTS/splits.json
-    when continuing, or made from the seed; then RESULTS/splits.json holds them.
+    when continuing, or made from the seed; then RESULTS/splits.json holds them. Units
+    already set up must have been so with this call's training settings (`check_unit`).
 
     Raises:
-        InputError: bad data or splits file, or a splits file other than the one the
-            results folder was made with.
+        InputError: bad data or splits file, a splits file other than the one the
+            results folder was made with, or a unit trained with other settings.
     """
     for model in settings.models:
         archs.settings(model)  # an unknown name fails now, not after hours of training
@@ -155,7 +157,31 @@ def prepare(settings: CvSettings) -> tuple[list[Pair], splits.Splits]:
     make_folder(settings.out)
     if not saved.exists():
         splits.save_splits(chosen, saved)
+    for unit in units(settings):
+        check_unit(settings, unit)
     return pairs, chosen
+
+
+def check_unit(settings: CvSettings, unit: Unit) -> None:
+    """Refuse to continue a unit set up with other training settings than this call's: its
+    run would resume with its own, and the report would mix the two. Settings that may
+    differ between machines (`config.MACHINE_FIELDS`) are not compared.
+
+    Raises:
+        InputError: naming the run folder and each setting that differs.
+    """
+    folder = unit.folder(settings.out)
+    if not (folder / train.CONFIG_FILE).exists():
+        return
+    skip = ("data", "val_data", "out", *MACHINE_FIELDS)  # its own files; machine settings
+    saved, wanted = (
+        {k: v for k, v in config.to_dict().items() if k not in skip}
+        for config in (load_config(folder / train.CONFIG_FILE),
+                       unit_config(settings, unit, Path(), Path())))
+    differ = differences(saved, wanted, "run")
+    if differ:
+        raise InputError(f"{folder}: trained with other settings ({'; '.join(differ)}); "
+                         "continue with the same training options, or use another --out")
 
 
 def scan_ids(pairs: Sequence[Pair]) -> dict[Path, str]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 
 from meshseg import archs
-from meshseg.config import TrainConfig, as_flags, check_names
+from meshseg.config import MACHINE_FIELDS, TrainConfig, as_flags, check_names, differences
 from meshseg.errors import InputError
 from meshseg.io import atomic_path, make_folder, write_csv
 
@@ -47,8 +47,6 @@ logger = logging.getLogger(__name__)
 # TrainConfig fields the search sets, or that tune sets per fold: not options of `tune`.
 NOT_FIXED = ("data", "out", "val_data", "val_fraction", "seed", "restarts", "epochs",
              "channels", "lr", "weight_decay", "class_weights", "pct_start")
-# Fixed settings that may differ between machines of one study, and stay out of best.toml.
-MACHINE_FIELDS = ("device", "num_workers", "cache")
 CHANNELS = (5, 21)
 LR = (1e-4, 4e-2)
 WEIGHT_DECAY = (1e-4, 4e-2)
@@ -231,22 +229,10 @@ def join_study(study: optuna.Study, identity: dict[str, Any]) -> None:
         for key, value in identity.items():
             study.set_user_attr(key, value)
         return
-    differ = _differences(known, identity)
+    differ = differences(known, identity, "study")
     if differ:
         raise InputError(f"study {study.study_name} was started with other settings "
                          f"({'; '.join(differ)})")
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """'key: study has A, this call B' for each differing entry, nested keys dotted."""
-    found = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            found.append(f"{prefix}{key}: study has {a!r}, this call {b!r}")
-    return found
 
 
 # ---------------------------------------------------------------------------- folds

@@ -28,6 +28,10 @@ CENTRES = [(8, 8, 8), (16, 16, 16), (20, 12, 10), (10, 20, 16), (16, 10, 22), (1
 TRAIN_FLAGS = ["--epochs", "1", "--steps-per-epoch", "1", "--crop", "32", "--device", "cpu"]
 
 
+class Killed(Exception):
+    """A stand-in for the process being killed."""
+
+
 def write_cohort(folder: Path) -> Path:
     """Six subjects, two acquisitions, lesions of 2 to 7 voxels radius; their manifest."""
     rows = ["image,mask,subject,acq"]
@@ -122,10 +126,23 @@ def test_rerun_skips_finished_units_and_predictions(cohort, finished, monkeypatc
     run = finished / "runs/resunet/outer1/inner0/restart0"
     prediction = finished / "predictions/resunet/s0_lesion.nii.gz"
     stamps = [(p, p.stat().st_mtime_ns) for p in (run / "last.pt", prediction)]
-    result = CliRunner().invoke(main, cv_args(root, manifest, "results"))
+    elsewhere = ["--cache", str(root / "other-cache")]  # a machine setting: may differ
+    result = CliRunner().invoke(main, cv_args(root, manifest, "results", *elsewhere))
     assert result.exit_code == 0, result.output
     assert "| meshnet-5 (reference) | 5,682 |" in result.output
     assert [p.stat().st_mtime_ns for p, _ in stamps] == [t for _, t in stamps]
+
+
+def test_other_training_settings_are_refused(cohort, finished):
+    """A finished unit would stay "started" forever under more epochs (and fewer would mix
+    two recipes in one table): a call whose settings differ from a unit's is refused."""
+    root, manifest = cohort
+    for more in (["--epochs", "2"], ["--epochs", "2", "--list"]):
+        result = CliRunner().invoke(main, cv_args(root, manifest, "results", *more))
+        assert result.exit_code == 1
+        assert result.stderr.count("\n") == 1 and (
+            f"{finished / 'runs/meshnet-5/outer0/inner0/restart0'}: trained with other settings "
+            "(epochs: run has 1, this call 2)") in result.stderr
 
 
 def test_list_only_and_resume(cohort, finished):
@@ -141,12 +158,7 @@ def test_list_only_and_resume(cohort, finished):
     assert "rerun without --only" in only.output
     listed = CliRunner().invoke(main, cv_args(root, manifest, "partial", "--list"))
     assert [line.split("\t")[2] for line in listed.output.splitlines()].count("done") == 1
-    settings = cv_units.CvSettings(data=manifest, out=root / "partial", models=MODELS, outer=2,
-                             inner=2, train={"epochs": 2, "steps_per_epoch": 1, "crop": 32,
-                                             "device": "cpu", "cache": root / "cache"})
-
-    class Killed(Exception):
-        pass
+    settings = settings_for(root, manifest, "resumed", epochs=2)
 
     def kill(unit, row):
         raise Killed
