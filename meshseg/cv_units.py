@@ -112,9 +112,15 @@ def select(all_units: Sequence[Unit], selectors: Sequence[dict[str, str]]) -> li
 def status(unit: Unit, results: Path, epochs: int) -> str:
     """"done", "started" or "todo", from the run folder's metrics.csv."""
     folder = unit.folder(results)
-    if not (folder / train.CONFIG_FILE).exists():
+    if not set_up(folder):
         return "todo"
     return "done" if finished(metric_rows(folder), epochs) else "started"
+
+
+def set_up(folder: Path) -> bool:
+    """Whether `train.fit` wrote both config.toml and split.json: a unit killed between the
+    two never trained, and starts afresh (`train_unit`)."""
+    return all((folder / name).exists() for name in (train.CONFIG_FILE, train.SPLIT_FILE))
 
 
 def finished(rows: Sequence[dict[str, str]], epochs: int) -> bool:
@@ -171,7 +177,7 @@ def check_unit(settings: CvSettings, unit: Unit) -> None:
         InputError: naming the run folder and each setting that differs.
     """
     folder = unit.folder(settings.out)
-    if not (folder / train.CONFIG_FILE).exists():
+    if not set_up(folder):
         return
     skip = ("data", "val_data", "out", *MACHINE_FIELDS)  # its own files; machine settings
     saved, wanted = (
@@ -231,8 +237,10 @@ def train_unit(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair
                on_epoch: Callable[[dict], None] | None = None) -> Path:
     """Train a unit, resume it when interrupted, or leave it when finished; its run folder."""
     folder = unit.folder(settings.out)
-    if (folder / train.CONFIG_FILE).exists():
+    if set_up(folder):
         return train.resume(folder, on_epoch)
+    for name in (train.CONFIG_FILE, train.SPLIT_FILE):  # a setup cut short: nothing trained
+        (folder / name).unlink(missing_ok=True)
     train_csv, val_csv = write_manifests(settings.out, chosen, pairs, unit.outer, unit.inner)
     return train.fit(unit_config(settings, unit, train_csv, val_csv), on_epoch)
 

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from meshseg import archs, cv, cv_units, data, evaluate, predict, splits
 from meshseg.cli import main
+from meshseg.config import save_config
 from meshseg.errors import InputError
 from meshseg.io import write_csv
 from meshseg.splits import FORMAT
@@ -172,6 +173,22 @@ def test_list_only_and_resume(cohort, finished):
     assert len(cv_units.metric_rows(unit.folder(settings.out))) == 2  # resumed after epoch 1
     failed = CliRunner().invoke(main, cv_args(root, manifest, "partial", "--only", "model=unet"))
     assert failed.exit_code == 1 and "--only selects no unit" in failed.stderr
+
+
+def test_a_unit_cut_short_before_its_split_starts_afresh(cohort):
+    """`train.fit` writes config.toml, then split.json: a kill between them left a unit that
+    could neither resume (no split.json) nor start (config.toml exists)."""
+    root, manifest = cohort
+    settings = settings_for(root, manifest, "cut")
+    cv_units.prepare(settings)
+    unit = cv_units.units(settings)[0]
+    folder = unit.folder(settings.out)
+    folder.mkdir(parents=True)
+    save_config(cv_units.unit_config(settings, unit, Path("train.csv"), Path("val.csv")),
+                folder / "config.toml")
+    assert cv_units.status(unit, settings.out, 1) == "todo"
+    cv.run(settings, [{"index": "0"}])
+    assert cv_units.status(unit, settings.out, 1) == "done"
 
 
 def test_fewer_restarts_redo_the_predictions_of_the_runs_selected_now(cohort):
