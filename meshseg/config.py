@@ -70,6 +70,8 @@ class TrainConfig:
     crop: int | None = _help("Train on random crop^3 patches (CPU); default whole volumes. "
                              "Validation then uses one fixed crop over lesion per volume.")
     crop_lesion_p: float = _help("Probability that a training crop is placed over lesion.", 0.5)
+    intensity_aug: bool = _help("Randomly vary contrast (gamma 0.7-1.5) and brightness (x0.7-1.4, "
+                                "clipped) of each training sample.", False)
     val_whole: bool = _help("With crop: validate on whole volumes, as predict sees them, "
                             "instead of one crop per volume (slower; picks the checkpoint "
                             "that works on whole heads).", False)
@@ -208,6 +210,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("crop", lambda v: v is None or (_int(v) and v >= 1), "unset or an integer >= 1"),
     ("crop_lesion_p", lambda v: _number(v) and 0 <= v <= 1, "between 0 and 1"),
     ("flip_lr", lambda v: isinstance(v, bool), "true or false"),
+    ("intensity_aug", lambda v: isinstance(v, bool), "true or false"),
     ("val_whole", lambda v: isinstance(v, bool), "true or false"),
     ("downsample", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("steps_per_epoch", lambda v: v is None or (_int(v) and v >= 1), "unset or an integer >= 1"),

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -409,6 +410,23 @@ def _check_sampling(shape: Sequence[int], crop: int | None, factor: int) -> None
         raise InputError(f"crop {crop}: must be between 1 and the volume side {side}")
 
 
+GAMMA_RANGE = (0.7, 1.5)  # contrast: unit-range intensity u becomes u ** gamma
+SCALE_RANGE = (0.7, 1.4)  # brightness: where the scan's robust maximum fell, clipped as conform
+
+
+def vary_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random contrast (gamma, log-uniform) and brightness (scale, clipped to 1) of a
+    0..1 image.
+
+    Where the brain lands in 0..1 depends on the brightest 0.1% of the head (fat, eyes, CSF),
+    so it varies from scan to scan; a model trained without this variation learned an
+    absolute level and marked whole heads as lesion when they came out brighter.
+    """
+    gamma = math.exp(rng.uniform(*np.log(GAMMA_RANGE)))
+    scale = rng.uniform(*SCALE_RANGE)
+    return np.minimum(np.power(image, gamma, dtype=np.float32) * np.float32(scale), 1.0)
+
+
 class LesionDataset(Dataset):
     """Cached conformed pairs as (image float32 (1, D, H, W) 0..1, mask int64 (D, H, W)).
 
@@ -416,7 +434,9 @@ class LesionDataset(Dataset):
     then downsampled by `downsample` (block mean; 2 gives 128^3), cropped to crop^3 if
     `crop` is set, and flipped left-right with probability 0.5 if `flip_lr` (strokes
     occur in either hemisphere, so a mirrored brain is a plausible brain; other axes are
-    not flipped because anatomy is not up-down or front-back symmetric).
+    not flipped because anatomy is not up-down or front-back symmetric). With
+    `intensity_aug` each training draw also gets a random contrast and brightness
+    (`vary_intensity`).
 
     Randomness: ``ds[i]`` always gives the same sample for a given seed (validation);
     ``ds[(i, draw)]`` gives a different random crop/flip per draw (training). The
@@ -424,11 +444,12 @@ class LesionDataset(Dataset):
     """
 
     def __init__(self, pairs: Sequence[Pair], cache: ConformedCache, *, crop: int | None = None,
-                 lesion_p: float = 0.5, flip_lr: bool = False, downsample: int = 1,
-                 seed: int = 0) -> None:
+                 lesion_p: float = 0.5, flip_lr: bool = False, intensity_aug: bool = False,
+                 downsample: int = 1, seed: int = 0) -> None:
         self.pairs = list(pairs)
         self.entries = [cache.entry(pair) for pair in self.pairs]
         self.crop, self.lesion_p, self.flip_lr = crop, lesion_p, flip_lr
+        self.intensity_aug = intensity_aug
         self.downsample, self.seed = downsample, seed
         for entry in self.entries:
             _check_sampling(np.load(entry, mmap_mode="r").shape[1:], crop, downsample)
@@ -449,5 +470,7 @@ class LesionDataset(Dataset):
             image, mask = image[box], mask[box]
         if self.flip_lr and rng.random() < 0.5:
             image, mask = np.flip(image, LR_AXIS), np.flip(mask, LR_AXIS)
+        if self.intensity_aug and draw:
+            image = vary_intensity(image, rng)
         return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
                 torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)))

@@ -205,7 +205,8 @@ def _prepare(config: TrainConfig, train_pairs: list[Pair], val_pairs: list[Pair]
     val_crop = None if config.val_whole else config.crop
     return _Setup(device, amp,
                   LesionDataset(train_pairs, cache, crop=config.crop,
-                                lesion_p=config.crop_lesion_p, flip_lr=config.flip_lr, **common),
+                                lesion_p=config.crop_lesion_p, flip_lr=config.flip_lr,
+                                intensity_aug=config.intensity_aug, **common),
                   LesionDataset(val_pairs, cache, crop=val_crop, lesion_p=1.0, **common))
 
 

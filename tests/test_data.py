@@ -280,6 +280,33 @@ def test_dataset_flip_mirrors_left_right_only(small_set):
     assert seen == {"same", "flipped"}
 
 
+def test_intensity_aug_varies_training_draws_only(small_set):
+    pairs, cache = small_set
+    plain = LesionDataset(pairs, cache)
+    varied = LesionDataset(pairs, cache, intensity_aug=True)
+    np.testing.assert_array_equal(varied[0][0].numpy(), plain[0][0].numpy())  # validation
+    base, base_mask = plain[0]
+    draws = [varied[(0, draw)] for draw in range(8)]
+    assert all(np.array_equal(mask.numpy(), base_mask.numpy()) for _, mask in draws)
+    images = [image.numpy() for image, _ in draws]
+    assert len({image.tobytes() for image in images}) == 8
+    for image in images:
+        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert image[base.numpy() == 0].max() == 0.0  # background stays black
+        # A monotonic change: brighter voxels stay at least as bright.
+        order = np.argsort(base.numpy().ravel(), kind="stable")
+        assert np.all(np.diff(image.ravel()[order]) >= -1e-6)
+
+
+def test_vary_intensity_spans_its_ranges():
+    rng = np.random.default_rng(0)
+    half = np.full((2, 2, 2), 0.5, np.float32)
+    values = [float(data.vary_intensity(half, rng)[0, 0, 0]) for _ in range(400)]
+    low = 0.5 ** data.GAMMA_RANGE[1] * data.SCALE_RANGE[0]
+    high = 0.5 ** data.GAMMA_RANGE[0] * data.SCALE_RANGE[1]
+    assert low <= min(values) < low * 1.3 and high / 1.3 < max(values) <= high
+
+
 def test_dataset_downsample_and_refusals(small_set):
     pairs, cache = small_set
     image, mask = LesionDataset(pairs, cache, downsample=2)[0]
