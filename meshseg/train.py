@@ -16,7 +16,6 @@ without running code) and best.safetensors (the best validation Dice so far).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -47,7 +46,7 @@ from meshseg.data import (
 )
 from meshseg.errors import DeviceError, InputError, OutputError
 from meshseg.infer import resolve_device
-from meshseg.io import atomic_path
+from meshseg.io import atomic_path, write_csv
 from meshseg.model import MeshNet
 from meshseg.weights import save_checkpoint, save_network
 
@@ -84,10 +83,11 @@ def fit(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -> 
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{run_dir}: cannot create run folder ({err.strerror})") from err
-    save_config(config, run_dir / CONFIG_FILE)
+    # The split first: config.toml marks a run that can resume, so it comes last.
     with atomic_path(run_dir / SPLIT_FILE, suffix=".part.json") as tmp:
         tmp.write_text(json.dumps({"train": [p.to_dict() for p in train_pairs],
                                    "val": [p.to_dict() for p in val_pairs]}, indent=1))
+    save_config(config, run_dir / CONFIG_FILE)
     return _train(config, run_dir, setup, None, on_epoch)
 
 
@@ -411,8 +411,4 @@ def _restore(parts: _Parts, state: dict) -> None:
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
     """Rewrite metrics.csv atomically from the rows that last.pt vouches for."""
-    with atomic_path(path, suffix=".part.csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csv(path, METRIC_COLUMNS, rows)

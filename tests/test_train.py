@@ -147,6 +147,24 @@ def test_validation_uses_one_crop_or_the_whole_volume(config, monkeypatch, val_w
     assert seen == [(side,) * 3]
 
 
+def test_a_run_killed_while_being_set_up_can_be_started_again(config, monkeypatch):
+    """config.toml, the mark of a resumable run, is written last: a kill before it leaves a
+    folder that `fit` simply starts over."""
+    from meshseg import train
+
+    def killed(*args):
+        raise Killed
+
+    monkeypatch.setattr(train, "save_config", killed)
+    with pytest.raises(Killed):
+        fit(config)
+    assert (config.out / "split.json").exists() and not (config.out / "config.toml").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "conform_pair", fake_conform_pair)
+    fit(config)
+    assert len(read_metrics(config.out)) == 1
+
+
 def test_data_problems_stop_training_before_the_run_folder(config):
     (config.data.parent / "s2_mask.nii.gz").unlink()
     with pytest.raises(InputError, match="1 problem.*s2_mask.nii.gz: no such file"):
