@@ -72,9 +72,9 @@ class TrainConfig:
     crop_lesion_p: float = _help("Probability that a training crop is placed over lesion.", 0.5)
     intensity_aug: bool = _help("Randomly vary contrast (gamma 0.7-1.5) and brightness (x0.7-1.4, "
                                 "clipped) of each training sample.", False)
-    val_whole: bool = _help("With crop: validate on whole volumes, as predict sees them, "
-                            "instead of one crop per volume (slower; picks the checkpoint "
-                            "that works on whole heads).", False)
+    val_whole: bool = _help("MeshNet with crop: validate on whole volumes, as predict sees "
+                            "them, instead of one crop per volume (slower; keeps the "
+                            "checkpoint that works on whole heads).", False)
     flip_lr: bool = _help("Randomly mirror the hemispheres (left-right) during training.", False)
     downsample: int = _help("Block-average volumes by this factor (2 -> 128^3, 2 mm) for quick "
                             "experiments; such a model expects downsampled input.", 1)
@@ -120,6 +120,10 @@ class TrainConfig:
         arch = archs.get(self.architecture)  # an unknown name is refused with the known ones
         arch.check_size(self.input_side(), "training setting crop" if self.crop else
                         f"training volume side (downsample {self.downsample})")
+        if self.val_whole and (self.crop is None or arch.name != archs.MESHNET):
+            raise InputError("training setting val_whole=True: needs crop and architecture "
+                             f"meshnet (baselines validate in their window), not "
+                             f"{arch.name} with crop={self.crop}")
         if self.checkpointing and arch.name != archs.MESHNET:
             raise InputError(f"training setting checkpointing=True: layer checkpointing is for "
                              f"MeshNet only, not architecture {arch.name}")

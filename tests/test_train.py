@@ -83,6 +83,9 @@ def test_config_round_trips_through_toml(tmp_path):
     ({"val_fraction": 1.0}, "val_fraction=1.0: must be between 0 and 1"),
     ({"crop": 0}, "crop=0"),
     ({"crop": 25}, "crop 25: must be between 1 and the volume side 24"),
+    ({"val_whole": True, "crop": None}, "val_whole=True: needs crop and architecture meshnet"),
+    ({"val_whole": True, "architecture": "segresnet", "crop": 16},
+     "val_whole=True: needs crop and architecture meshnet"),
 ])
 def test_bad_settings_are_refused_by_name(config, change, message):
     with pytest.raises(InputError, match=message):
