@@ -235,10 +235,14 @@ def epochs(settings: CvSettings) -> int:
 
 def train_unit(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair], unit: Unit,
                on_epoch: Callable[[dict], None] | None = None) -> Path:
-    """Train a unit, resume it when interrupted, or leave it when finished; its run folder."""
+    """Train a unit, resume it when interrupted, or leave it when finished; its run folder.
+
+    A resumed unit runs with this call's machine settings (`config.MACHINE_FIELDS`), not
+    those of the machine that started it."""
     folder = unit.folder(settings.out)
     if set_up(folder):
-        return train.resume(folder, on_epoch)
+        here = unit_config(settings, unit, Path(), Path())
+        return train.resume(folder, on_epoch, {k: getattr(here, k) for k in MACHINE_FIELDS})
     for name in (train.CONFIG_FILE, train.SPLIT_FILE):  # a setup cut short: nothing trained
         (folder / name).unlink(missing_ok=True)
     train_csv, val_csv = write_manifests(settings.out, chosen, pairs, unit.outer, unit.inner)

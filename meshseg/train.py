@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from meshseg import archs
-from meshseg.config import PATH_FIELDS, TrainConfig, load_config, save_config
+from meshseg.config import MACHINE_FIELDS, PATH_FIELDS, TrainConfig, load_config, save_config
 from meshseg.data import (
     ConformedCache,
     LesionDataset,
@@ -91,17 +92,26 @@ def fit(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -> 
     return _train(config, run_dir, setup, None, on_epoch)
 
 
-def resume(run_dir: Path, on_epoch: Callable[[dict], None] | None = None) -> Path:
+def resume(run_dir: Path, on_epoch: Callable[[dict], None] | None = None,
+           machine: dict[str, Any] | None = None) -> Path:
     """Continue a run after its last finished epoch (a killed epoch starts over).
 
     A finished run is left alone (logged). Model, optimiser, schedule, GradScaler and all
     random generators continue exactly, so a CPU run resumed gives the same metrics.
+    `machine` replaces settings of config.toml that belong to the machine, not the run
+    (`config.MACHINE_FIELDS`): a run started on a GPU may resume on another machine.
 
     Raises:
-        InputError: the folder holds no run, or its files are damaged.
+        InputError: the folder holds no run, or its files are damaged; DeviceError: see
+            `resolve_device`.
     """
     run_dir = Path(run_dir).resolve()
-    config = replace(load_config(run_dir / CONFIG_FILE), out=run_dir)
+    machine = machine or {}
+    other = sorted(set(machine) - set(MACHINE_FIELDS))
+    if other:
+        raise ValueError(f"resume may change only {', '.join(MACHINE_FIELDS)}, not "
+                         f"{', '.join(other)}")
+    config = replace(load_config(run_dir / CONFIG_FILE), out=run_dir, **machine)
     config.check()
     state = _load_state(run_dir / STATE_FILE) if (run_dir / STATE_FILE).exists() else None
     if state is not None and (state["restart"], state["epoch"]) == (config.restarts - 1,

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from meshseg import archs, cv, cv_units, data, evaluate, predict, splits
 from meshseg.cli import main
-from meshseg.config import save_config
+from meshseg.config import load_config, save_config
 from meshseg.errors import InputError
 from meshseg.io import write_csv
 from meshseg.splits import FORMAT
@@ -173,6 +173,26 @@ def test_list_only_and_resume(cohort, finished):
     assert len(cv_units.metric_rows(unit.folder(settings.out))) == 2  # resumed after epoch 1
     failed = CliRunner().invoke(main, cv_args(root, manifest, "partial", "--only", "model=unet"))
     assert failed.exit_code == 1 and "--only selects no unit" in failed.stderr
+
+
+def test_a_resumed_unit_runs_with_this_calls_machine_settings(cohort):
+    """--device, --cache and --num-workers may differ between machines: a unit started on a
+    GPU elsewhere resumes here with this call's, not those in its config.toml."""
+    root, manifest = cohort
+    settings = settings_for(root, manifest, "moved", epochs=2)
+    unit = cv_units.units(settings)[0]
+
+    def kill(unit, row):
+        raise Killed
+
+    with pytest.raises(Killed):
+        cv.run(settings, [{"index": "0"}], on_epoch=kill)
+    saved = unit.folder(settings.out) / "config.toml"
+    save_config(replace(load_config(saved), device="cuda:99", cache=root / "gpu-cache",
+                        num_workers=1), saved)
+    cv.run(settings, [{"index": "0"}])
+    assert cv_units.status(unit, settings.out, 2) == "done"
+    assert not (root / "gpu-cache").exists()
 
 
 def test_a_unit_cut_short_before_its_split_starts_afresh(cohort):
