@@ -204,7 +204,6 @@ def study_identity(settings: TuneSettings, folds: list[tuple[list[Pair], list[Pa
     training settings, defaults included (machine-specific ones aside), and the inner
     folds' subjects."""
     subjects = [[sorted({p.subject for p in side}) for side in fold] for fold in folds]
-    fixed_config = settings.train_config(Path("."), Path("."), Path("."), {}).to_dict()
     return {
         "space": {"channels": list(CHANNELS) if channels else None, "lr": list(LR),
                   "weight_decay": list(WEIGHT_DECAY),
@@ -212,14 +211,22 @@ def study_identity(settings: TuneSettings, folds: list[tuple[list[Pair], list[Pa
         "epochs": [settings.min_epochs, settings.max_epochs],
         "reduction_factor": settings.reduction_factor,
         "seed": settings.seed,
-        "training": {k: v for k, v in fixed_config.items()
-                     if k not in NOT_FIXED + MACHINE_FIELDS},
+        "training": fixed_training(settings.train_config(Path("."), Path("."), Path("."), {})),
         "fold_subjects_sha256": hashlib.sha256(json.dumps(subjects).encode()).hexdigest(),
     }
 
 
+def fixed_training(config: TrainConfig) -> dict[str, Any]:
+    """The settings of `config` that a study fixes (config.toml form): all but those tune
+    sets and the machine-specific ones."""
+    return {k: v for k, v in config.to_dict().items() if k not in NOT_FIXED + MACHINE_FIELDS}
+
+
 def join_study(study: optuna.Study, identity: dict[str, Any]) -> None:
     """Record the study's identity on first use; refuse a process that differs from it.
+
+    A training setting the study's identity lacks was added to TrainConfig after the study
+    began, whose trials trained with its default: it counts as the default.
 
     Raises:
         InputError: naming each setting that differs from the study's.
@@ -229,6 +236,8 @@ def join_study(study: optuna.Study, identity: dict[str, Any]) -> None:
         for key, value in identity.items():
             study.set_user_attr(key, value)
         return
+    defaults = fixed_training(TrainConfig(data=Path("."), out=Path(".")))
+    known = {**known, "training": {**defaults, **known.get("training", {})}}
     differ = differences(known, identity, "study")
     if differ:
         raise InputError(f"study {study.study_name} was started with other settings "

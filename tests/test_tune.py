@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import sys
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -24,6 +25,8 @@ from meshseg.splits import make_splits, save_splits
 from meshseg.tune import (
     TuneSettings,
     inner_folds,
+    join_study,
+    study_identity,
     suggest,
     tune,
     tunes_channels,
@@ -147,6 +150,22 @@ def test_a_splits_file_other_than_the_folders_is_refused(manifest, tmp_path):
     assert inner_folds(TuneSettings(data=manifest, out=out))[0] == make_splits(pairs, seed=0)
     with pytest.raises(InputError, match="other.json: differs from .*splits.json"):
         inner_folds(TuneSettings(data=manifest, out=out, splits=tmp_path / "other.json"))
+
+
+def test_a_setting_newer_than_the_study_counts_as_its_default(tmp_path):
+    """A study begun before TrainConfig had intensity_aug and val_whole lacks them in its
+    identity; its trials trained without them, so the default joins and another value not."""
+    settings = TuneSettings(data=Path("d.csv"), out=tmp_path)
+    identity = study_identity(settings, [], channels=True)
+    older = {**identity, "training": {k: v for k, v in identity["training"].items()
+                                      if k not in ("intensity_aug", "val_whole")}}
+    study = optuna.create_study(direction="maximize")
+    join_study(study, older)
+    join_study(study, identity)
+    augmented = study_identity(replace(settings, fixed={"intensity_aug": True}), [], True)
+    with pytest.raises(InputError, match="training.intensity_aug: study has False, this call "
+                                         "True"):
+        join_study(study, augmented)
 
 
 def test_missing_optuna_names_the_extra(manifest, tmp_path, monkeypatch):
