@@ -24,7 +24,6 @@ from meshseg.data import Pair, load_dataset, write_manifest
 from meshseg.errors import InputError
 from meshseg.io import make_folder
 
-SPLITS_FILE = "splits.json"
 DEFAULT_REFERENCE = "meshnet-26"
 SELECTOR_KEYS = ("model", "outer", "inner", "restart", "index")
 
@@ -153,7 +152,7 @@ def prepare(settings: CvSettings) -> tuple[list[Pair], splits.Splits]:
         archs.settings(model)  # an unknown name fails now, not after hours of training
     pairs = load_dataset(settings.data)
     scan_ids(pairs)
-    saved = settings.out / SPLITS_FILE
+    saved = settings.out / splits.SPLITS_FILE
     chosen = splits.folder_splits(pairs, saved, settings.splits, settings.outer, settings.inner,
                                   settings.seed)
     if (len(chosen.folds), len(chosen.folds[0].val)) != (settings.outer, settings.inner):

@@ -34,6 +34,7 @@ from meshseg.io import atomic_path, load_volume
 from meshseg.metrics import voxel_ml
 
 FORMAT = "meshseg-splits/2"  # /1 held voxel counts on each mask's own grid
+SPLITS_FILE = "splits.json"  # the splits of a cv or tune output folder
 PERCENTILES = (0, 25, 50, 75, 100)
 
 

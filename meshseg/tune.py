@@ -54,7 +54,7 @@ BACKGROUND_WEIGHT = (0.0, 1.0)
 PCT_START = (0.02, 0.1, 0.2)
 LESION_WEIGHT = 1.0
 OUTER_FOLD = 0  # the paper tuned on the inner folds of the first outer fold
-SPLITS_FILE, STUDY_DB, BEST_FILE, TRIALS_FILE = "splits.json", "study.db", "best.toml", "trials.csv"
+STUDY_DB, BEST_FILE, TRIALS_FILE = "study.db", "best.toml", "trials.csv"
 HEARTBEAT_S = 60  # a trial whose process stops beating this long (x2) is marked failed
 
 
@@ -251,7 +251,7 @@ def inner_folds(settings: TuneSettings) -> tuple[Splits, list[tuple[list[Pair], 
     """The splits (`splits.folder_splits`: from `settings.splits`, OUT/splits.json or the
     seed) and the (train, val) pairs of each inner fold of their first outer fold."""
     from meshseg.data import load_dataset
-    from meshseg.splits import fold_pairs, folder_splits
+    from meshseg.splits import SPLITS_FILE, fold_pairs, folder_splits
 
     pairs = load_dataset(settings.data)
     splits = folder_splits(pairs, settings.out / SPLITS_FILE, settings.splits,
@@ -391,7 +391,7 @@ def tune(settings: TuneSettings,
             started with other settings; OutputError: the output folder cannot be written;
             errors of `train.fit` (a CUDA out-of-memory error only fails that trial).
     """
-    from meshseg.splits import save_splits
+    from meshseg.splits import SPLITS_FILE, save_splits
 
     settings.check()
     import_optuna()
