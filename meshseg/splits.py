@@ -13,7 +13,8 @@ a stratum go to which fold, drawn from the seed: the same seed and data give the
 splits.
 
 Splits are saved as JSON (format tag `FORMAT`) with the strata, so they can be read back,
-checked against the data and reused (`meshseg cv --splits FILE`).
+checked against the data and reused (`meshseg cv --splits FILE`); an output folder's copy
+of such a file names it (`copied_from`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,9 @@ class Splits:
     cuts: tuple[float, ...]  # lesion volumes (mL) at PERCENTILES over subjects
     strata: dict[str, Stratum]
     folds: tuple[OuterFold, ...]
+    # the splits file an output folder took these from (--splits), else None: made there from
+    # `seed`; a record of where they came from, not part of what the splits are
+    copied_from: str | None = field(default=None, compare=False)
 
     @property
     def subjects(self) -> list[str]:
@@ -226,6 +230,8 @@ def save_splits(splits: Splits, path: Path) -> None:
         "outer": [{"test": list(f.test), "inner_val": [list(v) for v in f.val]}
                   for f in splits.folds],
     }
+    if splits.copied_from is not None:
+        doc["copied_from"] = splits.copied_from
     with atomic_path(path, suffix=".part.json") as tmp:
         tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
@@ -235,20 +241,28 @@ def folder_splits(pairs: Sequence[Pair], saved: Path, given: Path | None, outer:
     """The splits of an output folder whose splits file is `saved`: `given` (a splits file),
     else `saved` when continuing, else new ones from the seed. The caller saves them.
 
-    A folder's results hold only for the splits they were made with, hence the check.
+    A folder's results hold only for the splits they were made with, hence the checks: a
+    given file must equal `saved`, and without one `seed` must be the seed `saved` was made
+    with. Splits copied from a given file (`Splits.copied_from`) carry that file's seed,
+    not one of this folder, so any seed continues them.
 
     Raises:
-        InputError: a bad splits file, or `given` differs from an existing `saved`.
+        InputError: a bad splits file, `given` differs from an existing `saved`, or `seed`
+            is not the one `saved` was made with.
     """
+    current = load_splits(saved, pairs) if saved.exists() else None
     if given is not None:
-        chosen = load_splits(given, pairs)
-        if saved.exists() and load_splits(saved, pairs) != chosen:
+        chosen = replace(load_splits(given, pairs), copied_from=str(given))
+        if current is not None and current != chosen:
             raise InputError(f"{given}: differs from {saved}, which the results in that "
                              "folder were made with")
-        return chosen
-    if saved.exists():
-        return load_splits(saved, pairs)
-    return make_splits(pairs, outer, inner, seed)
+        return chosen if current is None else current
+    if current is None:
+        return make_splits(pairs, outer, inner, seed)
+    if current.copied_from is None and current.seed != seed:
+        raise InputError(f"{saved}: made with seed {current.seed}, not {seed}; pass --seed "
+                         f"{current.seed} or another --out")
+    return current
 
 
 def load_splits(path: Path, pairs: Sequence[Pair]) -> Splits:
@@ -267,7 +281,8 @@ def load_splits(path: Path, pairs: Sequence[Pair]) -> Splits:
                   for s, v in doc["subjects"].items()}
         folds = tuple(OuterFold(tuple(f["test"]), tuple(tuple(v) for v in f["inner_val"]))
                       for f in doc["outer"])
-        splits = Splits(int(doc["seed"]), tuple(float(c) for c in doc["cuts_ml"]), strata, folds)
+        splits = Splits(int(doc["seed"]), tuple(float(c) for c in doc["cuts_ml"]), strata, folds,
+                        doc.get("copied_from"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise InputError(f"{path}: unreadable splits file ({type(err).__name__}: {err})") from err
     problem = check_splits(splits, {p.subject for p in pairs})

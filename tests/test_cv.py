@@ -144,6 +144,9 @@ def test_other_training_settings_are_refused(cohort, finished):
         assert result.stderr.count("\n") == 1 and (
             f"{finished / 'runs/meshnet-5/outer0/inner0/restart0'}: trained with other settings "
             "(epochs: run has 1, this call 2)") in result.stderr
+    reseeded = CliRunner().invoke(main, cv_args(root, manifest, "results", "--seed", "1"))
+    assert reseeded.exit_code == 1 and (f"{finished / 'splits.json'}: made with seed 0, not 1; "
+                                        "pass --seed 0 or another --out") in reseeded.stderr
 
 
 def test_list_only_and_resume(cohort, finished):

@@ -123,6 +123,27 @@ def test_file_round_trip(tmp_path):
     assert sp.load_splits(tmp_path / "splits.json", pairs) == splits
 
 
+def test_a_folder_refuses_another_seed_unless_its_splits_were_copied(tmp_path):
+    """Without --splits, a --seed other than the folder's would be silently ignored; splits
+    copied from a --splits file carry that file's seed, so any seed continues them."""
+    pairs, voxels = cohort(20)
+    saved = tmp_path / "out" / sp.SPLITS_FILE
+    saved.parent.mkdir()
+    sp.save_splits(sp.make_splits(pairs, seed=3, volumes_ml=voxels), saved)
+    assert sp.folder_splits(pairs, saved, None, seed=3).seed == 3
+    with pytest.raises(InputError, match=f"{saved}: made with seed 3, not 0; pass --seed 3 "
+                                         "or another --out"):
+        sp.folder_splits(pairs, saved, None, seed=0)
+
+    given = tmp_path / "other.json"
+    sp.save_splits(sp.make_splits(pairs, seed=5, volumes_ml=voxels), given)
+    copied = tmp_path / "copied" / sp.SPLITS_FILE
+    copied.parent.mkdir()
+    sp.save_splits(sp.folder_splits(pairs, copied, given, seed=0), copied)
+    continued = sp.folder_splits(pairs, copied, None, seed=0)
+    assert continued == sp.load_splits(given, pairs) and continued.copied_from == str(given)
+
+
 def edited(tmp_path: Path, change) -> Path:
     pairs, voxels = cohort(20)
     sp.save_splits(sp.make_splits(pairs, volumes_ml=voxels), tmp_path / "s.json")

@@ -105,8 +105,12 @@ def test_tune_runs_resumes_writes_a_usable_best_and_keeps_its_settings(manifest,
 
     splits = (out / "splits.json").read_bytes()
     reseeded = tune_command(manifest, out, "--trials", "1", "--seed", "1")
-    assert reseeded.exit_code == 1 and "seed: study has 0, this call 1" in reseeded.output
-    assert (out / "splits.json").read_bytes() == splits  # the refused call left it alone
+    assert reseeded.exit_code == 1 and (f"{out / 'splits.json'}: made with seed 0, not 1; "
+                                        "pass --seed 0 or another --out") in reseeded.output
+    given = tune_command(manifest, out, "--trials", "1", "--seed", "1", "--splits",
+                         str(out / "splits.json"))
+    assert given.exit_code == 1 and "seed: study has 0, this call 1" in given.output
+    assert (out / "splits.json").read_bytes() == splits  # the refused calls left it alone
 
 
 def test_a_pruned_trial_stops_after_the_epoch_and_keeps_its_run(manifest, tmp_path):
@@ -140,16 +144,26 @@ def test_bad_settings_are_refused_in_one_line(manifest, tmp_path, change, messag
         tune(settings)
 
 
-def test_a_splits_file_other_than_the_folders_is_refused(manifest, tmp_path):
-    """Like cv: OUT/splits.json is reused when continuing, and --splits must equal it."""
+def test_the_folders_splits_are_reused_and_another_file_refused(manifest, tmp_path,
+                                                                monkeypatch):
+    """Like cv: OUT/splits.json is reused when continuing with the seed it was made with, and
+    --splits must equal it."""
     out = tmp_path / "tune"
     out.mkdir()
     pairs = read_manifest(manifest)
-    save_splits(make_splits(pairs, seed=0), out / "splits.json")
-    save_splits(make_splits(pairs, seed=7), tmp_path / "other.json")
-    assert inner_folds(TuneSettings(data=manifest, out=out))[0] == make_splits(pairs, seed=0)
+    saved = make_splits(pairs, seed=7)
+    save_splits(saved, out / "splits.json")
+    save_splits(make_splits(pairs, seed=0), tmp_path / "other.json")
+
+    def made_again(*args, **kwargs):
+        raise AssertionError("OUT/splits.json exists: its splits are read, not made again")
+
+    monkeypatch.setattr("meshseg.splits.make_splits", made_again)
+    assert inner_folds(TuneSettings(data=manifest, out=out, seed=7))[0] == saved
+    with pytest.raises(InputError, match="splits.json: made with seed 7, not 0"):
+        inner_folds(TuneSettings(data=manifest, out=out))
     with pytest.raises(InputError, match="other.json: differs from .*splits.json"):
-        inner_folds(TuneSettings(data=manifest, out=out, splits=tmp_path / "other.json"))
+        inner_folds(TuneSettings(data=manifest, out=out, seed=7, splits=tmp_path / "other.json"))
 
 
 def test_a_setting_newer_than_the_study_counts_as_its_default(tmp_path):
