@@ -154,8 +154,9 @@ def predict_test(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pa
 
     predictions/<model>/outer<k>_checkpoint.txt names the checkpoint the fold's predictions
     come from. A rerun keeps a prediction newer than the checkpoint when that file names the
-    checkpoint selected now; another selection (e.g. after changing --restarts) redoes them
-    all, and the file is removed until it has.
+    checkpoint selected now, and the file stays, so a rerun after a kill makes only the
+    missing predictions; another selection (e.g. after changing --restarts) redoes them all,
+    and the file is removed until it has.
 
     Raises:
         InputError: a scan fails (the message is `predict`'s one line).
@@ -172,7 +173,8 @@ def predict_test(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pa
     source = folder / f"outer{best.outer}_checkpoint.txt"
     made_by = best.checkpoint.relative_to(settings.out).as_posix()
     same = source.is_file() and source.read_text(encoding="utf-8").strip() == made_by
-    source.unlink(missing_ok=True)
+    if not same:
+        source.unlink(missing_ok=True)
     ids, done = scan_ids(pairs), []
     for pair in splits.test_pairs(chosen, pairs, best.outer):
         target = folder / f"{ids[pair.image]}_lesion.nii.gz"

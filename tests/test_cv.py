@@ -134,6 +134,28 @@ def test_rerun_skips_finished_units_and_predictions(cohort, finished, monkeypatc
     assert [p.stat().st_mtime_ns for p, _ in stamps] == [t for _, t in stamps]
 
 
+def test_a_report_killed_while_predicting_keeps_what_it_made(cohort, finished, monkeypatch):
+    """The selection did not change, so the rerun makes only the prediction the kill
+    prevented, not every prediction of that fold again."""
+    root, manifest = cohort
+    folder = finished / "predictions/meshnet-5"
+    kept = {p: p.stat().st_mtime_ns for p in folder.glob("*_lesion.nii.gz")}
+    lost = min(kept)
+    lost.unlink()
+    del kept[lost]
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(predict, "segment", kill)
+    killed = CliRunner().invoke(main, cv_args(root, manifest, "results"))
+    assert isinstance(killed.exception, Killed)
+    monkeypatch.setattr(predict, "segment", bright_voxels)
+    result = CliRunner().invoke(main, cv_args(root, manifest, "results"))
+    assert result.exit_code == 0, result.output
+    assert lost.exists() and {p: p.stat().st_mtime_ns for p in kept} == kept
+
+
 def test_other_training_settings_are_refused(cohort, finished):
     """A finished unit would stay "started" forever under more epochs (and fewer would mix
     two recipes in one table): a call whose settings differ from a unit's is refused."""
