@@ -168,16 +168,29 @@ def download(url: str, target: Path, sha256: str, timeout: float = 60.0) -> None
         raise WeightsError(f"{url}: only https, http and file addresses are supported")
     try:
         with atomic_path(target) as tmp:
-            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    out.write(block)
+            _fetch(url, tmp, timeout)
             got = sha256_file(tmp)
             if got != sha256:
                 raise WeightsError(f"{url}: checksum mismatch (sha256 {got}, expected "
                                    f"{sha256}); file refused")
+    except OutputError as err:
+        raise WeightsError(f"{url}: download failed ({err})") from err
+
+
+def _fetch(url: str, tmp: Path, timeout: float) -> None:
+    """Copy `url` into `tmp`. Network errors are OSErrors too: named here, they do not reach
+    `atomic_path`, which would report them as a file that cannot be written.
+
+    Raises:
+        WeightsError: the download (or writing what arrives) failed.
+    """
+    try:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
     except urllib.error.URLError as err:
         raise WeightsError(f"{url}: download failed ({err.reason})") from err
-    except (OSError, OutputError) as err:
+    except OSError as err:
         raise WeightsError(f"{url}: download failed ({err})") from err
 
 

@@ -115,8 +115,11 @@ def make_folder(folder: Path) -> None:
 def atomic_path(path: str | Path, suffix: str = ".part") -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
+    An OSError in the block (a full disk) is a write error of `path`, so callers need not
+    wrap their writes; a block that also reads or downloads must name those errors itself.
+
     Raises:
-        OutputError: the folder is missing or not writable, or the rename fails.
+        OutputError: the folder is missing or not writable, writing fails, or the rename fails.
     """
     path = Path(path)
     try:
@@ -127,6 +130,8 @@ def atomic_path(path: str | Path, suffix: str = ".part") -> Iterator[Path]:
     try:
         yield Path(tmp)
         _commit(Path(tmp), path)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -134,24 +139,18 @@ def atomic_path(path: str | Path, suffix: str = ".part") -> Iterator[Path]:
 
 def _commit(tmp: Path, path: Path) -> None:
     """Flush the finished temporary file to disk and rename it over `path`."""
-    try:
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        # mkstemp (and some writers) leave 0600, which would hide results from colleagues
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    # mkstemp (and some writers) leave 0600, which would hide results from colleagues
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
 
 
 def write_atomic(img: nib.Nifti1Image, path: str | Path) -> None:
     """Save a NIfTI image so that `path` is either absent, the old file, or complete."""
     suffix = ".part.nii.gz" if str(path).lower().endswith(".gz") else ".part.nii"
     with atomic_path(path, suffix=suffix) as tmp:
-        try:
-            nib.save(img, tmp)
-        except OSError as err:
-            raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
+        nib.save(img, tmp)
 
 
 def write_csv(path: str | Path, columns: Sequence[str],
@@ -163,13 +162,10 @@ def write_csv(path: str | Path, columns: Sequence[str],
         OutputError: the file cannot be written.
     """
     with atomic_path(path, suffix=".part.csv") as tmp:
-        try:
-            with open(tmp, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(columns))
-                writer.writeheader()
-                writer.writerows(rows)
-        except OSError as err:
-            raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(rows)
     return Path(path)
 
 

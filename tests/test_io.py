@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from meshseg.errors import InputError, OutputError
-from meshseg.io import load_volume, save_like, write_csv
+from meshseg.io import atomic_path, load_volume, save_like, write_csv
 from meshseg.validate import check_volume
 from tests.conftest import grid_affine
 
@@ -92,6 +92,19 @@ def test_failed_write_leaves_nothing(write_nifti, tmp_path, monkeypatch):
         save_like(np.ones((8, 8, 8)), vol, out, np.uint8)
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "scan.nii.gz"]
+
+
+def test_any_write_in_an_atomic_path_that_fails_is_one_line(tmp_path):
+    """Callers (cv's summary.md, cohort's report.json, ...) write inside atomic_path without
+    catching OSError themselves: a full disk must still be one line, the old file whole."""
+    out = tmp_path / "summary.md"
+    out.write_text("previous")
+    with pytest.raises(OutputError, match=r"summary.md: cannot write \(No space left on "
+                                          r"device\)"):
+        with atomic_path(out, suffix=".part.md") as tmp:
+            tmp.write_text("half")
+            raise OSError(28, "No space left on device")
+    assert out.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
 def test_csv_rows_by_column_and_atomic(tmp_path):
