@@ -19,7 +19,7 @@ from typing import Any
 
 from meshseg import archs, splits, train
 from meshseg.cohort import stem
-from meshseg.config import MACHINE_FIELDS, TrainConfig, differences, load_config
+from meshseg.config import MACHINE_FIELDS, PATH_FIELDS, TrainConfig, differences, load_config
 from meshseg.data import Pair, load_dataset, write_manifest
 from meshseg.errors import InputError
 from meshseg.io import make_folder
@@ -117,8 +117,10 @@ def status(unit: Unit, results: Path, epochs: int) -> str:
 
 
 def set_up(folder: Path) -> bool:
-    """Whether `train.fit` wrote both config.toml and split.json: a unit killed between the
-    two never trained, and starts afresh (`train_unit`)."""
+    """Whether the unit's run can resume: `train.fit` writes split.json, then config.toml,
+    so a unit killed between the two has split.json alone. Folders left by older versions,
+    which wrote config.toml first, may hold config.toml alone. Either never trained, and
+    starts afresh (`train_unit`)."""
     return all((folder / name).exists() for name in (train.CONFIG_FILE, train.SPLIT_FILE))
 
 
@@ -178,7 +180,7 @@ def check_unit(settings: CvSettings, unit: Unit) -> None:
     folder = unit.folder(settings.out)
     if not set_up(folder):
         return
-    skip = ("data", "val_data", "out", *MACHINE_FIELDS)  # its own files; machine settings
+    skip = (*PATH_FIELDS, *MACHINE_FIELDS)  # its own files; the machine's settings
     saved, wanted = (
         {k: v for k, v in config.to_dict().items() if k not in skip}
         for config in (load_config(folder / train.CONFIG_FILE),
@@ -229,7 +231,7 @@ def unit_config(settings: CvSettings, unit: Unit, train_csv: Path, val_csv: Path
 
 def epochs(settings: CvSettings) -> int:
     """Epochs every unit trains (the forwarded setting, else TrainConfig's default)."""
-    return unit_config(settings, Unit(0, settings.models[0], 0, 0, 0), Path(), Path()).epochs
+    return unit_config(settings, units(settings)[0], Path(), Path()).epochs
 
 
 def train_unit(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair], unit: Unit,
@@ -242,8 +244,8 @@ def train_unit(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair
     if set_up(folder):
         here = unit_config(settings, unit, Path(), Path())
         return train.resume(folder, on_epoch, {k: getattr(here, k) for k in MACHINE_FIELDS})
-    for name in (train.CONFIG_FILE, train.SPLIT_FILE):  # a setup cut short: nothing trained
-        (folder / name).unlink(missing_ok=True)
+    # fit rewrites split.json; only an older version's config.toml without it must go
+    (folder / train.CONFIG_FILE).unlink(missing_ok=True)
     train_csv, val_csv = write_manifests(settings.out, chosen, pairs, unit.outer, unit.inner)
     return train.fit(unit_config(settings, unit, train_csv, val_csv), on_epoch)
 
