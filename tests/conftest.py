@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic NIfTI files on any grid, and the shared model's path."""
+"""Shared fixtures: small synthetic NIfTI files on any grid, the shared model's path, and
+a stand-in for a killed process."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_MODEL = SHARED / "models" / "brainchop-t2-lesion-11ch"
+
+
+class Killed(Exception):
+    """Stands in for the process dying, e.g. raised by an on_epoch callback right after an
+    epoch was saved."""
 
 
 def grid_affine(zooms=(1.0, 1.0, 1.0), angles_deg=(0.0, 0.0, 0.0), axcodes_flip=(1, 1, 1),

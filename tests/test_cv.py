@@ -22,15 +22,12 @@ from meshseg.config import load_config, save_config
 from meshseg.errors import InputError
 from meshseg.io import write_csv
 from meshseg.splits import FORMAT
+from tests.conftest import Killed
 from tests.test_data import fake_conform_pair, write_pair
 
 MODELS = ("meshnet-5", "resunet")
 CENTRES = [(8, 8, 8), (16, 16, 16), (20, 12, 10), (10, 20, 16), (16, 10, 22), (12, 14, 12)]
 TRAIN_FLAGS = ["--epochs", "1", "--steps-per-epoch", "1", "--crop", "32", "--device", "cpu"]
-
-
-class Killed(Exception):
-    """A stand-in for the process being killed."""
 
 
 def write_cohort(folder: Path) -> Path:
@@ -221,8 +218,9 @@ def test_a_resumed_unit_runs_with_this_calls_machine_settings(cohort):
 
 
 def test_a_unit_cut_short_before_its_split_starts_afresh(cohort):
-    """`train.fit` writes config.toml, then split.json: a kill between them left a unit that
-    could neither resume (no split.json) nor start (config.toml exists)."""
+    """Folders left by older versions, whose `train.fit` wrote config.toml before split.json
+    (it now writes split.json first): a kill between them left a unit that could neither
+    resume (no split.json) nor start (config.toml exists)."""
     root, manifest = cohort
     settings = settings_for(root, manifest, "cut")
     cv_units.prepare(settings)

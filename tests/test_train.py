@@ -30,14 +30,10 @@ from meshseg.train import (
     save_config,
 )
 from meshseg.weights import load_network
-from tests.conftest import grid_affine
+from tests.conftest import Killed, grid_affine
 from tests.test_data import fake_conform_pair, write_pair
 
 LOSS_COLUMNS = ("restart", "epoch", "train_loss", "val_loss", "val_dice", "lr")
-
-
-class Killed(Exception):
-    """Stands in for the process dying right after an epoch was saved."""
 
 
 @pytest.fixture
