@@ -7,6 +7,7 @@ A results folder is built in stages, each resumable and each file written atomic
     RESULTS/runs/<model>/outer<k>/inner<j>/restart<r>/   one `meshseg train` run per unit
     RESULTS/selection.csv                       best inner run per model and outer fold
     RESULTS/predictions/<model>/<scan>_lesion.nii.gz     hold-out predictions of that run
+    RESULTS/predictions/<model>/outer<k>_checkpoint.txt  checkpoint of outer fold k's masks
     RESULTS/metrics/<model>.csv                 per-scan scores (`meshseg eval` columns)
     RESULTS/summary.md, summary.csv             Table 1: mean (std) over outer folds, stars
     RESULTS/figures/dice_box.png, dice_vs_size.png
