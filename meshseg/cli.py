@@ -239,7 +239,8 @@ def _train_config_options(command):
               help="Training pairs: a .csv manifest (image,mask[,subject,acq]) or a BIDS folder.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder to create.")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Continue the run in this folder from its last finished epoch.")
+              help="Continue the run in this folder from its last finished epoch "
+                   "(--device, --num-workers and --cache may change).")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @_train_config_options
 def train(config_file: Path | None, data: Path | None, out: Path | None,
@@ -252,10 +253,14 @@ def train(config_file: Path | None, data: Path | None, out: Path | None,
     given = {k: v for k, v in settings.items() if v is not None}
     try:
         if resume_dir is not None:
-            if data or out or given or config_file:
-                raise click.UsageError("--resume takes no other settings (they are in "
+            from meshseg.config import MACHINE_FIELDS
+
+            machine = {k: v for k, v in given.items() if k in MACHINE_FIELDS}
+            if data or out or config_file or len(machine) < len(given):
+                raise click.UsageError("--resume takes only --device, --num-workers and "
+                                       "--cache (the other settings are in "
                                        f"{resume_dir / training.CONFIG_FILE})")
-            run_dir = training.resume(resume_dir)
+            run_dir = training.resume(resume_dir, machine=machine)
         else:
             run_dir = training.fit(_train_config(config_file, data, out, given))
     except DeviceError as err:
