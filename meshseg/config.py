@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable, Iterable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from meshseg.io import atomic_path
 
 ACTIVATION_NAMES = ("elu", "relu")  # those meshseg.model.ACTIVATIONS builds
 
-PATH_FIELDS = ("data", "out", "val_data", "cache")
+PATH_FIELDS = ("data", "out", "val_data", "cache", "init")
 # Settings that may differ between the machines sharing a tune study or a cv results folder,
 # and that stay out of tune's best.toml.
 MACHINE_FIELDS = ("device", "num_workers", "cache")
@@ -48,6 +48,9 @@ class TrainConfig:
     channels: int = _help("MeshNet channels per layer (paper: 26; 16 and 5 are smaller).", 26)
     activation: str = _help("MeshNet activation after each batch norm: relu (paper) or elu.",
                             "relu")
+    init: Path | None = _help("Start every restart from this meshseg checkpoint's weights "
+                              "(fine-tuning) instead of random ones; it must have this run's "
+                              "architecture, channels and activation.")
     epochs: int = _help("Passes over the training data per restart.", 50)
     lr: float = _help("Peak learning rate of the one-cycle schedule (AdamW).", 1e-3)
     weight_decay: float = _help("AdamW decoupled weight decay.", 3e-5)
@@ -91,6 +94,11 @@ class TrainConfig:
                 out[key] = (str(value) if key in PATH_FIELDS
                             else list(value) if isinstance(value, tuple) else value)
         return out
+
+    def resolved(self) -> TrainConfig:
+        """This config with every path absolute, as a run saves it."""
+        return replace(self, **{k: getattr(self, k).resolve() for k in PATH_FIELDS
+                                if getattr(self, k) is not None})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -194,6 +202,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("out", lambda v: isinstance(v, Path), "a path"),
     ("val_data", lambda v: v is None or isinstance(v, Path), "unset or a path"),
     ("cache", lambda v: v is None or isinstance(v, Path), "unset or a path"),
+    ("init", lambda v: v is None or isinstance(v, Path), "unset or a path"),
     ("val_fraction", lambda v: _number(v) and 0 < v < 1, "between 0 and 1"),
     ("channels", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("activation", lambda v: v in ACTIVATION_NAMES, f"one of {', '.join(ACTIVATION_NAMES)}"),

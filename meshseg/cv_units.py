@@ -19,13 +19,14 @@ from typing import Any
 
 from meshseg import archs, splits, train
 from meshseg.cohort import stem
-from meshseg.config import MACHINE_FIELDS, PATH_FIELDS, TrainConfig, differences, load_config
+from meshseg.config import MACHINE_FIELDS, TrainConfig, differences, load_config
 from meshseg.data import Pair, load_dataset, write_manifest
 from meshseg.errors import InputError
 from meshseg.io import make_folder
 
 DEFAULT_REFERENCE = "meshnet-26"
 SELECTOR_KEYS = ("model", "outer", "inner", "restart", "index")
+UNIT_FILES = ("data", "out", "val_data")  # the training settings cv writes for each unit
 
 
 @dataclass(frozen=True)
@@ -180,11 +181,11 @@ def check_unit(settings: CvSettings, unit: Unit) -> None:
     folder = unit.folder(settings.out)
     if not set_up(folder):
         return
-    skip = (*PATH_FIELDS, *MACHINE_FIELDS)  # its own files; the machine's settings
+    skip = (*UNIT_FILES, *MACHINE_FIELDS)  # its own files; the machine's settings
     saved, wanted = (
         {k: v for k, v in config.to_dict().items() if k not in skip}
         for config in (load_config(folder / train.CONFIG_FILE),
-                       unit_config(settings, unit, Path(), Path())))
+                       unit_config(settings, unit, Path(), Path()).resolved()))
     differ = differences(saved, wanted, "run")
     if differ:
         raise InputError(f"{folder}: trained with other settings ({'; '.join(differ)}); "

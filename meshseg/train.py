@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from meshseg import archs
-from meshseg.config import MACHINE_FIELDS, PATH_FIELDS, TrainConfig, load_config, save_config
+from meshseg.config import MACHINE_FIELDS, TrainConfig, load_config, save_config
 from meshseg.data import (
     ConformedCache,
     LesionDataset,
@@ -45,11 +45,11 @@ from meshseg.data import (
     load_dataset,
     split_by_subject,
 )
-from meshseg.errors import DeviceError, InputError, OutputError
+from meshseg.errors import DeviceError, InputError, OutputError, WeightsError
 from meshseg.infer import resolve_device
 from meshseg.io import atomic_path, write_csv
 from meshseg.model import MeshNet
-from meshseg.weights import save_checkpoint, save_network
+from meshseg.weights import load_network, save_checkpoint, save_network, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ def fit(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -> 
             folder already holds a run or cannot be written; DeviceError: see `resolve_device`.
     """
     config.check()
-    config = replace(config, **{k: getattr(config, k).resolve() for k in PATH_FIELDS
-                                if getattr(config, k) is not None})
+    config = config.resolved()
     run_dir = config.out
     if (run_dir / CONFIG_FILE).exists():
         raise OutputError(f"{run_dir}: already holds a training run (resume it or pick "
@@ -164,17 +163,20 @@ class _Parts:
     rng: np.random.Generator
 
 
-def _build(config: TrainConfig, restart: int, total_steps: int, device: torch.device,
-           amp: bool) -> _Parts:
-    """A freshly initialised restart; every generator is seeded from (seed, restart)."""
+def _build(config: TrainConfig, restart: int, total_steps: int, setup: _Setup) -> _Parts:
+    """A restart initialised randomly or from `setup.init`; every generator is seeded from
+    (seed, restart)."""
     seed = int(np.random.SeedSequence([config.seed, restart]).generate_state(1)[0])
     torch.manual_seed(seed)
     random.seed(seed)
-    model = archs.build(config.architecture, **config.network_options()).to(device)
+    model = archs.build(config.architecture, **config.network_options())
+    if setup.init is not None:
+        model.load_state_dict(setup.init.state)
+    model = model.to(setup.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay, eps=config.eps)
     scheduler = one_cycle(optimizer, config, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.amp)
     return _Parts(model, optimizer, scheduler, scaler, np.random.default_rng(seed))
 
 
@@ -195,13 +197,43 @@ def one_cycle(optimizer: torch.optim.Optimizer, config: TrainConfig,
 
 
 @dataclass
+class _Init:
+    """The weights a fine-tuning run starts from, and the sha256 of their file."""
+
+    state: dict[str, torch.Tensor]
+    sha256: str
+
+
+@dataclass
 class _Setup:
-    """Device, precision and data of a run: all that can fail before a run file is written."""
+    """Device, precision, data and starting weights of a run: all that can fail before a
+    run file is written."""
 
     device: torch.device
     amp: bool
     train_set: LesionDataset
     val_set: LesionDataset
+    init: _Init | None = None
+
+
+def _load_init(config: TrainConfig) -> _Init | None:
+    """The weights of `config.init`, refused unless they fit this run's network.
+
+    Raises:
+        InputError: unreadable checkpoint, or another architecture or build options.
+    """
+    if config.init is None:
+        return None
+    try:
+        start = load_network(config.init)
+    except WeightsError as err:
+        raise InputError(f"training setting init: {err}") from err
+    wanted = config.network_options()
+    have = {key: start.options.get(key) for key in wanted}
+    if start.architecture != config.architecture or have != wanted:
+        raise InputError(f"{config.init}: a {start.architecture} {have} checkpoint cannot "
+                         f"start a {config.architecture} {wanted} run")
+    return _Init(start.model.state_dict(), sha256_file(config.init))
 
 
 def _prepare(config: TrainConfig, train_pairs: list[Pair], val_pairs: list[Pair]) -> _Setup:
@@ -213,11 +245,13 @@ def _prepare(config: TrainConfig, train_pairs: list[Pair], val_pairs: list[Pair]
     cache = ConformedCache(config.cache or default_cache_dir())
     common = {"downsample": config.downsample, "seed": config.seed}
     val_crop = None if config.val_whole else config.crop
+    init = _load_init(config)
     return _Setup(device, amp,
                   LesionDataset(train_pairs, cache, crop=config.crop,
                                 lesion_p=config.crop_lesion_p, flip_lr=config.flip_lr,
                                 intensity_aug=config.intensity_aug, **common),
-                  LesionDataset(val_pairs, cache, crop=val_crop, lesion_p=1.0, **common))
+                  LesionDataset(val_pairs, cache, crop=val_crop, lesion_p=1.0, **common),
+                  init)
 
 
 def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None,
@@ -236,7 +270,7 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
     if start_epoch > config.epochs:
         start_restart, start_epoch = start_restart + 1, 1
     for restart in range(start_restart, config.restarts):
-        parts = _build(config, restart, steps * config.epochs, device, amp)
+        parts = _build(config, restart, steps * config.epochs, setup)
         first = start_epoch if restart == start_restart else 1
         if first > 1:
             _restore(parts, state)
@@ -250,8 +284,10 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
             rows.append(row)
             if val_dice > best["val_dice"]:
                 best = {"val_dice": val_dice, "restart": restart + 1, "epoch": epoch}
+                started_from = {"init_sha256": setup.init.sha256} if setup.init else {}
                 _save_best(run_dir / BEST_FILE, config, parts.model,
-                           {**best, "seed": config.seed, "config": config.to_dict()})
+                           {**best, "seed": config.seed, "config": config.to_dict(),
+                            **started_from})
             _save_state(run_dir / STATE_FILE, parts, restart, epoch, best, rows)
             _write_metrics(run_dir / METRICS_FILE, rows)
             logger.info("restart %d/%d epoch %d/%d: train loss %.4f, val loss %.4f, "

@@ -163,6 +163,9 @@ def test_other_training_settings_are_refused(cohort, finished):
         assert result.stderr.count("\n") == 1 and (
             f"{finished / 'runs/meshnet-5/outer0/inner0/restart0'}: trained with other settings "
             "(epochs: run has 1, this call 2)") in result.stderr
+    start = finished / "runs/meshnet-5/outer0/inner0/restart0/best.safetensors"
+    tuned = CliRunner().invoke(main, cv_args(root, manifest, "results", "--init", str(start)))
+    assert tuned.exit_code == 1 and f"(init: run has None, this call '{start}')" in tuned.stderr
     reseeded = CliRunner().invoke(main, cv_args(root, manifest, "results", "--seed", "1"))
     assert reseeded.exit_code == 1 and (f"{finished / 'splits.json'}: made with seed 0, not 1; "
                                         "pass --seed 0 or another --out") in reseeded.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from meshseg.train import (
     resume,
     save_config,
 )
-from meshseg.weights import load_network
+from meshseg.weights import load_network, sha256_file
 from tests.conftest import Killed, grid_affine
 from tests.test_data import fake_conform_pair, write_pair
 
@@ -211,6 +212,40 @@ def test_killed_run_resumes_to_the_same_result(config, tmp_path, caplog):
         resume(killed.out)
     assert "already finished" in caplog.text
     assert (killed.out / "last.pt").stat().st_mtime_ns == before
+
+
+def test_init_starts_from_a_checkpoint_and_records_its_sha256(config, tmp_path):
+    """--init fine-tunes: at a vanishing learning rate the weights stay the checkpoint's."""
+    start = fit(config) / "best.safetensors"
+    still = replace(config, lr=1e-12, div_factor=1.0, seed=8)
+    tuned = fit(replace(still, out=tmp_path / "tuned", init=start)) / "best.safetensors"
+    fresh = fit(replace(still, out=tmp_path / "fresh")) / "best.safetensors"
+
+    def conv_weights(path: Path) -> list[torch.Tensor]:
+        state = load_network(path).model.state_dict()
+        return [v for k, v in state.items() if k.endswith("weight") and v.dim() == 5]
+
+    assert all(torch.allclose(a, b, atol=1e-6)
+               for a, b in zip(conv_weights(start), conv_weights(tuned), strict=True))
+    assert not torch.allclose(conv_weights(start)[0], conv_weights(fresh)[0])
+    assert load_network(tuned).meta["init_sha256"] == sha256_file(start)
+    assert load_config(tmp_path / "tuned" / "config.toml").init == start.resolve()
+    assert "init_sha256" not in load_network(fresh).meta
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"channels": 4}, "best.safetensors: a meshnet {'channels': 3, 'activation': 'relu'} "
+                      "checkpoint cannot start a meshnet {'channels': 4"),
+    ({"activation": "elu"}, "cannot start a meshnet {'channels': 3, 'activation': 'elu'}"),
+])
+def test_init_must_fit_the_network(config, tmp_path, change, message):
+    start = fit(config) / "best.safetensors"
+    other = replace(config, out=tmp_path / "other", init=start, **change)
+    with pytest.raises(InputError, match=re.escape(message)):
+        fit(other)
+    assert not other.out.exists()
+    with pytest.raises(InputError, match="training setting init: .*nothing.pt: no such "):
+        fit(replace(other, init=tmp_path / "nothing.pt"))
 
 
 def test_resume_needs_a_run_folder(tmp_path):
