@@ -124,7 +124,13 @@ def resume(run_dir: Path, on_epoch: Callable[[dict], None] | None = None,
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise InputError(f"{run_dir / SPLIT_FILE}: missing or damaged ({err})") from err
     _refuse_problems(check_pairs(train_pairs + val_pairs))
-    return _train(config, run_dir, _prepare(config, train_pairs, val_pairs), state, on_epoch)
+    setup = _prepare(config, train_pairs, val_pairs)
+    then = state.get("init_sha256") if state else None
+    now = setup.init.sha256 if setup.init else None
+    if state is not None and "init_sha256" in state and then != now:
+        raise InputError(f"{config.init}: changed since the run started from it (sha256 "
+                         f"{then}, now {now}); put it back to resume")
+    return _train(config, run_dir, setup, state, on_epoch)
 
 
 def _select_pairs(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
@@ -288,7 +294,7 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
                 _save_best(run_dir / BEST_FILE, config, parts.model,
                            {**best, "seed": config.seed, "config": config.to_dict(),
                             **started_from})
-            _save_state(run_dir / STATE_FILE, parts, restart, epoch, best, rows)
+            _save_state(run_dir / STATE_FILE, parts, restart, epoch, best, rows, setup)
             _write_metrics(run_dir / METRICS_FILE, rows)
             logger.info("restart %d/%d epoch %d/%d: train loss %.4f, val loss %.4f, "
                         "val Dice %.4f, lr %.2e, %.1f s", restart + 1, config.restarts, epoch,
@@ -413,12 +419,14 @@ def dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def _save_state(path: Path, parts: _Parts, restart: int, epoch: int, best: dict,
-                rows: list[dict]) -> None:
-    """Write last.pt atomically: only tensors, numbers, strings, lists and dicts."""
+                rows: list[dict], setup: _Setup) -> None:
+    """Write last.pt atomically: only tensors, numbers, strings, lists and dicts (and None
+    for the sha256 of a run without init)."""
     version, internal, gauss = random.getstate()
     state = {
         "format": STATE_FORMAT, "restart": restart, "epoch": epoch, "best": best,
-        "metrics": rows, "model": parts.model.state_dict(),
+        "metrics": rows, "init_sha256": setup.init.sha256 if setup.init else None,
+        "model": parts.model.state_dict(),
         "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
         "scaler": parts.scaler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "numpy": parts.rng.bit_generator.state,

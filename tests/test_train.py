@@ -233,6 +233,25 @@ def test_init_starts_from_a_checkpoint_and_records_its_sha256(config, tmp_path):
     assert "init_sha256" not in load_network(fresh).meta
 
 
+def test_resume_refuses_an_init_checkpoint_changed_since_the_start(config, tmp_path):
+    start = tmp_path / "start.safetensors"
+    start.write_bytes((fit(config) / "best.safetensors").read_bytes())
+    tuned = replace(config, out=tmp_path / "tuned", init=start, epochs=3)
+
+    def die(record: dict) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        fit(tuned, on_epoch=die)
+    with pytest.raises(Killed):  # the same file: resumes
+        resume(tuned.out, on_epoch=die)
+    assert len(read_metrics(tuned.out)) == 2
+    start.write_bytes((fit(replace(config, out=tmp_path / "b", seed=9)) / "best.safetensors")
+                      .read_bytes())
+    with pytest.raises(InputError, match="start.safetensors: changed since the run started"):
+        resume(tuned.out)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"channels": 4}, "best.safetensors: a meshnet {'channels': 3, 'activation': 'relu'} "
                       "checkpoint cannot start a meshnet {'channels': 4"),
