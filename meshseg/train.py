@@ -125,11 +125,10 @@ def resume(run_dir: Path, on_epoch: Callable[[dict], None] | None = None,
         raise InputError(f"{run_dir / SPLIT_FILE}: missing or damaged ({err})") from err
     _refuse_problems(check_pairs(train_pairs + val_pairs))
     setup = _prepare(config, train_pairs, val_pairs)
-    then = state.get("init_sha256") if state else None
-    now = setup.init.sha256 if setup.init else None
-    if state is not None and "init_sha256" in state and then != now:
+    started = (state or {}).get("init_sha256", setup.init_sha256)  # older last.pt: unrecorded
+    if started != setup.init_sha256:
         raise InputError(f"{config.init}: changed since the run started from it (sha256 "
-                         f"{then}, now {now}); put it back to resume")
+                         f"{started}, now {setup.init_sha256}); put it back to resume")
     return _train(config, run_dir, setup, state, on_epoch)
 
 
@@ -221,6 +220,11 @@ class _Setup:
     val_set: LesionDataset
     init: _Init | None = None
 
+    @property
+    def init_sha256(self) -> str | None:
+        """sha256 of the starting weights' file; None for a randomly initialised run."""
+        return self.init.sha256 if self.init else None
+
 
 def _load_init(config: TrainConfig) -> _Init | None:
     """The weights of `config.init`, refused unless they fit this run's network.
@@ -275,6 +279,7 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
     start_restart, start_epoch = (state["restart"], state["epoch"] + 1) if state else (0, 1)
     if start_epoch > config.epochs:
         start_restart, start_epoch = start_restart + 1, 1
+    started_from = {"init_sha256": setup.init_sha256} if setup.init else {}
     for restart in range(start_restart, config.restarts):
         parts = _build(config, restart, steps * config.epochs, setup)
         first = start_epoch if restart == start_restart else 1
@@ -290,11 +295,11 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
             rows.append(row)
             if val_dice > best["val_dice"]:
                 best = {"val_dice": val_dice, "restart": restart + 1, "epoch": epoch}
-                started_from = {"init_sha256": setup.init.sha256} if setup.init else {}
                 _save_best(run_dir / BEST_FILE, config, parts.model,
                            {**best, "seed": config.seed, "config": config.to_dict(),
                             **started_from})
-            _save_state(run_dir / STATE_FILE, parts, restart, epoch, best, rows, setup)
+            _save_state(run_dir / STATE_FILE, parts, restart, epoch, best, rows,
+                        setup.init_sha256)
             _write_metrics(run_dir / METRICS_FILE, rows)
             logger.info("restart %d/%d epoch %d/%d: train loss %.4f, val loss %.4f, "
                         "val Dice %.4f, lr %.2e, %.1f s", restart + 1, config.restarts, epoch,
@@ -419,13 +424,13 @@ def dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def _save_state(path: Path, parts: _Parts, restart: int, epoch: int, best: dict,
-                rows: list[dict], setup: _Setup) -> None:
+                rows: list[dict], init_sha256: str | None) -> None:
     """Write last.pt atomically: only tensors, numbers, strings, lists and dicts (and None
     for the sha256 of a run without init)."""
     version, internal, gauss = random.getstate()
     state = {
         "format": STATE_FORMAT, "restart": restart, "epoch": epoch, "best": best,
-        "metrics": rows, "init_sha256": setup.init.sha256 if setup.init else None,
+        "metrics": rows, "init_sha256": init_sha256,
         "model": parts.model.state_dict(),
         "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
         "scaler": parts.scaler.state_dict(),

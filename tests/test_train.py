@@ -399,4 +399,5 @@ def test_train_config_file_with_flags_over_it(config, tmp_path):
     assert f"{settings}: unknown training settings: chanels" in typo.output
     both = CliRunner().invoke(main, ["train", "--config", str(settings), "--resume",
                                      str(config.out)])
-    assert both.exit_code == 2 and "--resume takes only --device, --num-workers and --cache" in both.output
+    assert both.exit_code == 2
+    assert "--resume takes only --device, --num-workers and --cache" in both.output
