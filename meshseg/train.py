@@ -48,7 +48,7 @@ from meshseg.data import (
 from meshseg.errors import DeviceError, InputError, OutputError, WeightsError
 from meshseg.infer import resolve_device
 from meshseg.io import atomic_path, write_csv
-from meshseg.model import MeshNet
+from meshseg.model import MeshNet, MeshNetConfig
 from meshseg.weights import load_network, save_checkpoint, save_network, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -238,9 +238,14 @@ def _load_init(config: TrainConfig) -> _Init | None:
         start = load_network(config.init)
     except WeightsError as err:
         raise InputError(f"training setting init: {err}") from err
-    wanted = config.network_options()
-    have = {key: start.options.get(key) for key in wanted}
-    if start.architecture != config.architecture or have != wanted:
+    # The full build options, not only the training settings: a MeshNet of other dilations
+    # has tensors of the same shapes and would load without complaint.
+    brief = config.network_options()
+    full = MeshNetConfig(**brief).to_dict() if config.architecture == archs.MESHNET else brief
+    if start.architecture != config.architecture or start.options != full:
+        shown = [*brief, *(k for k in full if k not in brief and start.options.get(k) != full[k])]
+        have = {key: start.options.get(key) for key in shown}
+        wanted = {key: full[key] for key in shown}
         raise InputError(f"{config.init}: a {start.architecture} {have} checkpoint cannot "
                          f"start a {config.architecture} {wanted} run")
     return _Init(start.model.state_dict(), sha256_file(config.init))

@@ -267,6 +267,19 @@ def test_init_must_fit_the_network(config, tmp_path, change, message):
         fit(replace(other, init=tmp_path / "nothing.pt"))
 
 
+def test_init_refuses_a_meshnet_of_other_dilations(config, tmp_path):
+    """Same tensor shapes, other network: refused by name, not loaded silently."""
+    from meshseg.weights import save_checkpoint
+
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, MeshNet(MeshNetConfig(channels=3,
+                                                 dilations=(1, 2, 4, 8, 16, 8, 4, 2, 2))))
+    with pytest.raises(InputError, match=re.escape("'dilations': [1, 2, 4, 8, 16, 8, 4, 2, 2]}"
+                                                   " checkpoint cannot start")):
+        fit(replace(config, init=other))
+    assert not config.out.exists()
+
+
 def test_resume_needs_a_run_folder(tmp_path):
     with pytest.raises(InputError, match="config.toml: cannot read"):
         resume(tmp_path)
