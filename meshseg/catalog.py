@@ -42,7 +42,6 @@ class CatalogEntry:
     files: dict[str, str]
     source: str  # "bundled", or the base address the files are downloaded from
     license: str
-    postprocess: str = "none"  # "largest": keep only the largest connected lesion
     default: bool = False
 
     @property
@@ -65,7 +64,7 @@ REMOTE = (
             "model.json": "b37385c627d206235c6691125908ec38a92c80577cfd71c14722ed15d61c61fc",
             "model.bin": "6fee8a8ad29454700025dba48ffecd2ccae09ea4e02fb3562a394cc43480c9b1",
         },
-        source=BRAINCHOP_URL, license="MIT", postprocess="largest",
+        source=BRAINCHOP_URL, license="MIT",
     ),
 )
 
@@ -109,7 +108,7 @@ def bundled() -> list[CatalogEntry]:
             architecture=info["architecture"], channels=info["channels"],
             parameters=info["parameters"], fmt="meshseg", entry_file=info["file"],
             files={info["file"]: info["sha256"]}, source="bundled", license=info["license"],
-            postprocess=info.get("postprocess", "none"), default=info.get("default", False)))
+            default=info.get("default", False)))
     return entries
 
 
@@ -200,9 +199,7 @@ def load(spec: str | None) -> LoadedModel:
         return _load_entry(default_entry())
     path = Path(spec)
     if path.suffix in (".json", ".safetensors", ".onnx") and (path.exists() or os.sep in spec):
-        # brainchop keeps only the largest lesion by default; its models keep that default here
-        return _load_path(path, name=str(path),
-                          postprocess="largest" if path.suffix == ".json" else "none")
+        return _load_path(path, name=str(path))
     return _load_entry(find(spec))
 
 
@@ -212,26 +209,44 @@ def _load_entry(entry: CatalogEntry) -> LoadedModel:
                 else "reinstall meshseg")
         raise WeightsError(f"{entry.name}: model files missing or changed in {entry.folder}; "
                            f"{hint}")
-    return _load_path(entry.folder / entry.entry_file, entry.name, entry.postprocess)
+    return _load_path(entry.folder / entry.entry_file, entry.name)
 
 
-def _load_path(path: Path, name: str, postprocess: str) -> LoadedModel:
+def _load_path(path: Path, name: str) -> LoadedModel:
+    """The model in `path`; how it crops and post-processes travels with the file: brainchop's
+    TF.js models crop to the voxels > 0 and keep the largest lesion (brainchop's defaults), and
+    a meshseg checkpoint says so in its meta (`tfjs.save_as_checkpoint`)."""
     if path.suffix == ".onnx":
         graph = read_onnx(path)
-        return LoadedModel(name=name, layers=[], postprocess=postprocess, architecture="ONNX",
+        return LoadedModel(name=name, layers=[], postprocess="none", architecture="ONNX",
                            parameters=onnx_parameters(graph), onnx=graph)
     if path.suffix == ".json":
         tf = load_tfjs(path)
-        return LoadedModel(name=name, layers=tf.layers, postprocess=postprocess, crop="nonzero",
+        return LoadedModel(name=name, layers=tf.layers, postprocess="largest", crop="nonzero",
                            architecture=f"MeshNet-{tf.channels} ({tf.activation.upper()}, TF.js)",
                            parameters=tf.n_parameters)
     checkpoint = load_network(path)
     model = checkpoint.model
+    postprocess = _meta_choice(path, checkpoint.meta, "postprocess", ("none", "largest"))
     if checkpoint.architecture != archs.MESHNET:
         return LoadedModel(name=name, layers=[], postprocess=postprocess, network=model,
                            window=checkpoint.window, parameters=count_parameters(model),
                            architecture=archs.get(checkpoint.architecture).title)
     cfg = model.config
     return LoadedModel(name=name, layers=fold(model), postprocess=postprocess,
+                       crop=_meta_choice(path, checkpoint.meta, "crop", ("head", "nonzero")),
                        architecture=f"MeshNet-{cfg.channels} ({cfg.activation.upper()})",
                        parameters=count_parameters(model))
+
+
+def _meta_choice(path: Path, meta: dict, key: str, allowed: tuple[str, ...]) -> str:
+    """A checkpoint's `key` setting, one of `allowed` (the first when absent).
+
+    Raises:
+        WeightsError: the checkpoint names a value meshseg does not know.
+    """
+    value = meta.get(key, allowed[0]) if isinstance(meta, dict) else allowed[0]
+    if value not in allowed:
+        raise WeightsError(f"{path}: checkpoint {key} {value!r} is not one of "
+                           f"{', '.join(allowed)}")
+    return value

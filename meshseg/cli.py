@@ -44,6 +44,10 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Redo inputs whose outputs already exist.")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
               help="Write a per-input report (.json or .csv).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.5, show_default=True,
+              help="Lesion probability above which a voxel is lesion (0.5 is the argmax of "
+                   "the two classes, as the models were trained and measured).")
 @click.option("--largest/--all-lesions", "largest", default=None,
               help="Keep only the largest connected lesion, or all. Default: the model's "
                    "own choice (brainchop models keep the largest).")
@@ -59,8 +63,8 @@ def main() -> None:
               help="Slab thickness in voxels for layer-by-layer inference (bounds memory).")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None, device: str,
-            prob: bool, overwrite: bool, report: Path | None, largest: bool | None,
-            backend: str | None, precision: str, slab: int | None, quiet: bool) -> None:
+            prob: bool, overwrite: bool, report: Path | None, threshold: float,
+            largest: bool | None, backend: str | None, precision: str, slab: int | None, quiet: bool) -> None:
     """Segment lesions in each INPUT (NIfTI files, folders or globs)."""
     from meshseg import catalog
     from meshseg.cohort import expand_inputs, plan_outputs
@@ -98,7 +102,8 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
 
     try:
         results = run_cohort(paths, plans, model, run, str(torch_device), overwrite=overwrite,
-                             postprocess=postprocess, report=report, quiet=quiet)
+                             postprocess=postprocess, threshold=threshold, report=report,
+                             quiet=quiet)
     except MeshsegError as err:
         fail(str(err))
     sys.exit(EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK)
@@ -413,6 +418,26 @@ def export_onnx_command(model_spec: str, output: Path) -> None:
         fail(str(err))
     click.echo(f"{output}: {model.architecture}, {model.parameters:,} parameters; "
                f"max |onnxruntime - torch| = {error:.1e} on a random volume")
+
+
+@export.command("safetensors")
+@click.argument("model_json", metavar="MODEL_JSON", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .safetensors checkpoint to write.")
+def export_safetensors_command(model_json: Path, output: Path) -> None:
+    """Convert a brainchop TF.js MeshNet (model.json + .bin) to a meshseg checkpoint.
+
+    The checkpoint predicts as the original does (brainchop's crop to the voxels > 0, largest
+    lesion kept) and records the sha256 of the files it came from.
+    """
+    from meshseg.tfjs import save_as_checkpoint
+
+    try:
+        model = save_as_checkpoint(model_json, output)
+    except MeshsegError as err:
+        fail(str(err))
+    click.echo(f"{output}: MeshNet-{model.channels} ({model.activation.upper()}) from "
+               f"{model.source}")
 
 
 @main.command()

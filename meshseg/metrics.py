@@ -28,6 +28,29 @@ def voxel_ml(affine: np.ndarray) -> float:
     return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000
 
 
+def largest_lesion(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected lesion of a mask, as a boolean mask (empty stays empty)."""
+    labels, count = ndimage.label(np.asarray(mask) > 0, structure=CONNECTIVITY)
+    if count < 2:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+def largest_lesion_side(mask: np.ndarray, affine: np.ndarray) -> str:
+    """"left", "right" or "" (no lesion): the side of the largest lesion, by the sign of its
+    centroid's world x (RAS: x < 0 is the subject's left). Needs no registration, so it is
+    only as good as the scan's own world origin (near mid-brain on scanner and standard
+    grids)."""
+    largest = largest_lesion(mask)
+    if not largest.any():
+        return ""
+    centroid = np.argwhere(largest).mean(axis=0)
+    x = (np.asarray(affine)[:3, :3] @ centroid + np.asarray(affine)[:3, 3])[0]
+    return "left" if x < 0 else "right"
+
+
 def _booleans(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both masks as boolean arrays of one shape."""
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)

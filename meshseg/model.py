@@ -38,6 +38,8 @@ class MeshNetConfig:
     in_channels: int = 1
     n_classes: int = 2
     dilations: tuple[int, ...] = DILATIONS
+    # False for networks whose batch norms were folded before we got them (brainchop's models)
+    batchnorm: bool = True
 
     def __post_init__(self) -> None:
         for name in ("channels", "in_channels"):
@@ -46,6 +48,8 @@ class MeshNetConfig:
                 raise ValueError(f"MeshNet {name} must be a positive integer, got {value!r}")
         if not _is_int(self.n_classes) or self.n_classes < 2:
             raise ValueError(f"MeshNet n_classes must be an integer >= 2, got {self.n_classes!r}")
+        if not isinstance(self.batchnorm, bool):
+            raise ValueError(f"MeshNet batchnorm must be true or false, got {self.batchnorm!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MeshNet activation must be one of {sorted(ACTIVATIONS)}, "
                              f"got {self.activation!r}")
@@ -77,7 +81,8 @@ class MeshNetConfig:
 
 class MeshNet(nn.Module):
     """MeshNet: len(dilations) blocks of Conv3d(3x3x3, dilation d, padding d) + BatchNorm3d +
-    activation, then a 1x1x1 Conv3d to class logits.
+    activation, then a 1x1x1 Conv3d to class logits. With `batchnorm=False` the norm is the
+    identity (a network imported with its batch norms already folded).
 
     The convolutions keep their bias next to the batch norm: the paper's parameter counts
     (147,474 / 56,194 / 5,682 for 26 / 16 / 5 channels) include it.
@@ -90,7 +95,7 @@ class MeshNet(nn.Module):
         self.blocks = nn.Sequential(*(
             nn.Sequential(OrderedDict(
                 conv=nn.Conv3d(c_in, config.channels, 3, padding=d, dilation=d, bias=True),
-                bn=nn.BatchNorm3d(config.channels),
+                bn=nn.BatchNorm3d(config.channels) if config.batchnorm else nn.Identity(),
                 act=ACTIVATIONS[config.activation](),
             ))
             for c_in, d in zip(widths, config.dilations)
@@ -149,8 +154,12 @@ def fold(model: MeshNet) -> list[FoldedLayer]:
     with torch.no_grad():
         for block, d in zip(model.blocks, model.config.dilations):
             conv, bn = block.conv, block.bn
-            weight, bias = fold_batch_norm(conv.weight, conv.bias, bn.weight, bn.bias,
-                                           bn.running_mean, bn.running_var, bn.eps)
+            if isinstance(bn, nn.BatchNorm3d):
+                weight, bias = fold_batch_norm(conv.weight, conv.bias, bn.weight, bn.bias,
+                                               bn.running_mean, bn.running_var, bn.eps)
+            else:
+                weight = conv.weight.detach().float().clone()
+                bias = conv.bias.detach().float().clone()
             layers.append(FoldedLayer(weight, bias, d, model.config.activation))
         head = model.classifier
         layers.append(FoldedLayer(head.weight.detach().float().clone(),

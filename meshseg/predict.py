@@ -23,7 +23,7 @@ from meshseg.errors import DeviceError, MeshsegError, WeightsError
 from meshseg.export import onnx_runner, to_onnx
 from meshseg.infer import PRECISIONS, Box, OnLayer, Runner, lesion_probability, torch_runner
 from meshseg.io import Volume, load_volume, save_like
-from meshseg.metrics import CONNECTIVITY, voxel_ml
+from meshseg.metrics import CONNECTIVITY, largest_lesion, voxel_ml
 from meshseg.validate import check_volume
 
 Progress = Callable[[str, float], None]
@@ -52,6 +52,7 @@ class Result:
     status: str  # "ok", "skipped" or "failed"
     model: str
     device: str
+    threshold: float = 0.5
     lesion_ml: float | None = None
     voxels: int | None = None
     components: int | None = None
@@ -129,15 +130,12 @@ def segment(volume: Volume, run: Runner, progress: Progress | None = None,
     return native
 
 
-def to_mask(prob: np.ndarray, postprocess: str = "none") -> np.ndarray:
-    """Threshold at 0.5 (equal to argmax of two classes); 'largest' keeps one lesion."""
-    mask = prob > 0.5
-    if postprocess == "largest" and mask.any():
-        labels, count = ndimage.label(mask, structure=CONNECTIVITY)
-        if count > 1:
-            sizes = np.bincount(labels.ravel())
-            sizes[0] = 0
-            mask = labels == int(sizes.argmax())
+def to_mask(prob: np.ndarray, postprocess: str = "none", threshold: float = 0.5) -> np.ndarray:
+    """Lesion where the probability exceeds `threshold` (0.5 is argmax of two classes);
+    'largest' then keeps one lesion."""
+    mask = prob > threshold
+    if postprocess == "largest":
+        mask = largest_lesion(mask)
     return mask.astype(np.uint8)
 
 
@@ -150,11 +148,11 @@ def lesion_stats(mask: np.ndarray, affine: np.ndarray) -> tuple[float, int, int]
 
 def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, device: str, *,
                  overwrite: bool = False, postprocess: str | None = None,
-                 progress: Progress | None = None) -> Result:
+                 threshold: float = 0.5, progress: Progress | None = None) -> Result:
     """Segment one file; user-facing problems become a failed Result, never an exception."""
     start = time.perf_counter()
     result = Result(input=str(path), output=str(outputs.mask), status="ok",
-                    model=model.name, device=device)
+                    model=model.name, device=device, threshold=threshold)
     if outputs.done() and not overwrite:
         result.status = "skipped"
         return result
@@ -164,7 +162,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         volume = load_volume(path)
         report("load", 1.0)
         prob = segment(volume, run, progress=report, crop=model.crop)
-        mask = to_mask(prob, postprocess or model.postprocess)
+        mask = to_mask(prob, postprocess or model.postprocess, threshold)
         report("write", 0.0)
         if outputs.prob is not None:
             save_like(prob, volume, outputs.prob, np.float32)

@@ -16,7 +16,7 @@ from meshseg.predict import Outputs, Result, segment_file
 
 def run_cohort(paths: list[Path], plans: list[Outputs], model: LoadedModel, run: Runner,
                device: str, *, overwrite: bool, postprocess: str | None,
-               report: Path | None, quiet: bool) -> list[Result]:
+               threshold: float = 0.5, report: Path | None, quiet: bool) -> list[Result]:
     """Segment every input in turn; the report is rewritten after each so a kill keeps it."""
     console = Console(stderr=True)
     live = console.is_terminal and not quiet
@@ -33,7 +33,8 @@ def run_cohort(paths: list[Path], plans: list[Outputs], model: LoadedModel, run:
                             completed=round(100 * fraction))
 
             result = segment_file(path, outputs, model, run, device, overwrite=overwrite,
-                                  postprocess=postprocess, progress=on_stage)
+                                  postprocess=postprocess, threshold=threshold,
+                                  progress=on_stage)
             results.append(result)
             if report is not None:
                 write_report(results, report)

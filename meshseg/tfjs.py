@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from meshseg.errors import WeightsError
-from meshseg.model import ACTIVATIONS, FoldedLayer, fold_batch_norm
+from meshseg.model import ACTIVATIONS, FoldedLayer, MeshNet, MeshNetConfig, fold_batch_norm
+from meshseg.weights import save_checkpoint, sha256_file
 
 FLOAT32_BYTES = 4
 KERAS_LINEAR = "linear"
@@ -42,6 +43,7 @@ class TfjsModel:
     n_classes: int
     n_parameters: int  # float32 values in the weight files (batch-norm statistics included)
     source: Path
+    files: tuple[Path, ...] = ()  # model.json and its weight shards, for provenance
 
 
 def load_tfjs(model_json: Path) -> TfjsModel:
@@ -64,7 +66,41 @@ def load_tfjs(model_json: Path) -> TfjsModel:
     activation = _check_meshnet(layers, path)
     return TfjsModel(layers=layers, channels=layers[0].weight.shape[0], activation=activation,
                      n_classes=layers[-1].weight.shape[0],
-                     n_parameters=sum(a.size for a in arrays.values()), source=path)
+                     n_parameters=sum(a.size for a in arrays.values()), source=path,
+                     files=(path, *_shard_paths(document, path)))
+
+
+def _shard_paths(document: dict[str, Any], path: Path) -> list[Path]:
+    """The weight files the manifest names (already checked readable by `_read_weights`)."""
+    return [path.parent / name for group in document["weightsManifest"]
+            for name in group["paths"]]
+
+
+def save_as_checkpoint(model_json: Path, output: Path) -> TfjsModel:
+    """Convert a brainchop model to a meshseg checkpoint that predicts exactly as brainchop
+    feeds the original: its meta says to crop to the voxels > 0 and keep the largest lesion,
+    and records the sha256 of every source file."""
+    model = load_tfjs(model_json)
+    meta = {"crop": "nonzero", "postprocess": "largest",
+            "converted_from": {f.name: sha256_file(f) for f in model.files}}
+    save_checkpoint(output, to_meshnet(model), meta)
+    return model
+
+
+def to_meshnet(model: TfjsModel) -> MeshNet:
+    """The imported layers as a meshseg MeshNet without batch norms (they are already folded
+    into the convolutions), so it saves as a safetensors checkpoint and folds back exactly."""
+    *blocks, head = model.layers
+    config = MeshNetConfig(channels=model.channels, activation=model.activation,
+                           n_classes=model.n_classes, batchnorm=False,
+                           dilations=tuple(layer.dilation for layer in blocks))
+    network = MeshNet(config)
+    convs = [block.conv for block in network.blocks] + [network.classifier]
+    with torch.no_grad():
+        for conv, layer in zip(convs, model.layers):
+            conv.weight.copy_(layer.weight)
+            conv.bias.copy_(layer.bias)
+    return network.eval()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_MODEL = SHARED / "models" / "brainchop-t2-lesion-11ch"
+REAL_SCANS = SHARED / "real-scans"
 
 
 class Killed(Exception):

@@ -9,9 +9,13 @@ import threading
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+from click.testing import CliRunner
+
 from meshseg import catalog
+from meshseg.cli import main
 from meshseg.errors import WeightsError
 from meshseg.model import MeshNet, MeshNetConfig
 from meshseg.weights import (
@@ -148,9 +152,55 @@ def test_bundled_cards_match_their_checkpoints():
         meta = loaded.meta
         assert loaded.model.config.channels == card.channels
         assert sum(p.numel() for p in loaded.model.parameters()) == card.parameters
-        # written by `meshseg train`: a bundled model records the run that made it
-        assert {"config", "val_dice", "epoch"} <= set(meta), meta.keys()
+        # a bundled model records the run that made it (`meshseg train`) or the files it was
+        # converted from (`meshseg export safetensors`), whose license ships beside it
+        assert {"config", "val_dice", "epoch"} <= set(meta) or "converted_from" in meta, meta
+        if "converted_from" in meta:
+            assert (card.folder / f"{card.name}.LICENSE").is_file()
         assert (card.folder / "README.md").is_file(), "every bundled model has a model card"
+
+
+def test_the_default_is_the_arc_trained_model_converted_exactly(shared_model):
+    """The bundled default is brainchop's ARC-trained MeshNet: the same layers, bit for bit, as
+    meshseg's TF.js import of the original files (whose sha256 it records), run the way
+    brainchop runs it (crop to the voxels > 0, largest lesion)."""
+    default = catalog.default_entry()
+    bundled, original = catalog.load(None), catalog.load(str(shared_model))
+    assert default.name == bundled.name == "arc-t2-lesion"
+    assert (bundled.crop, bundled.postprocess) == (original.crop, original.postprocess)
+    assert (bundled.crop, bundled.postprocess) == ("nonzero", "largest")
+    assert bundled.parameters == original.parameters == 26556
+    assert len(bundled.layers) == len(original.layers) == 10
+    for ours, theirs in zip(bundled.layers, original.layers):
+        assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
+        assert (ours.dilation, ours.activation) == (theirs.dilation, theirs.activation)
+    meta = load_network(default.folder / default.entry_file).meta
+    assert meta["converted_from"] == {
+        "model.json": sha256_file(shared_model), "model.bin": sha256_file(
+            shared_model.parent / "model.bin")}
+
+
+def test_conversion_is_reproducible(tmp_path, shared_model):
+    """`meshseg export safetensors` of the shared files rebuilds the bundled checkpoint's
+    tensors and header exactly (safetensors orders its header keys at random, so the bytes
+    may differ), so anyone can check the shipped file against its source."""
+    out = tmp_path / "arc.safetensors"
+    result = CliRunner().invoke(main, ["export", "safetensors", str(shared_model), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    default = catalog.default_entry()
+    with safe_open(str(out), "pt") as ours, \
+            safe_open(str(default.folder / default.entry_file), "pt") as shipped:
+        assert ours.metadata() == shipped.metadata()
+        assert sorted(ours.keys()) == sorted(shipped.keys())
+        for key in ours.keys():
+            assert torch.equal(ours.get_tensor(key), shipped.get_tensor(key)), key
+
+
+def test_checkpoint_meta_settings_are_checked(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, MeshNet(MeshNetConfig(channels=2)), {"crop": "everything"})
+    with pytest.raises(WeightsError, match="checkpoint crop 'everything' is not one of"):
+        catalog.load(str(path))
 
 
 def test_load_by_path(tmp_path, shared_model):

@@ -173,7 +173,7 @@ def test_the_bundled_default_finds_the_example_lesion(tmp_path):
     """README's main job, end to end: `meshseg example` then `meshseg predict` with no -m.
 
     The default model's mask must lie on the example's grid and overlap its true lesion
-    (v2 scores DICE 0.45 here, meshseg-synth-12 0.41): a wrong orientation, a wrong
+    (the ARC-trained default scores DICE 0.66 here): a wrong orientation, a wrong
     intensity scale or a dead checkpoint would all score near 0."""
     from meshseg.metrics import dice
 

@@ -41,11 +41,15 @@ def test_output_keeps_the_volume_size(config, size):
     assert y.shape == (2, config.n_classes, *size)
 
 
-@pytest.mark.parametrize("activation", ["relu", "elu"])
-def test_fold_equals_the_eval_mode_network(activation):
+@pytest.mark.parametrize(("activation", "batchnorm"),
+                         [("relu", True), ("elu", True), ("elu", False)])
+def test_fold_equals_the_eval_mode_network(activation, batchnorm):
     torch.manual_seed(1)
-    model = MeshNet(MeshNetConfig(channels=4, activation=activation))
-    randomise_batch_norms(model)
+    model = MeshNet(MeshNetConfig(channels=4, activation=activation, batchnorm=batchnorm))
+    if batchnorm:
+        randomise_batch_norms(model)
+    else:
+        assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
     layers = fold(model.train())  # fold uses running statistics whatever the mode
     x = torch.rand(1, 1, 10, 11, 9)
     with torch.no_grad():
@@ -87,6 +91,7 @@ def test_config_missing_keys_take_defaults():
     ({"dilations": [1, 0]}, "dilations"),
     ({"dilations": [1, 2.5]}, "dilations"),
     ({"dilations": "124"}, "dilations"),
+    ({"batchnorm": "no"}, "batchnorm"),
     ({"channels": 26, "depth": 9}, "unknown keys: depth"),
 ])
 def test_config_rejects_invalid_values(data, message):
