@@ -64,7 +64,8 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None, device: str,
             prob: bool, overwrite: bool, report: Path | None, threshold: float,
-            largest: bool | None, backend: str | None, precision: str, slab: int | None, quiet: bool) -> None:
+            largest: bool | None, backend: str | None, precision: str, slab: int | None,
+            quiet: bool) -> None:
     """Segment lesions in each INPUT (NIfTI files, folders or globs)."""
     from meshseg import catalog
     from meshseg.cohort import expand_inputs, plan_outputs

@@ -9,10 +9,9 @@ import threading
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from click.testing import CliRunner
 
 from meshseg import catalog
 from meshseg.cli import main
