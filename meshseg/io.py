@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import csv
 import gzip
+import logging
+import math
 import os
 import tempfile
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
+from nibabel.spatialimages import HeaderDataError
 
+from meshseg import validate
 from meshseg.errors import InputError, OutputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 GRID_ATOL_MM = 1e-3  # affines closer than this count as the same grid
+HEADER_READ = 544  # a NIfTI-2 header and its extender; a NIfTI-1 one needs 352
+READ_CHUNK = 1 << 24
+WARNINGS_SEP = " | "  # between an input's warnings in one report cell
+MAX_OFFSET = 1 << 32  # bytes kept before the voxels at most; a larger vox_offset is truncated
 
 
 @dataclass
@@ -35,6 +46,7 @@ class Volume:
     affine: np.ndarray
     header: nib.Nifti1Header
     path: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # header repairs, for the report
 
     @property
     def name(self) -> str:
@@ -47,10 +59,15 @@ def is_nifti_path(path: Path) -> bool:
 
 
 def load_volume(path: str | Path) -> Volume:
-    """Read a NIfTI file into a float32 `Volume`; a 4-D file with one volume becomes 3-D.
+    """Read a NIfTI file through the reading gate (`meshseg.validate`) into a float32 `Volume`.
+
+    The whole file is read (gunzipped with its CRC and length checked) before any voxel is
+    used; the header is checked before the data are allocated. nibabel's own messages are
+    caught: the meaningful ones become `Volume.warnings`, nothing is printed.
 
     Raises:
-        InputError: the file is missing, not NIfTI, corrupted, or not 3-D.
+        InputError: the file is missing, not NIfTI, corrupted, inconsistent, or not one usable
+            3-D volume; one line naming the file and the problem.
     """
     path = Path(path)
     if not path.exists():
@@ -59,25 +76,69 @@ def load_volume(path: str | Path) -> Volume:
         raise InputError(f"{path}: is a folder, not a NIfTI file")
     if not is_nifti_path(path):
         raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+    with warnings.catch_warnings(record=True) as caught, _nibabel_log() as logged:
+        warnings.simplefilter("always")
+        img, notes = _read_nifti(path)
+    notes += [f"{path}: {message}" for message in logged]
+    notes += [f"{path}: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
+    return Volume(data=np.asarray(img.dataobj), affine=img.affine.astype(np.float64),
+                  header=img.header, path=path, warnings=list(dict.fromkeys(notes)))
+
+
+def _read_nifti(path: Path) -> tuple[nib.Nifti1Image, list[str]]:
+    """(image holding float32 voxels, repair warnings) of a .nii or .nii.gz file."""
+    name = str(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        img = nib.load(path)
-    except (nib.filebasedimages.ImageFileError, ValueError) as err:
-        raise InputError(f"{path}: not a readable NIfTI image ({_short(err)})") from err
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise InputError(f"{path}: corrupted or truncated file ({_short(err)})") from err
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise InputError(f"{path}: not a NIfTI image ({type(img).__name__})")
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise InputError(f"{path}: image is {len(img.shape)}-D with shape {img.shape}; "
-                         "a single 3-D volume is needed")
+        with opener(path, "rb") as handle:
+            head = handle.read(HEADER_READ)
+            header = validate.parse_header(name, head)
+            _, nbytes = validate.data_bytes(name, header)
+            offset = float(header["vox_offset"])
+            wanted = int(min(offset, MAX_OFFSET)) if math.isfinite(offset) and offset > 0 else 0
+            body, length = _read_all(handle, bytearray(head), max(wanted, HEADER_READ) + nbytes)
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise InputError(f"{path}: corrupted or truncated file ({first_line(err)})") from err
+    notes = validate.repair_header(name, header, body, length)
+    offset = int(header["vox_offset"])
+    try:  # the extensions, as nibabel reads them after the (repaired) header
+        header = type(header).from_fileobj(
+            BytesIO(bytes(header.binaryblock) + bytes(body[header.sizeof_hdr:offset])),
+            check=False)
+        raw = np.asanyarray(ArrayProxy(BytesIO(body), header))
+        affine = header.get_best_affine()
+    except (HeaderDataError, ValueError, TypeError) as err:
+        raise InputError(f"{path}: not a readable NIfTI image ({first_line(err)})") from err
+    validate.check_grid(name, affine)
+    raw = raw.reshape(raw.shape[:3])
+    validate.check_intensities(name, raw)
+    return type_for(header)(raw.astype(np.float32), affine, header=header), notes
+
+
+def _read_all(handle: IO[bytes], body: bytearray, keep: int) -> tuple[bytearray, int]:
+    """Read `handle` to its end (so gzip verifies the CRC and length there), keeping the first
+    `keep` bytes in `body`; returns (body, length of the whole file)."""
+    length = len(body)
+    while chunk := handle.read(READ_CHUNK):
+        length += len(chunk)
+        if len(body) < keep:
+            body += chunk[:keep - len(body)]
+    return body, length
+
+
+@contextmanager
+def _nibabel_log() -> Iterator[list[str]]:
+    """Collect what nibabel logs (it prints to stderr through its own handler otherwise)."""
+    logger = nib.imageglobals.logger
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    saved = logger.handlers[:]
+    logger.handlers = [handler]
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as err:
-        raise InputError(f"{path}: corrupted or truncated file ({_short(err)})") from err
-    return Volume(data=data, affine=img.affine.astype(np.float64), header=img.header, path=path)
+        yield messages
+    finally:
+        logger.handlers = saved
 
 
 def save_like(data: np.ndarray, like: Volume, path: str | Path, dtype: type) -> None:
@@ -176,7 +237,7 @@ def _umask() -> int:
     return mask
 
 
-def _short(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """First line of an exception message, for one-line errors."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -22,7 +22,7 @@ from meshseg.conform import conform, to_unit_range, unconform
 from meshseg.errors import DeviceError, MeshsegError, WeightsError
 from meshseg.export import onnx_runner, to_onnx
 from meshseg.infer import PRECISIONS, Box, OnLayer, Runner, lesion_probability, torch_runner
-from meshseg.io import Volume, load_volume, save_like
+from meshseg.io import WARNINGS_SEP, Volume, first_line, load_volume, save_like
 from meshseg.metrics import CONNECTIVITY, largest_lesion, voxel_ml
 from meshseg.validate import check_volume
 
@@ -58,6 +58,7 @@ class Result:
     components: int | None = None
     seconds: float = 0.0
     error: str = ""
+    warnings: str = ""  # the input's header repairs, WARNINGS_SEP-separated
 
 
 def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
@@ -160,6 +161,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
     try:
         report("load", 0.0)
         volume = load_volume(path)
+        result.warnings = WARNINGS_SEP.join(volume.warnings)
         report("load", 1.0)
         prob = segment(volume, run, progress=report, crop=model.crop)
         mask = to_mask(prob, postprocess or model.postprocess, threshold)
@@ -173,5 +175,8 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         result.status, result.error = "failed", str(err)
     except MemoryError:
         result.status, result.error = "failed", f"{path}: out of memory (try a smaller --slab)"
+    except Exception as err:  # noqa: BLE001 - a bug must not stop the rest of the cohort
+        result.status, result.error = "failed", (f"{path}: unexpected {type(err).__name__} "
+                                                 f"({first_line(err)}); please report it")
     result.seconds = round(time.perf_counter() - start, 3)
     return result

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from meshseg.catalog import LoadedModel
 from meshseg.cohort import write_report
 from meshseg.infer import Runner
+from meshseg.io import WARNINGS_SEP
 from meshseg.predict import Outputs, Result, segment_file
 
 
@@ -46,12 +47,14 @@ def run_cohort(paths: list[Path], plans: list[Outputs], model: LoadedModel, run:
 
 
 def _emit(result: Result, console: Console | None, quiet: bool) -> None:
-    """One line per input: errors always (stderr), the rest unless quiet."""
+    """One line per input: errors always (stderr), the rest (and warnings) unless quiet."""
     if result.status == "failed":
         click.echo(f"meshseg: error: {result.error}", err=True)
         return
     if quiet:
         return
+    for warning in filter(None, result.warnings.split(WARNINGS_SEP)):
+        click.echo(f"meshseg: warning: {warning}", err=True)
     if result.status == "skipped":
         line = f"skipped {result.input}: {result.output} exists (--overwrite to redo)"
     else:
