@@ -1,7 +1,8 @@
 """The ``meshseg`` command: parse options, call the library, render results, set the exit code.
 
 Exit status: 0 every input succeeded (or was already done), 1 an input, the model
-or an output failed, 2 a usage error (bad option, nothing to do, device not available).
+or an output failed, 2 a usage error (bad option, nothing to do, device not available),
+130 interrupted (Ctrl-C).
 Heavy imports (torch) happen inside commands so that ``--help`` is instant.
 """
 
@@ -15,7 +16,12 @@ import click
 from meshseg import __version__
 from meshseg.errors import DeviceError, MeshsegError, OutputError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 128 + SIGINT
+# What a rerun after Ctrl-C does, per command; finished outputs are always kept.
+RESUME_HINTS = {"train": "continue with `meshseg train --resume RUN_DIR` (from the last saved epoch)",
+                "predict": "rerun the same command to resume (finished outputs are kept)",
+                "cv": "rerun the same command to resume (finished units are kept)",
+                "tune": "rerun the same command to add trials (finished trials are kept)"}
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> None:
@@ -24,7 +30,20 @@ def fail(message: str, code: int = EXIT_FAILED) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The command group, turning Ctrl-C into one line and exit status 130 (click's own
+    handling prints "Aborted!" and exits 1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            hint = RESUME_HINTS.get(ctx.invoked_subcommand or "", "nothing was left half-written")
+            click.echo(f"\nmeshseg: interrupted; {hint}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meshseg")
 def main() -> None:
     """Chronic stroke lesion segmentation on T2-weighted MRI with MeshNet."""
