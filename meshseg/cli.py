@@ -18,7 +18,7 @@ from meshseg.errors import DeviceError, MeshsegError, OutputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 128 + SIGINT
 # What a rerun after Ctrl-C does, per command; finished outputs are always kept.
-RESUME_HINTS = {"train": "continue with `meshseg train --resume RUN_DIR` (from the last saved epoch)",
+RESUME_HINTS = {"train": "continue with `meshseg train --resume RUN_DIR` (last saved epoch)",
                 "predict": "rerun the same command to resume (finished outputs are kept)",
                 "cv": "rerun the same command to resume (finished units are kept)",
                 "tune": "rerun the same command to add trials (finished trials are kept)"}

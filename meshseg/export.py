@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from meshseg.errors import DeviceError, WeightsError
 from meshseg.io import atomic_path
-from meshseg.model import FoldedLayer
+from meshseg.model import MAX_DILATION, FoldedLayer
+from meshseg.weights import check_finite
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17; newer onnx writes versions older runtimes refuse
@@ -85,7 +86,8 @@ def read_onnx(path) -> bytes:
     """An .onnx file's bytes, checked to be a model with one volume input.
 
     Raises:
-        WeightsError: missing, not ONNX, or not a single 5-D input.
+        WeightsError: missing, not ONNX, not a single 5-D input, NaN/Inf weights, or a
+            dilation beyond MAX_DILATION.
     """
     try:
         model = onnx.load(str(path))
@@ -95,6 +97,13 @@ def read_onnx(path) -> bytes:
     inputs = model.graph.input
     if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 5:
         raise WeightsError(f"{path}: expected one (1, C, D, H, W) input")
+    for initializer in model.graph.initializer:
+        check_finite(path, initializer.name, numpy_helper.to_array(initializer))
+    for node in model.graph.node:
+        dilations = next((list(a.ints) for a in node.attribute if a.name == "dilations"), [])
+        if node.op_type == "Conv" and any(not 1 <= d <= MAX_DILATION for d in dilations):
+            raise WeightsError(f"{path}: Conv node {node.name or node.output[0]} has "
+                               f"dilations {dilations} (each must be 1..{MAX_DILATION})")
     return model.SerializeToString()
 
 

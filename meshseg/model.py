@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 DILATIONS: tuple[int, ...] = (1, 2, 4, 8, 16, 8, 4, 2, 1)
+# Half the conformed volume's side: a larger dilation's taps fall only in the zero padding.
+MAX_DILATION = 128
 
 # The only activations MeshNet variants use: ReLU in the paper, ELU in brainchop's models.
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "elu": nn.ELU}
@@ -55,9 +57,9 @@ class MeshNetConfig:
                              f"got {self.activation!r}")
         dilations = self.dilations
         if (not isinstance(dilations, (tuple, list)) or not dilations
-                or not all(_is_int(d) and d >= 1 for d in dilations)):
-            raise ValueError("MeshNet dilations must be a non-empty list of positive integers, "
-                             f"got {dilations!r}")
+                or not all(_is_int(d) and 1 <= d <= MAX_DILATION for d in dilations)):
+            raise ValueError(f"MeshNet dilations must be a non-empty list of integers "
+                             f"1..{MAX_DILATION}, got {dilations!r}")
         object.__setattr__(self, "dilations", tuple(dilations))  # a list from JSON -> tuple
 
     def to_dict(self) -> dict[str, Any]:

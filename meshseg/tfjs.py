@@ -23,8 +23,15 @@ import numpy as np
 import torch
 
 from meshseg.errors import WeightsError
-from meshseg.model import ACTIVATIONS, FoldedLayer, MeshNet, MeshNetConfig, fold_batch_norm
-from meshseg.weights import save_checkpoint, sha256_file
+from meshseg.model import (
+    ACTIVATIONS,
+    MAX_DILATION,
+    FoldedLayer,
+    MeshNet,
+    MeshNetConfig,
+    fold_batch_norm,
+)
+from meshseg.weights import check_finite, save_checkpoint, sha256_file
 
 FLOAT32_BYTES = 4
 KERAS_LINEAR = "linear"
@@ -138,8 +145,7 @@ def _read_weights(document: dict[str, Any], path: Path) -> dict[str, np.ndarray]
                 raise WeightsError(f"{path}: weight {name} is listed twice")
             count = math.prod(shape)
             values = np.frombuffer(data, dtype="<f4", count=count, offset=offset)
-            if not np.isfinite(values).all():
-                raise WeightsError(f"{path}: weight {name} holds NaN or infinite values")
+            check_finite(path, name, values)
             weights[name] = values.astype(np.float32).reshape(shape)
             offset += count * FLOAT32_BYTES
     return weights
@@ -283,8 +289,9 @@ def _conv3d(config: dict[str, Any], name: str, in_channels: int | None, weights:
     if config.get("padding") != "same" and not (size == 1 and config.get("padding") == "valid"):
         problems.append(f"padding {config.get('padding')!r} (must be 'same')")
     if not (isinstance(dilation, list) and len(dilation) == 3 and len(set(dilation)) == 1
-            and isinstance(dilation[0], int) and dilation[0] >= 1):
-        problems.append(f"dilation_rate {config.get('dilation_rate')} (must be d, d, d)")
+            and isinstance(dilation[0], int) and 1 <= dilation[0] <= MAX_DILATION):
+        problems.append(f"dilation_rate {config.get('dilation_rate')} (must be d, d, d with "
+                        f"d in 1..{MAX_DILATION})")
     if config.get("data_format", "channels_last") != "channels_last":
         problems.append(f"data_format {config.get('data_format')!r} (must be channels_last)")
     if config.get("groups", 1) != 1:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -22,10 +23,11 @@ from torch import nn
 
 from meshseg import archs
 from meshseg.errors import MeshsegError, WeightsError
-from meshseg.io import atomic_path
+from meshseg.io import atomic_path, first_line
 from meshseg.model import MeshNet, MeshNetConfig
 
 FORMAT = "meshseg-meshnet/1"
+MAX_CHANNELS = 512  # build-option bound of the other architectures, checked before building
 NETWORK_FORMAT = "meshseg-network/1"
 
 
@@ -69,7 +71,13 @@ def _meshnet(path: Path, header: dict[str, str],
         meta = json.loads(header.get("meta", "{}"))
     except (KeyError, ValueError, TypeError) as err:
         raise WeightsError(f"{path}: malformed checkpoint config ({err})") from err
-    return _filled(path, MeshNet(config), state), meta
+    try:
+        with torch.device("meta"):  # shapes only: an absurd config allocates nothing
+            model = MeshNet(config)
+    except RuntimeError as err:  # sizes beyond what a tensor can hold
+        raise WeightsError(f"{path}: checkpoint config describes an impossible network "
+                           f"({first_line(err)})") from err
+    return _filled(path, model, state), meta
 
 
 def load_network(path: str | Path) -> Checkpoint:
@@ -89,9 +97,15 @@ def load_network(path: str | Path) -> Checkpoint:
     try:
         name, options = header["architecture"], json.loads(header["options"])
         window, meta = int(header["window"]), json.loads(header.get("meta", "{}"))
+        channels = options.get("channels", 1)
+        if not isinstance(channels, int) or not 1 <= channels <= MAX_CHANNELS:
+            raise WeightsError(f"{path}: checkpoint option channels {channels!r} is not "
+                               f"1..{MAX_CHANNELS}")
         model = archs.build(name, **options)
-    except (KeyError, ValueError, TypeError) as err:
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
         raise WeightsError(f"{path}: malformed checkpoint header ({err})") from err
+    except WeightsError:
+        raise
     except MeshsegError as err:
         raise WeightsError(f"{path}: {err}") from err
     return Checkpoint(_filled(path, model, state), name, options, meta, window)
@@ -107,16 +121,32 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{path}: not a readable safetensors checkpoint ({err})") from err
+    for key, tensor in state.items():
+        check_finite(path, key, tensor)
     return header, state
+
+
+def check_finite(path: str | Path, name: str, values: torch.Tensor | np.ndarray) -> None:
+    """Refuse a weight holding NaN or Inf: such a network gives empty or random masks.
+
+    Raises:
+        WeightsError: "PATH: weight NAME holds NaN or infinite values".
+    """
+    if isinstance(values, np.ndarray):
+        finite = not np.issubdtype(values.dtype, np.floating) or np.isfinite(values).all()
+    else:
+        finite = not values.is_floating_point() or torch.isfinite(values).all()
+    if not finite:
+        raise WeightsError(f"{path}: weight {name} holds NaN or infinite values")
 
 
 def _filled(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """`model` holding exactly `state`, in eval mode."""
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)  # real tensors replace meta ones
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise WeightsError(f"{path}: weights do not match the config ({first})") from err
+        raise WeightsError(f"{path}: weights do not match the config "
+                           f"({first_line(err)})") from err
     return model.eval()
 
 
