@@ -506,6 +506,9 @@ def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: b
                      truth_glob: str, figure: Path | None) -> None:
     """Score predicted masks PRED against reference masks TRUTH (files or folders).
 
+    Voxels above 0.5 are lesion (a mask with other values than 0 and 1 gets a warning). Pairs
+    that cannot be read are listed and the others scored; the exit status is then 1.
+
     Per subject: DICE, AVD, MCC, HD95, both volumes and lesion-wise detection; then mean
     (std) and median [IQR], over all subjects and per true lesion volume quartile (Q1-Q4).
     """
@@ -513,14 +516,22 @@ def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: b
 
     from meshseg import evaluate
 
+    def warn(message: str) -> None:
+        click.echo(f"meshseg: warning: {message}", err=True)
+
     try:
         pairs, unmatched = evaluate.match(evaluate.mask_files(pred),
-                                          evaluate.mask_files(truth, truth_glob))
+                                          evaluate.mask_files(truth, truth_glob),
+                                          two_files=pred.is_file() and truth.is_file())
         for path in unmatched:
-            click.echo(f"meshseg: warning: {path}: no matching mask on the other side", err=True)
+            warn(f"{path}: no matching mask on the other side")
         if not pairs:
             fail("no pairs of masks to compare", EXIT_USAGE)
-        scores = [evaluate.score(p, t, resample) for p, t in pairs]
+        scores, errors = evaluate.score_all(pairs, resample, warn)
+        for error in errors:
+            click.echo(f"meshseg: error: {error}", err=True)
+        if not scores:
+            fail(f"none of the {len(pairs)} pairs could be scored")
         if csv_path is not None:
             evaluate.write_scores(scores, csv_path)
         if figure is not None:
@@ -535,6 +546,8 @@ def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: b
     console = Console()
     console.print(evaluate.scores_table(scores))
     console.print(evaluate.summary_table(scores))
+    if errors:
+        fail(f"{len(errors)} of {len(pairs)} pairs could not be scored (listed above)")
 
 
 CV_OWN_SETTINGS = ("data", "out", "val_data", "val_fraction", "architecture", "channels",

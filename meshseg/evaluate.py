@@ -3,7 +3,9 @@
 Pairs are matched by subject key: BIDS sub-/ses- entities when both names have them,
 else the file name without .nii[.gz] and without meshseg's and common mask suffixes
 (_lesion, _mask, _T2w, ...). Masks must share a grid: a different grid is an error naming
-both files, unless resampling (nearest neighbour) is asked for.
+both files, unless resampling (nearest neighbour) is asked for. Voxels above 0.5 are lesion;
+a mask with other values than 0 and 1 is reported. A pair that cannot be scored is listed and
+the others are scored.
 
 Summaries are given over all subjects and per lesion-volume bin: the quartiles of ARC's
 true lesion volumes that the paper stratified by (`VOLUME_BINS`), because small lesions
@@ -12,8 +14,10 @@ are the hardest and a mean over all subjects hides them.
 
 from __future__ import annotations
 
+import logging
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -24,14 +28,17 @@ from rich import box
 from rich.table import Table
 
 from meshseg.cohort import stem
-from meshseg.errors import InputError
-from meshseg.io import GRID_ATOL_MM, is_nifti_path, load_volume, write_csv
+from meshseg.errors import InputError, MeshsegError
+from meshseg.io import GRID_ATOL_MM, Volume, is_nifti_path, load_volume, write_csv
 from meshseg.metrics import avd, dice, hd95, lesion_counts, mcc, voxel_ml
 from meshseg.synth import ARC_QUARTILES_ML
+
+logger = logging.getLogger(__name__)
 
 SUFFIXES = re.compile(r"(_(lesion|prob|mask|label|T2w|desc-[A-Za-z0-9]+|space-[A-Za-z0-9]+))+$")
 ENTITIES = re.compile(r"(sub-[A-Za-z0-9]+)(?:_(ses-[A-Za-z0-9]+))?")
 SUMMARY_METRICS = ("dice", "avd", "mcc", "hd95_mm")
+LESION_THRESHOLD = 0.5  # as predict thresholds probabilities; a 0/1 mask is unchanged by it
 # The paper's quartile cut points of ARC's lesion volumes (voxels at 1 mm^3, i.e. mL / 1000);
 # the outer bins are open, so no volume falls outside them.
 _CUTS = ARC_QUARTILES_ML[1:-1]
@@ -84,8 +91,10 @@ def mask_files(spec: Path, pattern: str = "*") -> list[Path]:
     return [spec]
 
 
-def match(preds: list[Path], truths: list[Path]) -> tuple[list[tuple[Path, Path]], list[Path]]:
-    """(matched pairs, unmatched files) by subject key.
+def match(preds: list[Path], truths: list[Path], two_files: bool = False
+          ) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """(matched pairs, unmatched files) by subject key; `two_files` (the user named one file on
+    each side) pairs them whatever their keys, which folders never do.
 
     Raises:
         InputError: two files on one side share a key.
@@ -100,7 +109,7 @@ def match(preds: list[Path], truths: list[Path]) -> tuple[list[tuple[Path, Path]
             keyed[key] = path
         sides.append(keyed)
     pred_by, truth_by = sides
-    if len(preds) == 1 and len(truths) == 1:  # two files given: compare them whatever the names
+    if two_files:
         return [(preds[0], truths[0])], []
     pairs = [(pred_by[k], truth_by[k]) for k in sorted(pred_by.keys() & truth_by.keys())]
     unmatched = sorted([pred_by[k] for k in pred_by.keys() - truth_by.keys()]
@@ -108,9 +117,19 @@ def match(preds: list[Path], truths: list[Path]) -> tuple[list[tuple[Path, Path]
     return pairs, unmatched
 
 
-def score(pred_path: Path, truth_path: Path, resample: bool = False) -> Score:
-    """Metrics of one pair of masks (values > 0 are lesion)."""
+def score(pred_path: Path, truth_path: Path, resample: bool = False,
+          warn: Callable[[str], None] = logger.warning) -> Score:
+    """Metrics of one pair of masks: values > LESION_THRESHOLD are lesion; a mask holding other
+    values than 0 and 1 is scored so and reported through `warn`.
+
+    Raises:
+        InputError: a mask fails the reading gate, or the grids differ without `resample`.
+    """
     pred, truth = load_volume(pred_path), load_volume(truth_path)
+    for volume in (pred, truth):
+        for note in volume.warnings:
+            warn(note)
+        _report_non_binary(volume, warn)
     same = (pred.data.shape == truth.data.shape
             and np.allclose(pred.affine, truth.affine, atol=GRID_ATOL_MM))
     if not same:
@@ -122,7 +141,7 @@ def score(pred_path: Path, truth_path: Path, resample: bool = False) -> Score:
         pred_data = np.asarray(moved.dataobj)
     else:
         pred_data = pred.data
-    p, t = pred_data > 0, truth.data > 0
+    p, t = pred_data > LESION_THRESHOLD, truth.data > LESION_THRESHOLD
     ml = voxel_ml(truth.affine)
     spacing_mm = tuple(float(z) for z in np.linalg.norm(truth.affine[:3, :3], axis=0))
     lesions = lesion_counts(p, t)
@@ -132,6 +151,28 @@ def score(pred_path: Path, truth_path: Path, resample: bool = False) -> Score:
                  lesions_detected=lesions.detected, lesions_missed=lesions.missed,
                  lesions_false_positive=lesions.false_positive,
                  pred=str(pred_path), truth=str(truth_path))
+
+
+def _report_non_binary(volume: Volume, warn: Callable[[str], None]) -> None:
+    """Warn, once per file, when a mask is not 0/1 (a probability map, labels, -1...)."""
+    other = (volume.data != 0) & (volume.data != 1)
+    if other.any():
+        values = volume.data[other]
+        warn(f"{volume.name}: mask holds {int(other.sum())} voxels other than 0 and 1 "
+             f"({float(values.min()):g}..{float(values.max()):g}); lesion taken as "
+             f"> {LESION_THRESHOLD:g}")
+
+
+def score_all(pairs: list[tuple[Path, Path]], resample: bool = False,
+              warn: Callable[[str], None] = logger.warning) -> tuple[list[Score], list[str]]:
+    """(scores of the readable pairs, one error line per pair that could not be scored)."""
+    scores, errors = [], []
+    for pred, truth in pairs:
+        try:
+            scores.append(score(pred, truth, resample, warn))
+        except MeshsegError as err:
+            errors.append(str(err))
+    return scores, errors
 
 
 def by_volume_bin(scores: list[Score]) -> dict[str, list[Score]]:

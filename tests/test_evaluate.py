@@ -5,6 +5,7 @@ import math
 import re
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -156,3 +157,64 @@ def test_eval_tables_fit_80_columns(tmp_path, write_nifti):
     text = console.export_text()
     assert "…" not in text and "n=2" in text
     assert re.search(r"18\.518 \(8\.730\) +-0\.250 \(0\.000\) +100\.0 \(100\.0\)", text)
+
+
+def _eval(*args):
+    return CliRunner().invoke(main, ["eval", *map(str, args)])
+
+
+def test_folders_never_pair_different_subjects_but_two_files_do(tmp_path, write_nifti):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "t").mkdir()
+    mask = blob((20, 20, 20), (10, 10, 10), 4)
+    a = write_nifti(mask, name="p/a_lesion.nii.gz", dtype=np.uint8)
+    b = write_nifti(mask, name="t/b_lesion.nii.gz", dtype=np.uint8)
+    result = _eval(tmp_path / "p", tmp_path / "t")
+    assert result.exit_code == 2, result.output
+    assert "no pairs of masks" in result.stderr and "b_lesion.nii.gz: no matching" in result.stderr
+    result = _eval(a, b)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("value, dice", [(0.3, 0.0), (0.7, 1.0), (3.0, 1.0), (-1.0, 0.0)])
+def test_non_binary_masks_are_reported_and_cut_at_half(tmp_path, write_nifti, value, dice):
+    truth_mask = blob((20, 20, 20), (10, 10, 10), 4)
+    truth = write_nifti(truth_mask, name="t.nii.gz", dtype=np.uint8)
+    pred = write_nifti(truth_mask * np.float32(value), name="p.nii.gz", dtype=np.float32)
+    out = tmp_path / "s.csv"
+    result = _eval(pred, truth, "--csv", out)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"p\.nii\.gz: mask holds \d+ voxels other than 0 and 1 .*lesion taken as "
+                     r"> 0\.5", result.stderr), result.stderr
+    assert float(next(csv.DictReader(out.open()))["dice"]) == dice
+
+
+def test_unreadable_pairs_are_listed_and_the_rest_scored(tmp_path, write_nifti):
+    for side in ("p", "t"):
+        (tmp_path / side).mkdir()
+    mask = blob((20, 20, 20), (10, 10, 10), 4)
+    for subject in ("sub-01", "sub-02", "sub-03", "sub-04"):
+        write_nifti(mask, name=f"t/{subject}_lesion.nii.gz", dtype=np.uint8)
+        write_nifti(mask, name=f"p/{subject}_lesion.nii.gz", dtype=np.uint8)
+    broken = tmp_path / "p" / "sub-02_lesion.nii.gz"
+    data = bytearray(broken.read_bytes())
+    data[-8] ^= 0xFF  # the gzip CRC
+    broken.write_bytes(bytes(data))
+    nan_mask = mask.astype(np.float32)
+    nan_mask[0, 0, 0] = np.nan
+    write_nifti(nan_mask, name="p/sub-03_lesion.nii.gz")
+    sform_nan = tmp_path / "p" / "sub-04_lesion.nii.gz"
+    img = nib.load(sform_nan)
+    img.header["srow_x"] = [np.nan] * 4
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), None, img.header), sform_nan)
+    out = tmp_path / "s.csv"
+    result = _eval(tmp_path / "p", tmp_path / "t", "--csv", out, "--resample")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("meshseg: error")]
+    assert len(errors) == 4, result.stderr
+    assert "sub-02_lesion.nii.gz: corrupted or truncated file (CRC check failed" in errors[0]
+    assert "sub-03_lesion.nii.gz: 1 voxels are NaN or Inf" in errors[1]
+    assert "sub-04_lesion.nii.gz: affine contains NaN or Inf" in errors[2]
+    assert errors[3].endswith("3 of 4 pairs could not be scored (listed above)")
+    assert [r["subject"] for r in csv.DictReader(out.open())] == ["sub-01"]
