@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-from nibabel.nifti1 import data_type_codes
+from nibabel.nifti1 import data_type_codes, unit_codes
 
 from meshseg.errors import InputError
 
@@ -118,6 +118,7 @@ def repair_header(name: str, header: Header, body: bytearray, length: int) -> li
                          f"the file holds {length:,}")
     warnings += _extensions(name, header, body, header_end)
     _check_scaling(name, header)
+    warnings += _units(name, header)
     for check in type(header)._get_checks():
         _, report = check(header, fix=True)
         if report.problem_level >= NIBABEL_ERROR:
@@ -145,6 +146,19 @@ def _extensions(name: str, header: Header, body: bytearray, header_end: int) -> 
     body[flag] = 0
     return [f"{name}: header extensions are malformed (a size that is not a multiple of 16 "
             "or that overruns vox_offset); ignored, they hold no voxels"]
+
+
+def _units(name: str, header: Header) -> list[str]:
+    """An unknown space or time unit code (xyzt_units) becomes 0, "unknown", as nibabel
+    cannot name it; voxel sizes are read as mm either way."""
+    code = int(header["xyzt_units"])
+    space = code % 8
+    time = code - space  # as nibabel splits it
+    known = [c if c in unit_codes.code else 0 for c in (space, time)]
+    if known == [space, time]:
+        return []
+    header["xyzt_units"] = known[0] | known[1]
+    return [f"{name}: xyzt_units {code} holds an unknown unit code; set to unknown"]
 
 
 def _check_scaling(name: str, header: Header) -> None:

@@ -170,6 +170,7 @@ def named_cases() -> list[Case]:
                                                         pixdim=[1, -1.2, 1, 1.5, 0, 0, 0, 0]),
                    expect="warned"),
               Case("all-codes-0", with_fields(one, sform_code=0, qform_code=0), expect="any"),
+              Case("xyzt_units=239", with_fields(one, xyzt_units=239), expect="warned"),
               Case("truncated", n1[: len(n1) - 1000], expect="refused"),
               Case("header-only", n1[:NIFTI1_END], expect="refused"),
               Case("empty", b"", expect="refused")]
@@ -270,8 +271,14 @@ def test_random_header_flips(tmp_path, tiny, reference):
 
 @pytest.mark.slow
 def test_random_flip_sweep(tmp_path, tiny, reference):
+    """400 seeds; every failing seed is listed, not only the first."""
+    failures = []
     for seed in range(1000, 1400):
-        check_case(flipped(seed), tmp_path, tiny, reference)
+        try:
+            check_case(flipped(seed), tmp_path, tiny, reference)
+        except AssertionError as err:
+            failures.append(f"seed {seed}: {str(err).splitlines()[0]}")
+    assert not failures, "\n".join(failures)
 
 
 def test_cohort_with_bad_inputs_in_the_middle(tmp_path, tiny):
