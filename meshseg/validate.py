@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-from nibabel.nifti1 import data_type_codes, unit_codes
+from nibabel.nifti1 import data_type_codes, unit_codes, xform_codes
 
 from meshseg.errors import InputError
 
@@ -119,13 +119,30 @@ def repair_header(name: str, header: Header, body: bytearray, length: int) -> li
     warnings += _extensions(name, header, body, header_end)
     _check_scaling(name, header)
     warnings += _units(name, header)
+    sform_code = int(header["sform_code"])
+    if (sform_code == 0 or sform_code not in xform_codes.code) and (
+            header["pixdim"][1:4] == 0).any():
+        sizes = [float(z) for z in header["pixdim"][1:4]]
+        raise InputError(f"{name}: pixdim {sizes} has a zero voxel size and no sform gives one")
     for check in type(header)._get_checks():
         _, report = check(header, fix=True)
         if report.problem_level >= NIBABEL_ERROR:
             raise InputError(f"{name}: {report.problem_msg}")
         if report.problem_level >= NIBABEL_WARNING:
             warnings.append(f"{name}: {report.problem_msg}; {report.fix_msg}")
+    _check_transforms(name, header)
     return warnings
+
+
+def _check_transforms(name: str, header: Header) -> None:
+    """A qform or sform in use (code > 0) must be finite, even when the other one places the
+    voxels: outputs copy both."""
+    qform = [header[k] for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x",
+                                 "qoffset_y", "qoffset_z")] + list(header["pixdim"][:4])
+    sform = [header["srow_x"], header["srow_y"], header["srow_z"]]
+    for label, values in (("qform", qform), ("sform", sform)):
+        if int(header[f"{label}_code"]) > 0 and not np.isfinite(np.hstack(values)).all():
+            raise InputError(f"{name}: affine contains NaN or Inf ({label})")
 
 
 def _extensions(name: str, header: Header, body: bytearray, header_end: int) -> list[str]:

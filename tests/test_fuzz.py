@@ -64,7 +64,7 @@ def with_fields(img: nib.Nifti1Image, **fields) -> bytes:
     header = img.header.copy()
     header["vox_offset"] = header.single_vox_offset
     for key, value in fields.items():
-        if key.startswith("dim") and key != "dim":
+        if key[:3] == "dim" and key[3:].isdigit():
             header["dim"][int(key[3:])] = value
         else:
             header[key] = value
@@ -170,6 +170,10 @@ def named_cases() -> list[Case]:
                                                         pixdim=[1, -1.2, 1, 1.5, 0, 0, 0, 0]),
                    expect="warned"),
               Case("all-codes-0", with_fields(one, sform_code=0, qform_code=0), expect="any"),
+              Case("qform-nan-sform-ok", with_fields(one, quatern_b=nan), expect="refused"),
+              Case("pixdim-zero-no-sform", with_fields(one, sform_code=0, qform_code=0,
+                                                       pixdim=[1, 0, 1, 1, 0, 0, 0, 0]),
+                   expect="refused"),
               Case("xyzt_units=239", with_fields(one, xyzt_units=239), expect="warned"),
               Case("truncated", n1[: len(n1) - 1000], expect="refused"),
               Case("header-only", n1[:NIFTI1_END], expect="refused"),
