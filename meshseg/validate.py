@@ -52,7 +52,7 @@ def parse_header(name: str, head: bytes) -> Header:
             order = next((o for o, code in (("<", "<i4"), (">", ">i4"))
                           if int(np.frombuffer(size, code)[0]) == klass.sizeof_hdr), None)
             return klass(head[:klass.sizeof_hdr], endianness=order, check=False)
-    raise InputError(f"{name}: not a NIfTI-1 or NIfTI-2 header (size or magic string wrong, "
+    raise InputError(f"{name}: not a readable NIfTI image (no NIfTI-1 or NIfTI-2 magic string, "
                      "or the file is truncated)")
 
 

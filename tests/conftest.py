@@ -14,9 +14,10 @@ SHARED_MODEL = SHARED / "models" / "brainchop-t2-lesion-11ch"
 REAL_SCANS = SHARED / "real-scans"
 
 
-class Killed(Exception):
+class Killed(BaseException):
     """Stands in for the process dying, e.g. raised by an on_epoch callback right after an
-    epoch was saved."""
+    epoch was saved; a BaseException, as KeyboardInterrupt, so no `except Exception` (such as
+    segment_file's safety net) can take it for an ordinary error."""
 
 
 def grid_affine(zooms=(1.0, 1.0, 1.0), angles_deg=(0.0, 0.0, 0.0), axcodes_flip=(1, 1, 1),

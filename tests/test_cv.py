@@ -145,8 +145,8 @@ def test_a_report_killed_while_predicting_keeps_what_it_made(cohort, finished, m
         raise Killed
 
     monkeypatch.setattr(predict, "segment", kill)
-    killed = CliRunner().invoke(main, cv_args(root, manifest, "results"))
-    assert isinstance(killed.exception, Killed)
+    with pytest.raises(Killed):  # a BaseException: CliRunner does not catch it
+        CliRunner().invoke(main, cv_args(root, manifest, "results"))
     monkeypatch.setattr(predict, "segment", bright_voxels)
     result = CliRunner().invoke(main, cv_args(root, manifest, "results"))
     assert result.exit_code == 0, result.output
