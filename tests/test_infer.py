@@ -9,7 +9,7 @@ import torch
 from meshseg import infer
 from meshseg.errors import DeviceError
 from meshseg.infer import head_box, lesion_probability, resolve_device, run_layers, torch_runner
-from meshseg.model import MeshNet, MeshNetConfig, fold
+from meshseg.model import ACTIVATIONS, MeshNet, MeshNetConfig, fold
 from tests.conftest import blob
 from tests.test_model import randomise_batch_norms
 
@@ -254,3 +254,21 @@ def test_only_the_network_input_is_padded_by_a_copy(monkeypatch):
     torch.testing.assert_close(run_layers(x, fold(model), CPU, slab=2), forward(model, x),
                                rtol=1e-5, atol=1e-5)
     assert padded and set(padded) == {2}  # only windows of the 2-channel input
+
+
+@pytest.mark.parametrize("activation", ["elu", "relu", None])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_activation_into_a_window_is_bit_identical_to_the_module(activation, channels_last):
+    # written straight into the window (one pass), the values must stay those of nn.ELU/ReLU,
+    # also for a y in another layout (the first layer's), where aten's kernel would differ
+    y = torch.randn(1, 11, 3, 17, 19, generator=torch.Generator().manual_seed(7)) * 4
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last_3d)
+    module = ACTIVATIONS[activation](inplace=True) if activation else torch.nn.Identity()
+    expected = module(y.clone())
+    window = infer._window_buffer(11, 8, (slice(0, 3), slice(0, 17), slice(0, 19)), (0, 8),
+                                  torch.float32, CPU)
+    window.extend(2).zero_()
+    infer._activate_into(y, activation, window.extend(3))
+    assert torch.equal(window.rows(2, 5), expected)
+    assert torch.equal(window.rows(0, 2), torch.zeros(1, 11, 2, 17, 19))
