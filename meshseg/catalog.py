@@ -17,7 +17,6 @@ from torch import nn
 
 from meshseg import archs
 from meshseg.errors import OutputError, WeightsError
-from meshseg.export import onnx_parameters, read_onnx
 from meshseg.io import atomic_path
 from meshseg.model import FoldedLayer, count_parameters, fold
 from meshseg.tfjs import load_tfjs
@@ -217,6 +216,8 @@ def _load_path(path: Path, name: str) -> LoadedModel:
     TF.js models crop to the voxels > 0 and keep the largest lesion (brainchop's defaults), and
     a meshseg checkpoint says so in its meta (`tfjs.save_as_checkpoint`)."""
     if path.suffix == ".onnx":
+        from meshseg.export import onnx_parameters, read_onnx  # onnx takes ~1 s to import
+
         graph = read_onnx(path)
         return LoadedModel(name=name, layers=[], postprocess="none", architecture="ONNX",
                            parameters=onnx_parameters(graph), onnx=graph)

@@ -20,7 +20,6 @@ from meshseg.archs import INSTALL_HINT
 from meshseg.catalog import LoadedModel
 from meshseg.conform import conform, to_unit_range, unconform
 from meshseg.errors import DeviceError, MeshsegError, WeightsError
-from meshseg.export import onnx_runner, to_onnx
 from meshseg.infer import PRECISIONS, Box, OnLayer, Runner, lesion_probability, torch_runner
 from meshseg.io import WARNINGS_SEP, Volume, first_line, load_volume, save_like
 from meshseg.metrics import CONNECTIVITY, largest_lesion, voxel_ml
@@ -78,6 +77,8 @@ def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
     if backend == "onnx":
         if precision != "fp32":
             raise DeviceError(f"--precision {precision}: the onnx backend runs in fp32 only")
+        from meshseg.export import onnx_runner, to_onnx  # onnx takes ~1 s to import: only here
+
         return onnx_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device)
     if not model.layers:
         raise WeightsError(f"{model.name}: an ONNX model runs only with --backend onnx")
