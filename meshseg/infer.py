@@ -38,7 +38,7 @@ CPU_SLAB_BYTES = 32 * 2**20
 CUDA_FREE_SHARE = 16
 
 BYTES_PER_FLOAT = 4
-WINDOW_SLACK = 0.5  # free rows per window, as a share of its two slabs; see _Rows
+WINDOW_SLACK = 0.25  # free rows per window, as a share of its two slabs; see _Rows
 Box = tuple[slice, slice, slice]
 
 
@@ -204,6 +204,21 @@ def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return F.conv3d(x, weight, bias, padding=padding, dilation=dilation)
 
 
+def _input_strides(x: torch.Tensor) -> torch.Tensor:
+    """(1, C, D, H, W) view of the network's input; a single channel gets channels-last strides.
+
+    With one channel both layouts hold the same bytes, and PyTorch then tells oneDNN the
+    classic one: oneDNN wrote the first layer's output in a blocked layout and reordered it
+    back, which took as long as the convolution. Channels-last strides make it write the
+    channels-last output the windows use.
+    """
+    x = x.contiguous()[None]
+    if x.shape[1] != 1:
+        return x
+    depth, height, width = x.shape[2:]
+    return x.as_strided(x.shape, (depth * height * width, 1, height * width, width, 1))
+
+
 def _slab_stop(start: int, rows: int, end: int, depth: int) -> int:
     """End of the slab from `start`: at most `rows` rows, never across the volume's edges, so
     a slab is either all zero padding or all inside the volume."""
@@ -275,8 +290,8 @@ def run_layers(x: torch.Tensor, layers: list[FoldedLayer], device: torch.device,
     with torch.inference_mode():
         weights = [(layer.weight.to(device, dtype), layer.bias.to(device, dtype))
                    for layer in layers]
-        sources = [_Rows(x[None], 0, shape[0], slice(0, shape[1]), slice(0, shape[2]),
-                         0, shape[0])]
+        sources = [_Rows(_input_strides(x), 0, shape[0], slice(0, shape[1]),
+                         slice(0, shape[2]), 0, shape[0])]
         for index, layer in enumerate(body[:-1]):  # window: 2 slabs, the next halo, slack
             window_rows = (math.ceil((1 + WINDOW_SLACK) * (rows[index] + rows[index + 1]))
                            + 2 * body[index + 1].padding)

@@ -272,3 +272,15 @@ def test_activation_into_a_window_is_bit_identical_to_the_module(activation, cha
     infer._activate_into(y, activation, window.extend(3))
     assert torch.equal(window.rows(2, 5), expected)
     assert torch.equal(window.rows(0, 2), torch.zeros(1, 11, 2, 17, 19))
+
+
+@pytest.mark.parametrize("in_channels", [1, 2])
+def test_non_contiguous_input_equals_the_full_pass(in_channels):
+    # a single channel is handed to oneDNN with channels-last strides (a view of x): that
+    # view must follow x's values whatever x's own strides
+    model = small_meshnet(in_channels)
+    x = torch.rand(in_channels, 13, 11, 17, generator=torch.Generator().manual_seed(8))
+    flipped = x.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
+    assert not flipped.is_contiguous()
+    torch.testing.assert_close(run_layers(flipped, fold(model), CPU, slab=4),
+                               forward(model, x), rtol=1e-5, atol=1e-5)
