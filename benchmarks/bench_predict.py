@@ -1,20 +1,28 @@
-"""Speed and memory of inference, as ratios against plain PyTorch measured in the same run.
+"""Speed and memory of `meshseg predict`, as ratios against plain PyTorch measured in the same run.
 
 Every measurement runs in a fresh Python process so that its peak resident memory
-(ru_maxrss) is its own. For each model and backend it reports:
+(ru_maxrss) is its own. For each scan and model it reports:
 
 - plain: the network as an ordinary torch.nn.Module, one forward pass over the whole
   conformed 256^3 volume - what a straightforward replication does; the reference of every
   ratio;
 - model: meshseg's inference on the same conformed volume (crop, layers, softmax);
-- e2e: the whole `meshseg predict` command on the native-space example scan (load, conform,
-  infer, resample, write);
+- e2e: the whole `meshseg predict` command on the scan as given (start-up, load, conform,
+  infer, resample, write), timed from outside;
 - matmul: a 4096^2 float32 (and bfloat16) matrix product, the rate the convolutions could at
   best reach on this machine. Each network row states the FLOPs it computed (meshseg skips
   the background and the outer shell) and its GFLOP/s, against that limit.
 
-Times are medians of --repeat runs. Results go to benchmarks/results/latest.{json,md}.
-Usage: python benchmarks/bench_predict.py [--repeat 3] [--models ...] [--backends ...]
+Each repeat measures plain, model and e2e one after the other, so that a ratio compares runs
+under about the same background load; the tables give medians over the repeats (of the
+seconds, and of the per-repeat ratios). Models: `default` (the bundled default), a catalogue
+name or a checkpoint path, or meshnet5/16/26 (random weights: speed ignores their values).
+Scans: the real scans in ../shared/real-scans when present, else the example scan.
+
+Results are printed; `--out DIR` also writes DIR/latest.{json,md} (benchmarks/results holds the
+run quoted in docs/benchmarks.md).
+Usage: python benchmarks/bench_predict.py [--repeat 3] [--scans ...] [--models ...]
+       [--backends torch,bf16,onnx,cuda] [--threads N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_MODEL = ROOT.parent / "shared" / "models" / "brainchop-t2-lesion-11ch" / "model.json"
-MODELS = {"meshnet5": 5, "meshnet16": 16, "meshnet26": 26, "brainchop11": None}
+REAL_SCANS = ROOT.parent / "shared" / "real-scans"
+DEFAULT_SCANS = ("stroke_T2w_mni.nii.gz", "M2208_T2w.nii.gz")
+RANDOM_MODELS = {"meshnet5": 5, "meshnet16": 16, "meshnet26": 26}
 
 
 def child(kind: str, model: str, backend: str, scan: str) -> dict:
@@ -53,7 +62,7 @@ def child(kind: str, model: str, backend: str, scan: str) -> dict:
     from meshseg.model import ACTIVATIONS
     from meshseg.predict import runner
 
-    loaded = catalog.load(model)
+    loaded = catalog.load(None if model == "default" else model)
     device = resolve_device("cuda" if backend == "cuda" else "cpu")
     volume01 = to_unit_range(conform(load_volume(scan))[0])
     start = time.perf_counter()
@@ -130,11 +139,12 @@ def measure(args: list[str]) -> dict:
 
 def end_to_end(model: str, backend: str, scan: Path, folder: Path) -> dict:
     """`meshseg predict` as a user runs it, timed from outside, peak RSS from wait4."""
-    cmd = [sys.executable, "-m", "meshseg", "predict", str(scan), "-m", model, "-q",
-           "--overwrite", "-o", str(folder / "mask.nii.gz"),
+    cmd = [sys.executable, "-m", "meshseg", "predict", str(scan), "-q", "--overwrite",
+           "-o", str(folder / "mask.nii.gz"),
            "--device", "cuda" if backend == "cuda" else "cpu",
            "--backend", "onnx" if backend == "onnx" else "torch",
            "--precision", "bf16" if backend == "bf16" else "fp32"]
+    cmd += [] if model == "default" else ["-m", model]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -144,41 +154,73 @@ def end_to_end(model: str, backend: str, scan: Path, folder: Path) -> dict:
 
 
 def make_models(folder: Path, wanted: list[str]) -> dict[str, str]:
-    """Checkpoint paths per model name (random MeshNet-X weights: speed ignores values)."""
+    """What to pass as -m per model name: random MeshNet-X weights are saved to `folder`;
+    anything else (default, a catalogue name, a path) is passed on as given."""
     from meshseg.model import MeshNet, MeshNetConfig
     from meshseg.weights import save_checkpoint
 
     paths = {}
     for name in wanted:
-        if MODELS[name] is None:
-            if SHARED_MODEL.exists():
-                paths[name] = str(SHARED_MODEL)
+        if name not in RANDOM_MODELS:
+            paths[name] = name
             continue
         path = folder / f"{name}.safetensors"
-        save_checkpoint(path, MeshNet(MeshNetConfig(channels=MODELS[name])).eval(),
+        save_checkpoint(path, MeshNet(MeshNetConfig(channels=RANDOM_MODELS[name])).eval(),
                         {"note": "random weights, for timing only"})
         paths[name] = str(path)
     return paths
 
 
-def median_of(repeat: int, fn, *args) -> dict:
-    """Medians, per key, of `repeat` calls of fn(*args)."""
-    runs = [fn(*args) for _ in range(repeat)]
+def default_scans(folder: Path) -> list[Path]:
+    """The real scans when ../shared is there, else the example scan, made in `folder`."""
+    real = [REAL_SCANS / name for name in DEFAULT_SCANS if (REAL_SCANS / name).exists()]
+    if real:
+        return real
+    scan = folder / "example_t2.nii.gz"
+    subprocess.run([sys.executable, "-m", "meshseg", "example", str(scan)], check=True,
+                   cwd=ROOT, capture_output=True)
+    return [scan]
+
+
+def median(runs: list[dict]) -> dict:
+    """Medians, per key, of a list of measurements."""
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def bench(scan: Path, name: str, model: str, backend: str, repeat: int,
+          folder: Path) -> dict:
+    """`repeat` rounds of plain, model and e2e, each round close in time; medians."""
+    plain_backend = "cuda" if backend == "cuda" else "torch"
+    rounds = [(measure(["plain", model, plain_backend, str(scan)]),
+               measure(["model", model, backend, str(scan)]),
+               end_to_end(model, backend, scan, folder)) for _ in range(repeat)]
+    plain, mine, e2e = (median([r[i] for r in rounds]) for i in range(3))
+    return {"scan": scan.name.split(".")[0], "model": name, "backend": backend,
+            "plain": plain, "model_only": mine, "e2e": e2e,
+            "ratio_model": statistics.median(m["seconds"] / p["seconds"] for p, m, _ in rounds),
+            "ratio_e2e": statistics.median(e["seconds"] / p["seconds"] for p, _, e in rounds)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--backends", default="torch,bf16,onnx,cuda",
+    parser.add_argument("--scans", help="comma-separated NIfTI files (default: the real scans "
+                                        "in ../shared/real-scans, else the example scan)")
+    parser.add_argument("--models", default="default",
+                        help="default, a catalogue name or path, meshnet5, meshnet16, meshnet26")
+    parser.add_argument("--backends", default="torch",
                         help="torch (fp32), bf16 (torch in bfloat16), onnx, cuda")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--threads", type=int,
+                        help="OMP_NUM_THREADS for every measurement (default: torch's choice)")
+    parser.add_argument("--out", type=Path,
+                        help="write DIR/latest.{json,md} (default: print only)")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "MODEL", "BACKEND", "SCAN"))
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every measurement
 
     import torch
 
@@ -186,52 +228,51 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        scan = folder / "example_t2.nii.gz"
-        subprocess.run([sys.executable, "-m", "meshseg", "example", str(scan)], check=True,
-                       cwd=ROOT, capture_output=True)
+        scans = ([Path(s) for s in args.scans.split(",")] if args.scans
+                 else default_scans(folder))
         limits = measure(["matmul", "-", "-", "-"])
         print(json.dumps({"matmul": limits}), flush=True)
-        for name, model in make_models(folder, args.models.split(",")).items():
-            plain_backend = "cuda" if backends == ["cuda"] else "torch"
-            plain = median_of(args.repeat, measure, ["plain", model, plain_backend, str(scan)])
-            for backend in backends:
-                row = {"model": name, "backend": backend, "plain": plain,
-                       "model_only": median_of(args.repeat, measure,
-                                               ["model", model, backend, str(scan)]),
-                       "e2e": median_of(args.repeat, end_to_end, model, backend, scan, folder)}
-                row["ratio_model"] = row["model_only"]["seconds"] / plain["seconds"]
-                row["ratio_e2e"] = row["e2e"]["seconds"] / plain["seconds"]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    write_results(rows, limits, args)
+        for scan in scans:
+            for name, model in make_models(folder, args.models.split(",")).items():
+                for backend in backends:
+                    rows.append(bench(scan, name, model, backend, args.repeat, folder))
+                    print(json.dumps(rows[-1]), flush=True)
+    report(rows, limits, args)
 
 
-def write_results(rows: list[dict], limits: dict, args: argparse.Namespace) -> None:
+def report(rows: list[dict], limits: dict, args: argparse.Namespace) -> None:
+    """Print the table; with --out, also write it and the raw rows there."""
     import torch
 
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "repeat": args.repeat, "matmul": limits}
-    (args.out / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"Measured {meta['date']} on {meta['cpus']} CPUs ({meta['machine']}), torch "
-             f"{meta['torch']}, median of {meta['repeat']} runs. A float32 matrix product "
-             f"reached {limits['fp32_gflops']:.0f} GFLOP/s (bfloat16: "
-             f"{limits['bf16_gflops']:.0f}).", "",
-             "| model | backend | plain s | plain MB | plain GFLOP/s | model s | model MB | "
+            "threads": args.threads or torch.get_num_threads(), "repeat": args.repeat,
+            "load_average": os.getloadavg(), "matmul": limits}
+    lines = [f"Measured {meta['date']} on {meta['cpus']} CPUs ({meta['machine']}), "
+             f"{meta['threads']} threads, torch {meta['torch']}, median of {meta['repeat']} "
+             f"runs. A float32 matrix product reached {limits['fp32_gflops']:.0f} GFLOP/s "
+             f"(bfloat16: {limits['bf16_gflops']:.0f}).", "",
+             "| scan | model | backend | plain s | plain MB | plain GFLOP/s | model s | model MB | "
              "model GFLOP | model GFLOP/s | model/plain | e2e s | e2e MB | e2e/plain |",
-             "|" + " --- |" * 13]
+             "|" + " --- |" * 14]
     for r in rows:
         plain, mine = r["plain"], r["model_only"]
         lines.append(
-            f"| {r['model']} | {r['backend']} | {plain['seconds']:.1f} | "
+            f"| {r['scan']} | {r['model']} | {r['backend']} | {plain['seconds']:.1f} | "
             f"{plain['peak_rss_mb']:.0f} | {plain['gflop'] / plain['seconds']:.0f} | "
             f"{mine['seconds']:.1f} | {mine['peak_rss_mb']:.0f} | {mine['gflop']:.0f} | "
             f"{mine['gflop'] / mine['seconds']:.0f} | {r['ratio_model']:.2f} | "
             f"{r['e2e']['seconds']:.1f} | {r['e2e']['peak_rss_mb']:.0f} | "
             f"{r['ratio_e2e']:.2f} |")
-    (args.out / "latest.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.out:
+        from meshseg.io import atomic_path
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, text in (("latest.json", json.dumps({"meta": meta, "rows": rows}, indent=2)),
+                           ("latest.md", "\n".join(lines) + "\n")):
+            with atomic_path(args.out / name) as tmp:
+                tmp.write_text(text)
 
 
 if __name__ == "__main__":
