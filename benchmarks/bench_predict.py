@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's meshseg (`-m meshseg` runs with cwd=ROOT too)
 REAL_SCANS = ROOT.parent / "shared" / "real-scans"
 DEFAULT_SCANS = ("stroke_T2w_mni.nii.gz", "M2208_T2w.nii.gz")
 RANDOM_MODELS = {"meshnet5": 5, "meshnet16": 16, "meshnet26": 26}
