@@ -171,8 +171,8 @@ def _slab(source: _Rows, layer: FoldedLayer, weight: torch.Tensor, bias: torch.T
 
 
 # act(y) written into a window in one pass: activating in place and then copying read and
-# wrote every activation twice (about a fifth of brainchop's run time). aten's out= variants
-# run the same vectorised kernels as nn.ELU / nn.ReLU when y and out share their layout.
+# wrote every activation twice. aten's out= variants run the same vectorised kernels as
+# nn.ELU / nn.ReLU when y and out share their layout.
 _ACTIVATE_INTO: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {
     "relu": lambda y, out: torch.clamp(y, min=0, out=out),
     "elu": lambda y, out: torch.ops.aten.elu.out(y, out=out),
