@@ -10,7 +10,7 @@ import json
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -81,6 +81,7 @@ class LoadedModel:
     crop: str = "head"  # "nonzero": brainchop's crop to the voxels > 0 (see infer.head_box)
     network: nn.Module | None = None  # a non-MeshNet architecture, run whole in window^3 tiles
     window: int | None = None
+    sha256: str = ""  # of the file it was loaded from (model.json for a TF.js model)
 
 
 def home() -> Path:
@@ -212,9 +213,14 @@ def _load_entry(entry: CatalogEntry) -> LoadedModel:
 
 
 def _load_path(path: Path, name: str) -> LoadedModel:
-    """The model in `path`; how it crops and post-processes travels with the file: brainchop's
-    TF.js models crop to the voxels > 0 and keep the largest lesion (brainchop's defaults), and
-    a meshseg checkpoint says so in its meta (`tfjs.save_as_checkpoint`)."""
+    """The model in `path`, with that file's sha256 for the records of what it makes."""
+    return replace(_read_model(path, name), sha256=sha256_file(path))
+
+
+def _read_model(path: Path, name: str) -> LoadedModel:
+    """How a model crops and post-processes travels with the file: brainchop's TF.js models
+    crop to the voxels > 0 and keep the largest lesion (brainchop's defaults), and a meshseg
+    checkpoint says so in its meta (`tfjs.save_as_checkpoint`)."""
     if path.suffix == ".onnx":
         from meshseg.export import onnx_parameters, read_onnx  # onnx takes ~1 s to import
 

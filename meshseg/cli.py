@@ -15,6 +15,7 @@ import click
 
 from meshseg import __version__
 from meshseg.errors import DeviceError, MeshsegError, OutputError
+from meshseg.io import make_folder
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 128 + SIGINT
 # What a rerun after Ctrl-C does, per command; finished outputs are always kept.
@@ -80,53 +81,109 @@ def main() -> None:
                    "agreement with fp32); fp16 needs CUDA.")
 @click.option("--slab", type=click.IntRange(min=1), default=None,
               help="Slab thickness in voxels for layer-by-layer inference (bounds memory).")
+@click.option("--shard", metavar="K/N", callback=lambda ctx, param, value: _shard(value),
+              help="Segment only part K of N of the sorted inputs (every N-th from the K-th), "
+                   "e.g. $SLURM_ARRAY_TASK_ID/N: N tasks cover the cohort exactly once.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None, device: str,
             prob: bool, overwrite: bool, report: Path | None, threshold: float,
             largest: bool | None, backend: str | None, precision: str, slab: int | None,
-            quiet: bool) -> None:
-    """Segment lesions in each INPUT (NIfTI files, folders or globs)."""
-    from meshseg import catalog
-    from meshseg.cohort import expand_inputs, plan_outputs
+            shard: tuple[int, int] | None, quiet: bool) -> None:
+    """Segment lesions in each INPUT (NIfTI files, folders or globs).
+
+    Each mask gets a JSON record beside it (model, settings, versions, results); a rerun
+    keeps the masks its records show were made the same way and redoes the rest.
+    """
+    from meshseg import catalog, cohort
     from meshseg.infer import resolve_device
     from meshseg.io import is_nifti_path
-    from meshseg.predict import runner
+    from meshseg.predict import Settings, runner
 
     if report is not None and report.suffix.lower() not in (".json", ".csv"):
         raise click.BadParameter("must end in .json or .csv", param_hint="--report")
-    paths = expand_inputs(list(inputs))
-    if not paths:
+    inputs_found = cohort.expand_inputs(list(inputs))
+    if not inputs_found:
         fail("no NIfTI files found in " + ", ".join(inputs), EXIT_USAGE)
-    if output is not None and not is_nifti_path(output):
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            fail(f"{output}: cannot create output folder ({err.strerror or err})", EXIT_USAGE)
-    if report is not None and not report.parent.is_dir():
-        raise click.BadParameter(f"folder {report.parent} does not exist", param_hint="--report")
+    bids = cohort.uses_bids(inputs_found, output)
     try:
         torch_device = resolve_device(device)
-        plans = plan_outputs(paths, output, prob)
+        plans = cohort.plan_outputs(inputs_found, output, prob)
+        cohort.check_plan(inputs_found, plans, report, output if bids else None)
+        if output is not None and not is_nifti_path(output):
+            make_folder(output)
+        if report is not None:
+            make_folder(report.parent)
     except (DeviceError, OutputError) as err:
         fail(str(err), EXIT_USAGE)
+    if shard is not None:
+        mine = set(cohort.shard(inputs_found, *shard))
+        plans = [p for entry, p in zip(inputs_found, plans) if entry in mine]
+        inputs_found = [entry for entry in inputs_found if entry in mine]
+    cohort.remove_leftovers(plans, report)
     try:
         model = catalog.load(model_spec)
-        run = runner(model, torch_device, backend or ("onnx" if model.onnx else "torch"), slab,
-                     precision)
+        backend = backend or ("onnx" if model.onnx else "torch")
+        run = runner(model, torch_device, backend, slab, precision)
+        if bids:
+            cohort.write_description(output, model.name, model.sha256)
     except DeviceError as err:
         fail(str(err), EXIT_USAGE)
     except MeshsegError as err:
         fail(str(err))
-    postprocess = None if largest is None else ("largest" if largest else "none")
+    settings = Settings(postprocess=None if largest is None else
+                        ("largest" if largest else "none"), threshold=threshold,
+                        backend=backend, precision=precision)
     from meshseg.progress import run_cohort
 
     try:
-        results = run_cohort(paths, plans, model, run, str(torch_device), overwrite=overwrite,
-                             postprocess=postprocess, threshold=threshold, report=report,
-                             quiet=quiet)
+        results = run_cohort([entry.path for entry in inputs_found], plans, model, run,
+                             str(torch_device), overwrite=overwrite, settings=settings,
+                             report=report, quiet=quiet)
     except MeshsegError as err:
         fail(str(err))
     sys.exit(EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK)
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    """K/N with 1 <= K <= N, for --shard."""
+    if value is None:
+        return None
+    k, _, n = value.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise click.BadParameter(f"{value}: expected K/N with 1 <= K <= N, e.g. 2/8",
+                                 param_hint="--shard")
+    return int(k), int(n)
+
+
+@main.command("report")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report as .json or .csv (else a table is printed).")
+def report_command(folder: Path, output: Path | None) -> None:
+    """Rebuild a cohort report from the records (sidecar JSON) below FOLDER, e.g. after a
+    run split over many processes with predict --shard."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from meshseg.record import gather, write_report
+
+    if output is not None and output.suffix.lower() not in (".json", ".csv"):
+        raise click.BadParameter("must end in .json or .csv", param_hint="-o")
+    results = gather(folder)
+    if not results:
+        fail(f"{folder}: no meshseg records (the JSON files beside masks) found", EXIT_USAGE)
+    if output is not None:
+        try:
+            write_report(results, output)
+        except MeshsegError as err:
+            fail(str(err))
+        click.echo(f"{output}: {len(results)} inputs")
+        return
+    table = Table("input", "status", "lesion mL", "lesions", "model", "error")
+    for r in results:
+        table.add_row(r.input, r.status, "" if r.lesion_ml is None else f"{r.lesion_ml:.2f}",
+                      "" if r.components is None else str(r.components), r.model, r.error)
+    Console().print(table)
 
 
 @main.group()

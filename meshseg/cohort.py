@@ -1,18 +1,48 @@
-"""Cohort runs: which files to segment, where each result goes, and the report file."""
+"""Cohort runs: which files to segment, where each result goes, and the checks that make
+the plan safe before any inference starts.
+
+Names and places come from the paths as the user gave them: a symlink (a DataLad/git-annex
+dataset's files point into .git/annex/objects) is never resolved for naming, and nothing is
+ever written inside a .git folder. Files and folders whose names start with "." (.git,
+meshseg's own temporary files) are never inputs.
+"""
 
 from __future__ import annotations
 
 import glob
 import json
-from dataclasses import asdict, fields
+import os
+import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from meshseg import __version__
+from meshseg.data import bids_entities
 from meshseg.errors import OutputError
-from meshseg.io import NIFTI_SUFFIXES, atomic_path, is_nifti_path, write_csv
-from meshseg.predict import Outputs, Result
+from meshseg.io import NIFTI_SUFFIXES, atomic_path, is_nifti_path, make_folder
+from meshseg.predict import Outputs
+from meshseg.record import is_foreign_json
 
 MASK_SUFFIX = "_lesion"
 PROB_SUFFIX = "_lesion_prob"
+BIDS_MASK = "_space-orig_desc-lesion_mask"  # BIDS derivatives: a binary mask on the scan's grid
+BIDS_PROB = "_space-orig_desc-lesion_probseg"  # and its probabilistic segmentation
+BIDS_INPUT = "_T2w"  # in a BIDS dataset, the model's contrast is the input
+DESCRIPTION = "dataset_description.json"
+BIDS_VERSION = "1.9.0"
+# io.atomic_path's temporary files: ".<target name>.<random>.part<suffix>"
+LEFTOVER = re.compile(r"^\..+\.[A-Za-z0-9_]+\.part(\.nii\.gz|\.nii|\.json|\.csv)?$")
+LEFTOVER_AGE_S = 300  # older than any write in flight (a write touches its file as it goes)
+
+
+@dataclass(frozen=True)
+class Input:
+    """A file to segment: its path as given or found, and its folder relative to the folder
+    it was found under (empty for a file given by name)."""
+
+    path: Path
+    subfolder: Path = Path()
 
 
 def stem(path: Path) -> str:
@@ -26,30 +56,84 @@ def stem(path: Path) -> str:
 
 def is_output(path: Path) -> bool:
     """True for files meshseg itself writes, so re-runs over a folder don't segment masks."""
-    return stem(path).endswith((MASK_SUFFIX, PROB_SUFFIX))
+    return stem(path).endswith((MASK_SUFFIX, PROB_SUFFIX, BIDS_MASK, BIDS_PROB))
 
 
-def expand_inputs(items: list[str]) -> list[Path]:
+def is_bids_root(folder: Path) -> bool:
+    """A BIDS dataset: dataset_description.json, or sub-* folders at the top."""
+    return (folder / DESCRIPTION).is_file() or any(folder.glob("sub-*/"))
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _search(folder: Path) -> list[Input]:
+    """NIfTI files below a folder (symlinks kept, hidden names skipped); in a BIDS dataset
+    only the *_T2w images outside derivatives/."""
+    bids = is_bids_root(folder)
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if (not is_nifti_path(path) or is_output(path) or _hidden(path, folder)
+                or (bids and (path.relative_to(folder).parts[0] == "derivatives"
+                              or not stem(path).endswith(BIDS_INPUT)))):
+            continue
+        found.append(Input(path, path.parent.relative_to(folder)))
+    return found
+
+
+def expand_inputs(items: list[str]) -> list[Input]:
     """Files as given, folders searched recursively for NIfTI files, globs expanded.
 
-    A name that matches nothing is kept, so that it is reported as a missing file.
+    A name that matches nothing is kept, so that it is reported as a missing file. Two
+    names of one file (a symlink and its target) count once, under the first name.
     """
-    found: list[Path] = []
+    found: list[Input] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if is_nifti_path(p) and not is_output(p))
+            found += _search(path)
         elif not path.exists() and glob.has_magic(item):
-            found += sorted(Path(p) for p in glob.glob(item, recursive=True)
-                            if is_nifti_path(Path(p)) and not is_output(Path(p)))
-        else:
-            found.append(path)
-    unique = list(dict.fromkeys(p.resolve() if p.exists() else p for p in found))
-    return unique
+            found += [Input(Path(p)) for p in sorted(glob.glob(item, recursive=True))
+                      if is_nifti_path(Path(p)) and not is_output(Path(p))
+                      and not any(part.startswith(".") for part in Path(p).parts
+                                  if part not in (".", ".."))]
+        elif not LEFTOVER.match(path.name):
+            found.append(Input(path))
+    unique: dict[Path, Input] = {}
+    for entry in found:
+        unique.setdefault(entry.path.resolve() if entry.path.exists() else entry.path, entry)
+    return list(unique.values())
 
 
-def plan_outputs(inputs: list[Path], output: Path | None, prob: bool) -> list[Outputs]:
-    """Output paths per input: -o FILE for one input, -o DIR, or beside each input.
+def shard(inputs: list[Input], k: int, n: int) -> list[Input]:
+    """Part k (1..n) of the inputs sorted by path: every n-th, so n tasks with k = 1..n
+    cover the sorted list exactly once whatever order the names were given in."""
+    ordered = sorted(inputs, key=lambda entry: str(entry.path))
+    return ordered[k - 1::n]
+
+
+def uses_bids(inputs: list[Input], output: Path | None) -> bool:
+    """Write a BIDS derivatives dataset: -o names a folder and every input has a sub- entity."""
+    return (output is not None and not is_nifti_path(output) and bool(inputs)
+            and all("sub" in bids_entities(entry.path) for entry in inputs))
+
+
+def bids_place(path: Path) -> tuple[Path, str]:
+    """(sub-*/[ses-*/]anat folder, source entities) of a BIDS file name: the name without
+    its suffix (sub-01_ses-2_run-1_T2w -> sub-01_ses-2_run-1)."""
+    entities = bids_entities(path)
+    folder = Path(f"sub-{entities['sub']}")
+    if "ses" in entities:
+        folder /= f"ses-{entities['ses']}"
+    parts = stem(path).split("_")
+    source = "_".join(parts[:-1] if parts and "-" not in parts[-1] else parts)
+    return folder / "anat", source
+
+
+def plan_outputs(inputs: list[Input], output: Path | None, prob: bool) -> list[Outputs]:
+    """Output paths per input: -o FILE for one input; -o FOLDER (the inputs' sub-folders
+    kept, or a BIDS derivatives layout for BIDS inputs); or beside each input as given.
 
     Raises:
         OutputError: -o names a file but several inputs were given, or two inputs would
@@ -59,17 +143,21 @@ def plan_outputs(inputs: list[Path], output: Path | None, prob: bool) -> list[Ou
     if single_file and len(inputs) != 1:
         raise OutputError(f"{output}: -o names one file but {len(inputs)} inputs were given; "
                           "pass a folder")
+    bids = uses_bids(inputs, output)
     plans = []
-    for path in inputs:
+    for entry in inputs:
         if single_file:
-            mask = output
-            base = output.parent / stem(output)
+            plans.append(Outputs(mask=output, prob=output.parent / (stem(output) + PROB_SUFFIX
+                                                                    + ".nii.gz") if prob else None))
+            continue
+        if bids:
+            folder, base = bids_place(entry.path)
+            folder, mask_end, prob_end = output / folder, BIDS_MASK, BIDS_PROB
         else:
-            folder = output if output is not None else path.parent
-            base = folder / stem(path)
-            mask = base.with_name(base.name + MASK_SUFFIX + ".nii.gz")
-        prob_path = base.with_name(base.name + PROB_SUFFIX + ".nii.gz") if prob else None
-        plans.append(Outputs(mask=mask, prob=prob_path))
+            folder = entry.path.parent if output is None else output / entry.subfolder
+            base, mask_end, prob_end = stem(entry.path), MASK_SUFFIX, PROB_SUFFIX
+        plans.append(Outputs(mask=folder / f"{base}{mask_end}.nii.gz",
+                             prob=folder / f"{base}{prob_end}.nii.gz" if prob else None))
     masks = [p.mask for p in plans]
     clash = {m for m in masks if masks.count(m) > 1}
     if clash:
@@ -78,11 +166,95 @@ def plan_outputs(inputs: list[Path], output: Path | None, prob: bool) -> list[Ou
     return plans
 
 
-def write_report(results: list[Result], path: Path) -> None:
-    """Write the per-input records as .json or .csv, atomically (rewritten after each input)."""
-    rows = [asdict(r) for r in results]
-    if path.suffix.lower() != ".json":
-        write_csv(path, [f.name for f in fields(Result)], rows)
-        return
+def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
+               derivatives: Path | None = None) -> None:
+    """Refuse, before any inference, a plan that could harm a user's file or fail late.
+
+    Raises:
+        OutputError: an output (or the report) would replace an input of the run (symlinks
+            followed), is an existing folder, is a JSON file that is not meshseg's, lies
+            inside a .git folder, or its folder cannot be created or written; or the
+            `derivatives` folder holds another tool's dataset_description.json.
+    """
+    if derivatives is not None and not is_own_description(derivatives / DESCRIPTION):
+        raise OutputError(f"{derivatives / DESCRIPTION}: belongs to another dataset; give -o "
+                          "a folder of its own (e.g. DATASET/derivatives/meshseg)")
+    given = {os.path.realpath(entry.path): entry.path for entry in inputs}
+    targets = [(path, "output") for plan in plans
+               for path in (*plan.images(), plan.sidecar)]
+    targets += [(report, "report")] if report is not None else []
+    folders: set[Path] = set()
+    for path, role in targets:
+        real = os.path.realpath(path)
+        if real in given:
+            raise OutputError(f"{path}: this {role} would overwrite the input {given[real]}")
+        if ".git" in Path(real).parts or ".git" in path.parts:
+            raise OutputError(f"{path}: meshseg never writes inside a .git folder; "
+                              "use -o FOLDER")
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder; the {role} is a file")
+        if path.suffix == ".json" and role == "output" and is_foreign_json(path):
+            raise OutputError(f"{path}: exists and is not a meshseg record; meshseg will not "
+                              "replace it")
+        folders.add(path.parent)
+    for folder in sorted(folders):
+        _check_writable(folder)
+
+
+def _check_writable(folder: Path) -> None:
+    """The folder exists and is writable, or its nearest existing parent is (to create it)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: cannot write here ({existing} is not a writable folder)")
+
+
+def remove_leftovers(plans: list[Outputs], report: Path | None = None) -> list[Path]:
+    """Delete the temporary files an interrupted write left in the run's output folders
+    (`LEFTOVER` names older than `LEFTOVER_AGE_S`, so another process's write in flight is
+    left alone); returns what was removed."""
+    folders = {path.parent for plan in plans for path in (*plan.images(), plan.sidecar)}
+    folders |= {report.parent} if report is not None else set()
+    removed = []
+    now = time.time()
+    for folder in sorted(f for f in folders if f.is_dir()):
+        for path in folder.iterdir():
+            try:
+                stale = LEFTOVER.match(path.name) and now - path.stat().st_mtime > LEFTOVER_AGE_S
+                if stale and path.is_file():
+                    path.unlink()
+                    removed.append(path)
+            except OSError:  # gone already (another process cleaned it), or not ours to remove
+                continue
+    return removed
+
+
+def is_own_description(path: Path) -> bool:
+    """True when no dataset_description.json is there, or meshseg generated it."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return True
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    made_by = found.get("GeneratedBy") if isinstance(found, dict) else None
+    return isinstance(made_by, list) and any(
+        isinstance(step, dict) and step.get("Name") == "meshseg" for step in made_by)
+
+
+def write_description(folder: Path, model: str, model_sha256: str) -> Path:
+    """The dataset_description.json of a BIDS derivatives dataset made by meshseg."""
+    make_folder(folder)
+    description = {
+        "Name": "meshseg lesion masks",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "meshseg", "Version": __version__,
+                         "Description": f"chronic stroke lesion segmentation, model {model} "
+                                        f"(sha256 {model_sha256})"}],
+    }
+    path = folder / DESCRIPTION
     with atomic_path(path, suffix=".part.json") as tmp:
-        tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    return path

@@ -181,6 +181,8 @@ def predict_test(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pa
         target = folder / f"{ids[pair.image]}_lesion.nii.gz"
         stale = not same or (target.exists()
                              and target.stat().st_mtime < best.checkpoint.stat().st_mtime)
+        # masks of a meshseg without sidecar records are cv's own: redone, not refused
+        stale = stale or not Outputs(target).sidecar.exists()
         result = segment_file(pair.image, Outputs(target), model, run, str(device),
                               overwrite=stale)
         if result.status == "failed":

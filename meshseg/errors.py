@@ -17,6 +17,10 @@ class OutputError(MeshsegError):
     """An output file cannot be written."""
 
 
+class ForeignOutputError(OutputError):
+    """An output's path holds a file that meshseg did not make (no record says so)."""
+
+
 class WeightsError(MeshsegError):
     """A model checkpoint is missing, malformed or fails its checksum."""
 

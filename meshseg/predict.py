@@ -1,7 +1,7 @@
 """The main job: load -> validate -> conform -> infer -> un-conform -> write.
 
-`segment` is the pure pipeline on a `Volume`; `segment_file` adds reading,
-writing and the per-input record that cohort reports are made of.
+`segment` is the pure pipeline on a `Volume`; `segment_file` adds reading, writing,
+resuming and the per-input record (meshseg.record) that cohort reports are made of.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +17,24 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from meshseg import __version__
 from meshseg.archs import INSTALL_HINT
 from meshseg.catalog import LoadedModel
 from meshseg.conform import conform, to_unit_range, unconform
-from meshseg.errors import DeviceError, MeshsegError, WeightsError
+from meshseg.errors import (
+    DeviceError,
+    ForeignOutputError,
+    InputError,
+    MeshsegError,
+    OutputError,
+    WeightsError,
+)
 from meshseg.infer import PRECISIONS, Box, OnLayer, Runner, lesion_probability, torch_runner
-from meshseg.io import WARNINGS_SEP, Volume, first_line, load_volume, save_like
+from meshseg.io import WARNINGS_SEP, Volume, first_line, load_volume, make_folder, save_like
 from meshseg.metrics import CONNECTIVITY, largest_lesion, voxel_ml
+from meshseg.record import Result, as_skipped, read_sidecar, sidecar_path, write_sidecar
 from meshseg.validate import check_volume
+from meshseg.weights import sha256_file
 
 Progress = Callable[[str, float], None]
 """Called with a stage name (load, conform, layers, unconform, write) and its fraction done."""
@@ -32,32 +43,36 @@ Progress = Callable[[str, float], None]
 
 @dataclass(frozen=True)
 class Outputs:
-    """Where one input's results go."""
+    """Where one input's results go; the sidecar record goes beside the mask."""
 
     mask: Path
     prob: Path | None = None
 
-    def done(self) -> bool:
-        """True when every requested output exists (the mask is written last)."""
-        return self.mask.exists() and (self.prob is None or self.prob.exists())
+    @property
+    def sidecar(self) -> Path:
+        return sidecar_path(self.mask)
+
+    def images(self) -> list[Path]:
+        """The NIfTI outputs: the mask, and the probability map when asked for."""
+        return [self.mask] + ([self.prob] if self.prob is not None else [])
+
+    def complete(self) -> bool:
+        """True when every NIfTI output exists and loads to its last voxel (a 0-byte or
+        truncated file is not complete)."""
+        try:
+            return all(load_volume(path) is not None for path in self.images())
+        except InputError:
+            return False
 
 
-@dataclass
-class Result:
-    """One input's outcome: a row of the cohort report."""
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the model that changes a mask; each sidecar records it."""
 
-    input: str
-    output: str
-    status: str  # "ok", "skipped" or "failed"
-    model: str
-    device: str
+    postprocess: str | None = None  # None: the model's own choice
     threshold: float = 0.5
-    lesion_ml: float | None = None
-    voxels: int | None = None
-    components: int | None = None
-    seconds: float = 0.0
-    error: str = ""
-    warnings: str = ""  # the input's header repairs, WARNINGS_SEP-separated
+    backend: str = "torch"
+    precision: str = "fp32"
 
 
 def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
@@ -149,29 +164,38 @@ def lesion_stats(mask: np.ndarray, affine: np.ndarray) -> tuple[float, int, int]
 
 
 def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, device: str, *,
-                 overwrite: bool = False, postprocess: str | None = None,
-                 threshold: float = 0.5, progress: Progress | None = None) -> Result:
-    """Segment one file; user-facing problems become a failed Result, never an exception."""
+                 overwrite: bool = False, settings: Settings = Settings(),
+                 progress: Progress | None = None) -> Result:
+    """Segment one file and write its outputs, then its sidecar record; user-facing problems
+    become a failed Result, never an exception.
+
+    An earlier output is kept (status "skipped", its own record returned) only when its
+    sidecar says the same input, model and settings made it and it loads completely.
+    """
     start = time.perf_counter()
-    result = Result(input=str(path), output=str(outputs.mask), status="ok",
-                    model=model.name, device=device, threshold=threshold)
-    if outputs.done() and not overwrite:
-        result.status = "skipped"
-        return result
+    result = new_record(path, outputs, model, device, settings)
     report = progress or (lambda stage, fraction: None)
     try:
+        if not overwrite:
+            kept = kept_record(outputs, result)
+            if kept is not None:
+                return kept
         report("load", 0.0)
         volume = load_volume(path)
         result.warnings = WARNINGS_SEP.join(volume.warnings)
         report("load", 1.0)
         prob = segment(volume, run, progress=report, crop=model.crop)
-        mask = to_mask(prob, postprocess or model.postprocess, threshold)
+        mask = to_mask(prob, result.postprocess, result.threshold)
         report("write", 0.0)
+        make_folder(outputs.mask.parent)
         if outputs.prob is not None:
             save_like(prob, volume, outputs.prob, np.float32)
         save_like(mask, volume, outputs.mask, np.uint8)
-        report("write", 1.0)
         result.lesion_ml, result.voxels, result.components = lesion_stats(mask, volume.affine)
+        report("write", 1.0)
+    except ForeignOutputError as err:
+        result.status, result.error = "failed", str(err)
+        return result  # no record: the file there is not meshseg's to vouch for
     except MeshsegError as err:
         result.status, result.error = "failed", str(err)
     except MemoryError:
@@ -180,4 +204,51 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         result.status, result.error = "failed", (f"{path}: unexpected {type(err).__name__} "
                                                  f"({first_line(err)}); please report it")
     result.seconds = round(time.perf_counter() - start, 3)
+    result.date = datetime.now(UTC).isoformat(timespec="seconds")
+    _write_record(result, outputs.sidecar)
     return result
+
+
+def new_record(path: Path, outputs: Outputs, model: LoadedModel, device: str,
+               settings: Settings) -> Result:
+    """The record of a run about to start: what will make the outputs and with what."""
+    return Result(input=str(path), output=str(outputs.mask), status="ok", model=model.name,
+                  device=device, prob=str(outputs.prob or ""),
+                  input_sha256=sha256_file(path) if path.is_file() else "",
+                  model_sha256=model.sha256, threshold=settings.threshold,
+                  postprocess=settings.postprocess or model.postprocess,
+                  backend=settings.backend, precision=settings.precision,
+                  meshseg_version=__version__, torch_version=torch.__version__)
+
+
+def kept_record(outputs: Outputs, wanted: Result) -> Result | None:
+    """The earlier record to keep instead of segmenting again, or None to segment.
+
+    Raises:
+        ForeignOutputError: an output exists, loads, and no meshseg record says meshseg made
+            it (a user's own mask under that name): only --overwrite replaces it.
+    """
+    previous = read_sidecar(outputs.sidecar)
+    if previous is None:
+        existing = [p for p in outputs.images() if p.exists()]
+        if existing and outputs.complete():
+            raise ForeignOutputError(f"{existing[0]}: exists, but no meshseg record "
+                                     f"({outputs.sidecar.name}) says how it was made; "
+                                     "--overwrite replaces it")
+        return None
+    same = (previous.status == "ok" and previous.same_settings(wanted)
+            and previous.input_sha256 == wanted.input_sha256
+            and previous.prob == wanted.prob and outputs.complete())
+    return as_skipped(previous) if same else None
+
+
+def _write_record(result: Result, sidecar: Path) -> None:
+    """Write the sidecar last; a failed input's record is written only where its output
+    folder exists (a record that cannot be written makes the input fail)."""
+    if result.status == "failed" and not sidecar.parent.is_dir():
+        return
+    try:
+        write_sidecar(result, sidecar)
+    except OutputError as err:
+        if result.status != "failed":
+            result.status, result.error = "failed", str(err)

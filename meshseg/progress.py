@@ -1,41 +1,107 @@
-"""Running a cohort with feedback: Rich progress bars on a terminal, plain lines otherwise."""
+"""Feedback on long steps: Rich progress bars on a terminal, plain lines otherwise.
+
+`steps` gives any loop (synth, train's batches, cv's phases) a bar with counts and an
+estimated time left; `run_cohort` is predict's loop, with a bar per scan whose stages
+(load, conform, layers, unconform, write) advance one timer.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from meshseg.catalog import LoadedModel
-from meshseg.cohort import write_report
 from meshseg.infer import Runner
 from meshseg.io import WARNINGS_SEP
-from meshseg.predict import Outputs, Result, segment_file
+from meshseg.predict import Outputs, Settings, segment_file
+from meshseg.record import Result, write_report
+
+T = TypeVar("T")
+PLAIN_EVERY_S = 30.0  # off a terminal, one line at most this often (log files stay short)
+# Share of one scan's time per stage, so a scan's bar moves evenly (measured on a CPU: the
+# layers take most of it).
+STAGES = {"load": (0.0, 0.05), "conform": (0.05, 0.15), "layers": (0.15, 0.9),
+          "unconform": (0.9, 0.95), "write": (0.95, 1.0)}
+
+
+def _bars(console: Console, live: bool) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    return Progress(*columns, console=console, disable=not live, transient=True)
+
+
+def steps(items: Iterable[T], total: int, description: str, quiet: bool = False) -> Iterator[T]:
+    """Yield `items` while showing progress: a bar on a terminal; elsewhere a line
+    'description: i/total, elapsed, eta' at most every PLAIN_EVERY_S seconds and at the end."""
+    console = Console(stderr=True)
+    if quiet:
+        yield from items
+        return
+    if console.is_terminal:
+        with _bars(console, True) as bars:
+            task = bars.add_task(description, total=total)
+            for item in items:
+                yield item
+                bars.advance(task)
+        return
+    start = last = time.monotonic()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= PLAIN_EVERY_S or done == total:
+            last = now
+            click.echo(plain_line(description, done, total, now - start), err=True)
+
+
+def plain_line(description: str, done: int, total: int, elapsed: float) -> str:
+    """'synth: 3/10, 0:00:12 elapsed, eta 0:00:28' (the eta from the mean pace so far)."""
+    eta = elapsed / done * (total - done) if done else 0.0
+    return (f"{description}: {done}/{total}, {_clock(elapsed)} elapsed, "
+            f"eta {_clock(eta)}")
+
+
+def _clock(seconds: float) -> str:
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def run_cohort(paths: list[Path], plans: list[Outputs], model: LoadedModel, run: Runner,
-               device: str, *, overwrite: bool, postprocess: str | None,
-               threshold: float = 0.5, report: Path | None, quiet: bool) -> list[Result]:
-    """Segment every input in turn; the report is rewritten after each so a kill keeps it."""
+               device: str, *, overwrite: bool, settings: Settings,
+               report: Path | None, quiet: bool) -> list[Result]:
+    """Segment every input in turn; the report is rewritten from the records after each
+    input, so a kill keeps it."""
     console = Console(stderr=True)
     live = console.is_terminal and not quiet
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
     results: list[Result] = []
-    with Progress(*columns, console=console, disable=not live, transient=True) as bars:
+    with _bars(console, live) as bars:
         cohort = bars.add_task("scans", total=len(paths))
         stage = bars.add_task("", total=100)
 
         for path, outputs in zip(paths, plans):
+            bars.reset(stage, description=f"{path.name}: load", total=100)
+
             def on_stage(name: str, fraction: float, _path: Path = path) -> None:
+                low, high = STAGES.get(name, (0.0, 1.0))
                 bars.update(stage, description=f"{_path.name}: {name}",
-                            completed=round(100 * fraction))
+                            completed=round(100 * (low + (high - low) * fraction)))
 
             result = segment_file(path, outputs, model, run, device, overwrite=overwrite,
-                                  postprocess=postprocess, threshold=threshold,
-                                  progress=on_stage)
+                                  settings=settings, progress=on_stage)
             results.append(result)
             if report is not None:
                 write_report(results, report)
@@ -56,7 +122,8 @@ def _emit(result: Result, console: Console | None, quiet: bool) -> None:
     for warning in filter(None, result.warnings.split(WARNINGS_SEP)):
         click.echo(f"meshseg: warning: {warning}", err=True)
     if result.status == "skipped":
-        line = f"skipped {result.input}: {result.output} exists (--overwrite to redo)"
+        line = (f"skipped {result.input}: {result.output} was made by the same model and "
+                "settings (--overwrite to redo)")
     else:
         line = (f"ok {result.input} -> {result.output}: {result.lesion_ml:.2f} mL, "
                 f"{result.components} lesion(s), {result.seconds:.1f} s")

@@ -136,8 +136,10 @@ def test_output_folder_and_unwritable_output(write_nifti, tmp_path, threshold_mo
     assert result.exit_code == 0, result.output
     assert (tmp_path / "results" / "scan_lesion.nii.gz").exists()
     assert (tmp_path / "results" / "report.csv").exists()
-    result = run("predict", src, "-o", tmp_path / "nowhere" / "m.nii.gz", "-m", threshold_model)
-    assert result.exit_code == 1 and "m.nii.gz: cannot write" in result.stderr
+    made = run("predict", src, "-o", tmp_path / "new" / "m.nii.gz", "-m", threshold_model)
+    assert made.exit_code == 0 and (tmp_path / "new" / "m.nii.gz").exists()  # folder made
+    result = run("predict", src, "-o", src / "m.nii.gz", "-m", threshold_model)  # under a file
+    assert result.exit_code == 2 and "cannot write here" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,145 @@
+"""The per-input record: what made one output and what it found.
+
+A `Result` is written as a JSON sidecar beside each mask (``<mask name>.json``), last and
+atomically, so a sidecar always describes a complete mask. The sidecar is the one record of
+an input: resume reads it to decide whether an output can be kept, and every cohort report
+(``predict --report``, ``meshseg report``) is rendered from these records.
+
+Fields hold JSON types only (str, numbers, None, lists and dicts of them), so a record
+survives the round trip through its sidecar unchanged; new fields (QC flags, lesion
+location) are added to `Result` with a default, and older sidecars read with that default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from meshseg.io import NIFTI_SUFFIXES, atomic_path, write_csv
+
+KIND = "meshseg-result"  # marks a JSON file as a sidecar written by meshseg
+SETTINGS = ("model_sha256", "threshold", "postprocess", "backend", "precision")
+"""The fields that decide what a mask looks like: resume keeps an output only when its
+sidecar agrees with the current run on all of them."""
+
+
+@dataclass
+class Result:
+    """One input's outcome: its sidecar and its row of the cohort report."""
+
+    input: str  # the path as the user gave it (a symlink is not resolved)
+    output: str  # the mask
+    status: str  # "ok", "skipped" (kept from an earlier run) or "failed"
+    model: str
+    device: str
+    prob: str = ""  # the probability map, when asked for
+    input_sha256: str = ""
+    model_sha256: str = ""
+    threshold: float = 0.5
+    postprocess: str = "none"
+    backend: str = "torch"
+    precision: str = "fp32"
+    lesion_ml: float | None = None
+    voxels: int | None = None
+    components: int | None = None  # the number of 26-connected lesions
+    seconds: float = 0.0
+    date: str = ""  # when the mask was written, ISO 8601 UTC
+    meshseg_version: str = ""
+    torch_version: str = ""
+    error: str = ""
+    warnings: str = ""  # the input's header repairs, io.WARNINGS_SEP-separated
+    kind: str = KIND
+
+    def same_settings(self, other: Result) -> bool:
+        """True when both records come from the same model and mask-making settings."""
+        return all(getattr(self, name) == getattr(other, name) for name in SETTINGS)
+
+    def differences(self, other: Result) -> str:
+        """The `SETTINGS` that differ, as 'name a -> b' (for messages)."""
+        return ", ".join(f"{name} {getattr(other, name)} -> {getattr(self, name)}"
+                         for name in SETTINGS if getattr(self, name) != getattr(other, name))
+
+
+def sidecar_path(mask: Path) -> Path:
+    """The record beside a mask: the mask's name with .json instead of .nii[.gz] (the BIDS
+    sidecar convention)."""
+    name = mask.name
+    for suffix in NIFTI_SUFFIXES[::-1]:
+        if name.lower().endswith(suffix):
+            return mask.with_name(name[: -len(suffix)] + ".json")
+    return mask.with_name(name + ".json")
+
+
+def write_sidecar(result: Result, path: Path) -> None:
+    """Write the record as JSON, atomically."""
+    with atomic_path(path, suffix=".part.json") as tmp:
+        tmp.write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+
+
+def read_sidecar(path: Path) -> Result | None:
+    """The record in a sidecar, or None when the file is missing, unreadable or not one of
+    meshseg's records (keys this version does not know are ignored)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") != KIND:
+        return None
+    known = {f.name for f in fields(Result)}
+    try:
+        return Result(**{k: v for k, v in data.items() if k in known})
+    except TypeError:  # a required field is missing
+        return None
+
+
+def is_foreign_json(path: Path) -> bool:
+    """True for an existing file that is not a meshseg record (e.g. a BIDS sidecar): meshseg
+    must not replace it."""
+    return path.exists() and read_sidecar(path) is None
+
+
+def gather(folder: Path) -> list[Result]:
+    """Every record below `folder` (hidden folders such as .git skipped), sorted by input."""
+    found = (read_sidecar(p) for p in folder.rglob("*.json")
+             if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted((r for r in found if r is not None), key=lambda r: (r.input, r.output))
+
+
+def as_skipped(result: Result) -> Result:
+    """A kept record as the report of a resumed run shows it."""
+    return replace(result, status="skipped")
+
+
+def flat_row(result: Result) -> dict[str, Any]:
+    """The record as one CSV row: THE rule for nested fields. A dict field becomes one column
+    per key, named ``field.key`` (recursively: ``location.centroid.x``); a list field (e.g.
+    QC flags) becomes one column holding its JSON text. Scalars stay as they are."""
+    row: dict[str, Any] = {}
+
+    def put(name: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                put(f"{name}.{key}", item)
+        elif isinstance(value, list):
+            row[name] = json.dumps(value, separators=(",", ":"))
+        else:
+            row[name] = value
+
+    for spec in fields(result):
+        put(spec.name, getattr(result, spec.name))
+    return row
+
+
+def write_report(results: list[Result], path: Path) -> None:
+    """Write records as a .json list or a .csv table (`flat_row`), atomically."""
+    if path.suffix.lower() == ".json":
+        with atomic_path(path, suffix=".part.json") as tmp:
+            rows = [asdict(r) for r in results]
+            tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        return
+    rows = [flat_row(r) for r in results]
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or \
+        [f.name for f in fields(Result)]
+    write_csv(path, columns, rows)
