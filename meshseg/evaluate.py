@@ -27,7 +27,7 @@ from nibabel.processing import resample_from_to
 from rich import box
 from rich.table import Table
 
-from meshseg.cohort import stem
+from meshseg.cohort import PROB_SUFFIX, stem
 from meshseg.errors import InputError, MeshsegError
 from meshseg.io import GRID_ATOL_MM, Volume, is_nifti_path, load_volume, write_csv
 from meshseg.metrics import avd, dice, hd95, lesion_counts, mcc, voxel_ml
@@ -82,10 +82,10 @@ def subject_key(path: Path) -> str:
 
 def mask_files(spec: Path, pattern: str = "*") -> list[Path]:
     """One NIfTI file, or the NIfTI files below a folder whose names match `pattern`
-    (probability maps excluded)."""
+    (probability maps, meshseg's or BIDS *_probseg, excluded)."""
     if spec.is_dir():
         return sorted(p for p in spec.rglob(pattern) if is_nifti_path(p)
-                      and not stem(p).endswith("_lesion_prob"))
+                      and not stem(p).endswith((PROB_SUFFIX, "_probseg")))
     if not spec.exists():
         raise InputError(f"{spec}: no such file or folder")
     return [spec]

@@ -1,5 +1,5 @@
-"""Shared fixtures: small synthetic NIfTI files on any grid, the shared model's path, and
-a stand-in for a killed process."""
+"""Shared fixtures: small synthetic NIfTI files on any grid, the shared model's path, a
+stand-in for a killed process, and a MeshNet whose output is known (threshold_model)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+
+from meshseg.model import MeshNet, MeshNetConfig
+from meshseg.weights import save_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_MODEL = SHARED / "models" / "brainchop-t2-lesion-11ch"
@@ -66,3 +70,41 @@ def shared_model() -> Path:
     if not path.exists():
         pytest.skip(f"shared brainchop model not found at {path}")
     return path
+
+
+THRESHOLD = 0.6
+
+
+@pytest.fixture(scope="session")
+def threshold_model(tmp_path_factory):
+    """A hand-set MeshNet that marks voxels brighter than THRESHOLD (of the 0..1 range).
+
+    Every 3x3x3 conv passes channel 0 through its centre tap; the last layer compares it
+    with THRESHOLD. Its output is known exactly, so geometry errors show up in tests.
+    """
+    model = MeshNet(MeshNetConfig(channels=2))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.zero_()
+                module.bias.zero_()
+                if module.kernel_size == (3, 3, 3):
+                    module.weight[0, 0, 1, 1, 1] = 1.0
+            elif isinstance(module, torch.nn.BatchNorm3d):
+                module.reset_parameters()
+                module.eps = 0.0
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        last.weight[1, 0] = 50.0
+        last.bias[1] = -50.0 * THRESHOLD
+    path = tmp_path_factory.mktemp("model") / "threshold.safetensors"
+    save_checkpoint(path, model.eval(), {"note": "test fixture, not a trained model"})
+    return str(path)
+
+
+def head(shape=(40, 44, 24), center=(20, 22, 12), seed=0):
+    """A dim ellipsoid 'head' with a bright ball inside; returns (image, ball mask)."""
+    rng = np.random.default_rng(seed)
+    image = np.where(blob(shape, center, 14), 300.0, 0.0) + rng.random(shape) * 5
+    ball = blob(shape, (center[0] + 3, center[1] - 2, center[2]), 5)
+    image[ball] = 1000.0
+    return image.astype(np.float32), ball

@@ -11,46 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from meshseg.cli import main
-from meshseg.model import MeshNet, MeshNetConfig
-from meshseg.weights import save_checkpoint
-from tests.conftest import blob, grid_affine
-
-THRESHOLD = 0.6
-
-
-@pytest.fixture(scope="module")
-def threshold_model(tmp_path_factory):
-    """A hand-set MeshNet that marks voxels brighter than THRESHOLD (of the 0..1 range).
-
-    Every 3x3x3 conv passes channel 0 through its centre tap; the last layer compares it
-    with THRESHOLD. Its output is known exactly, so geometry errors show up in tests.
-    """
-    model = MeshNet(MeshNetConfig(channels=2))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv3d):
-                module.weight.zero_()
-                module.bias.zero_()
-                if module.kernel_size == (3, 3, 3):
-                    module.weight[0, 0, 1, 1, 1] = 1.0
-            elif isinstance(module, torch.nn.BatchNorm3d):
-                module.reset_parameters()
-                module.eps = 0.0
-        last = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1]
-        last.weight[1, 0] = 50.0
-        last.bias[1] = -50.0 * THRESHOLD
-    path = tmp_path_factory.mktemp("model") / "threshold.safetensors"
-    save_checkpoint(path, model.eval(), {"note": "test fixture, not a trained model"})
-    return str(path)
-
-
-def head(shape=(40, 44, 24), center=(20, 22, 12), seed=0):
-    """A dim ellipsoid 'head' with a bright ball inside; returns (image, ball mask)."""
-    rng = np.random.default_rng(seed)
-    image = np.where(blob(shape, center, 14), 300.0, 0.0) + rng.random(shape) * 5
-    ball = blob(shape, (center[0] + 3, center[1] - 2, center[2]), 5)
-    image[ball] = 1000.0
-    return image.astype(np.float32), ball
+from tests.conftest import grid_affine, head
 
 
 def run(*args):

@@ -1,0 +1,246 @@
+"""Cohorts as labs keep them: DataLad/BIDS datasets, per-output records, resume, shards,
+and the checks that keep a run from touching a user's files."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from meshseg.cli import main
+from meshseg.cohort import LEFTOVER_AGE_S
+from meshseg.record import Result, flat_row, read_sidecar, write_report
+from meshseg.weights import load_network, save_checkpoint
+from tests.conftest import head
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def save(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(head(seed=seed)[0], np.eye(4)), path)
+    return path
+
+
+def tree(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def annexed_dataset(root: Path, subjects=("01", "02")) -> Path:
+    """A DataLad-style BIDS dataset: each scan is a symlink into .git/annex/objects."""
+    for i, sub in enumerate(subjects):
+        key = f"MD5E-s{1000 + i}--{i:032x}.nii.gz"
+        obj = save(root / ".git" / "annex" / "objects" / f"x{i}" / key / key, seed=i)
+        link = root / f"sub-{sub}" / "ses-1" / "anat" / f"sub-{sub}_ses-1_T2w.nii.gz"
+        link.parent.mkdir(parents=True)
+        link.symlink_to(os.path.relpath(obj, link.parent))
+    (root / "dataset_description.json").write_text('{"Name": "ds", "BIDSVersion": "1.9.0"}')
+    return root
+
+
+def test_datalad_dataset_outputs_are_named_by_subject(tmp_path, threshold_model):
+    ds = annexed_dataset(tmp_path / "ds")
+    git_before = tree(ds / ".git")
+    result = run("predict", ds, "-m", threshold_model, "-q")
+    assert result.exit_code == 0, result.output
+    for sub in ("01", "02"):
+        anat = ds / f"sub-{sub}" / "ses-1" / "anat"
+        assert (anat / f"sub-{sub}_ses-1_T2w_lesion.nii.gz").is_file()
+        record = read_sidecar(anat / f"sub-{sub}_ses-1_T2w_lesion.json")
+        assert record.input == str(anat / f"sub-{sub}_ses-1_T2w.nii.gz")  # the link, as given
+    assert tree(ds / ".git") == git_before
+
+    out = tmp_path / "derivatives"
+    result = run("predict", ds, "-o", out, "-m", threshold_model, "--prob", "-q")
+    assert result.exit_code == 0, result.output
+    assert tree(out) == {"dataset_description.json"} | {
+        f"sub-{s}/ses-1/anat/sub-{s}_ses-1_space-orig_desc-lesion_{kind}"
+        for s in ("01", "02") for kind in ("mask.nii.gz", "mask.json", "probseg.nii.gz")}
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "meshseg"
+    assert tree(ds / ".git") == git_before
+
+    # eval pairs the derivatives with manual masks of the same subjects by BIDS entities
+    truth = tmp_path / "manual"
+    truth.mkdir()
+    for s in ("01", "02"):
+        anat = out / f"sub-{s}" / "ses-1" / "anat"
+        mask = nib.load(anat / f"sub-{s}_ses-1_space-orig_desc-lesion_mask.nii.gz")
+        nib.save(mask, truth / f"sub-{s}_ses-1_T2w_desc-lesion_mask.nii.gz")
+    scored = run("eval", out, truth)
+    assert scored.exit_code == 0, scored.output
+    assert "sub-01_ses-1" in scored.output and "sub-02_ses-1" in scored.output
+
+
+def test_output_folder_keeps_subfolders(tmp_path, threshold_model):
+    for name in ("s1", "s2"):
+        save(tmp_path / "in" / name / "T2.nii.gz")
+    result = run("predict", tmp_path / "in", "-o", tmp_path / "out", "-m", threshold_model, "-q")
+    assert result.exit_code == 0, result.output
+    assert tree(tmp_path / "out") == {f"{s}/T2_lesion.{e}" for s in ("s1", "s2")
+                                      for e in ("nii.gz", "json")}
+
+
+def test_records_resume_and_another_model(tmp_path, threshold_model):
+    scans = [save(tmp_path / f"{n}.nii.gz", seed=i) for i, n in enumerate("ab")]
+    first = run("predict", scans[0], "-m", threshold_model, "-q")  # then "killed"
+    assert first.exit_code == 0
+    record = read_sidecar(tmp_path / "a_lesion.json")
+    assert record.status == "ok" and record.lesion_ml > 0 and len(record.model_sha256) == 64
+    assert record.threshold == 0.5 and record.meshseg_version and record.torch_version
+    assert record.input_sha256 and record.date and record.seconds > 0
+
+    report = tmp_path / "report.csv"
+    again = run("predict", tmp_path, "-m", threshold_model, "--report", report)
+    assert again.exit_code == 0, again.output
+    rows = {Path(r["input"]).name: r for r in csv.DictReader(report.open())}
+    assert rows["a.nii.gz"]["status"] == "skipped" and rows["b.nii.gz"]["status"] == "ok"
+    assert float(rows["a.nii.gz"]["lesion_ml"]) == pytest.approx(record.lesion_ml)
+    assert all(float(r["lesion_ml"]) > 0 and r["components"] == "1" for r in rows.values())
+
+    other = tmp_path / "other.safetensors"  # same network, another checkpoint file
+    save_checkpoint(other, load_network(Path(threshold_model)).model, {"note": "copy"})
+    redo = run("predict", tmp_path, "-m", other, "-q")
+    assert redo.exit_code == 0
+    assert read_sidecar(tmp_path / "a_lesion.json").model == str(other)
+
+    changed = run("predict", tmp_path, "-m", other, "--largest", "--report", report)
+    assert changed.exit_code == 0 and "2 segmented, 0 skipped" in changed.output  # --largest
+
+
+def test_unrecorded_or_incomplete_outputs(tmp_path, threshold_model):
+    scan = save(tmp_path / "a.nii.gz")
+    mine = tmp_path / "a_lesion.nii.gz"
+    save(mine, seed=5)  # a user's own mask under meshseg's name
+    before = mine.read_bytes()
+    refused = run("predict", scan, "-m", threshold_model)
+    assert refused.exit_code == 1 and "no meshseg record" in refused.stderr
+    assert mine.read_bytes() == before and not (tmp_path / "a_lesion.json").exists()
+    assert run("predict", scan, "-m", threshold_model, "--overwrite", "-q").exit_code == 0
+    assert read_sidecar(tmp_path / "a_lesion.json").status == "ok"
+
+    whole = mine.read_bytes()
+    for broken, record in ((b"", True), (whole[:200], True), (b"", False), (whole[:200], False)):
+        mine.write_bytes(broken)  # 0 bytes or truncated, with or without its record: redone
+        if not record:
+            (tmp_path / "a_lesion.json").unlink()
+        redo = run("predict", scan, "-m", threshold_model)
+        assert redo.exit_code == 0 and "1 segmented" in redo.output, redo.output
+        assert np.asarray(nib.load(mine).dataobj).any()
+
+
+@pytest.mark.parametrize("case", ["same", "dot", "prob", "two", "folder", "under_file",
+                                  "report_folder", "report_under_file", "json"])
+def test_outputs_never_replace_inputs(tmp_path, threshold_model, case):
+    """Every refusal happens before inference, exits 2 with one line, and changes nothing."""
+    scan = save(tmp_path / "in.nii.gz")
+    os.chdir(tmp_path)
+    args = {
+        "same": [scan, "-o", scan, "--overwrite"],
+        "dot": [scan, "-o", "./in.nii.gz", "--overwrite"],
+        "prob": [save(tmp_path / "m_lesion_prob.nii.gz"), "-o", "m.nii.gz", "--prob"],
+        "two": [scan, save(tmp_path / "in_lesion.nii.gz"), "--overwrite"],
+        "folder": [scan, "-o", "out.nii.gz"],
+        "under_file": [scan, "-o", tmp_path / "in.nii.gz" / "x"],
+        "report_folder": [scan, "--report", "r.json"],
+        "report_under_file": [scan, "--report", tmp_path / "in.nii.gz" / "r.csv"],
+        "json": [scan, "-o", "in2.nii.gz"],
+    }[case]
+    (tmp_path / "out.nii.gz").mkdir()
+    (tmp_path / "r.json").mkdir()
+    (tmp_path / "in2.json").write_text('{"RepetitionTime": 2}')  # a BIDS sidecar
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = run("predict", *args, "-m", threshold_model)
+    assert result.exit_code == 2, (case, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.output
+    assert len(lines) == 1 or "Error: Invalid value" in lines[-1], lines  # Click's own usage
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_leftovers_are_removed_and_never_inputs(tmp_path, threshold_model):
+    save(tmp_path / "a.nii.gz")
+    old = tmp_path / ".a_lesion.nii.gz.k2j4x9ab.part.nii.gz"
+    fresh = tmp_path / ".a_lesion.json.q1w2e3r4.part.json"
+    old.write_bytes(b"half a mask")
+    fresh.write_bytes(b"{")
+    past = time.time() - LEFTOVER_AGE_S - 10
+    os.utime(old, (past, past))
+    result = run("predict", tmp_path, "-m", threshold_model, "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert not old.exists() and fresh.exists()  # a write in flight (recent) is left alone
+    assert [Path(r["input"]).name for r in json.loads((tmp_path / "r.json").read_text())] \
+        == ["a.nii.gz"]
+
+
+def test_shards_cover_the_cohort_once_and_report_gathers(tmp_path, threshold_model):
+    names = [f"s{i}" for i in range(7)]
+    for i, name in enumerate(names):
+        save(tmp_path / "in" / f"{name}.nii.gz", seed=i)
+    out = tmp_path / "out"
+    made = []
+    for k in (1, 2, 3):
+        result = run("predict", tmp_path / "in", "-o", out, "--shard", f"{k}/3",
+                     "-m", threshold_model)
+        assert result.exit_code == 0, result.output
+        made += [line.split()[1] for line in result.output.splitlines()
+                 if line.startswith("ok ")]
+    assert sorted(Path(p).name for p in made) == sorted(f"{n}.nii.gz" for n in names)
+    report = run("report", out, "-o", tmp_path / "all.csv")
+    assert report.exit_code == 0, report.output
+    rows = list(csv.DictReader((tmp_path / "all.csv").open()))
+    assert len(rows) == 7 and all(r["status"] == "ok" for r in rows)
+    assert run("predict", tmp_path / "in", "--shard", "4/3").exit_code == 2
+    assert run("report", tmp_path / "in").exit_code == 2  # no records there
+
+
+def test_two_processes_on_one_cohort_never_corrupt_outputs(tmp_path, threshold_model):
+    for i in range(4):
+        save(tmp_path / f"s{i}.nii.gz", seed=i)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "meshseg", "predict", str(tmp_path), "-m",
+               threshold_model, "-q", "--device", "cpu"]
+    procs = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE) for _ in range(2)]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], [p.stderr.read() for p in procs]
+    for i in range(4):
+        assert np.asarray(nib.load(tmp_path / f"s{i}_lesion.nii.gz").dataobj).any()
+        assert read_sidecar(tmp_path / f"s{i}_lesion.json").status == "ok"
+    assert not [p for p in tmp_path.iterdir() if ".part" in p.name]
+
+
+def test_csv_rule_for_nested_fields(tmp_path):
+    """Dicts become dotted columns, lists one column of JSON text; JSON keeps them nested."""
+    record = Result(input="a.nii.gz", output="a_lesion.nii.gz", status="ok", model="m",
+                    device="cpu")
+    record.extra = None  # not a field: never rendered
+    row = flat_row(record)
+    assert list(row)[:3] == ["input", "output", "status"] and "extra" not in row
+
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class WithQc(Result):
+        flags: list = field(default_factory=list)
+        location: dict = field(default_factory=dict)
+
+    qc = WithQc(input="a", output="b", status="ok", model="m", device="cpu",
+                flags=[{"name": "edge", "value": 1.0, "threshold": 0.0, "message": "x"}],
+                location={"hemisphere": "left", "centroid": {"x": 1.0, "y": 2.0}})
+    row = flat_row(qc)
+    assert row["location.hemisphere"] == "left" and row["location.centroid.y"] == 2.0
+    assert json.loads(row["flags"])[0]["name"] == "edge"
+    write_report([qc], tmp_path / "r.csv")
+    assert "location.centroid.x" in (tmp_path / "r.csv").read_text().splitlines()[0]
+    write_report([qc], tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())[0]["location"]["centroid"]["x"] == 1.0
