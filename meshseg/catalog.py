@@ -85,8 +85,10 @@ class LoadedModel:
 
 
 def home() -> Path:
-    """meshseg's cache folder: $MESHSEG_HOME, else ~/.cache/meshseg."""
-    return Path(os.environ.get("MESHSEG_HOME") or Path.home() / ".cache" / "meshseg")
+    """meshseg's cache folder (models, conformed training volumes): $MESHSEG_HOME, else
+    $XDG_CACHE_HOME/meshseg, else ~/.cache/meshseg."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("MESHSEG_HOME") or Path(cache) / "meshseg")
 
 
 def bundled_dir() -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from meshseg import __version__
-from meshseg.errors import DeviceError, MeshsegError, OutputError
+from meshseg.errors import DeviceError, InputError, MeshsegError, OutputError
 from meshseg.io import make_folder
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 128 + SIGINT
@@ -76,9 +76,9 @@ def main() -> None:
                    "model, else torch.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
               show_default=True,
-              help="Arithmetic of the torch backend: bf16 halves activation memory (on the "
-                   "CPUs measured it is slower; docs/benchmarks.md gives its speed and "
-                   "agreement with fp32); fp16 needs CUDA.")
+              help="Arithmetic of the torch backend: bf16 halves activation memory and may be "
+                   "faster or slower than fp32 depending on the CPU (docs/benchmarks.md gives "
+                   "speeds and agreement with fp32); fp16 needs CUDA.")
 @click.option("--slab", type=click.IntRange(min=1), default=None,
               help="Slab thickness in voxels for layer-by-layer inference (bounds memory).")
 @click.option("--shard", metavar="K/N", callback=lambda ctx, param, value: _shard(value),
@@ -212,15 +212,17 @@ def models_list(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("name", "architecture", "channels", "parameters", "source", "sha256", "local",
-                  caption="--json gives every file's address and sha256")
+    # the name is what -m needs: never cut; the rest wraps to fit 80 columns
+    table = Table(caption="* the default model; --json gives every file's address and sha256")
+    table.add_column("name", no_wrap=True, min_width=max(len(r["name"]) + 2 for r in rows))
+    for column in ("network", "params", "source", "sha256", "local"):
+        table.add_column(column)
     for row in rows:
         sha = row["files"][row["entry_file"]]
-        name = row["name"] + (" (default)" if row["default"] else "")
-        source = "bundled" if row["source"] == "bundled" else "download"
-        table.add_row(name, row["architecture"], str(row["channels"]), f"{row['parameters']:,}",
-                      source,
-                      sha[:12] + "…", "yes" if row["local"] else "no")
+        table.add_row(row["name"] + (" *" if row["default"] else ""), row["architecture"],
+                      f"{row['parameters']:,}",
+                      "bundled" if row["source"] == "bundled" else "download", sha[:8],
+                      "yes" if row["local"] else "no")
     Console().print(table)
 
 
@@ -535,6 +537,7 @@ def synth(folder: Path, count: int, seed: int, min_ml: float | None, max_ml: flo
     """
     from meshseg.synth import ARC_QUARTILES_ML, SynthOptions, make_dataset
 
+    _log_to_console(quiet=False)
     limits = (min_ml or ARC_QUARTILES_ML[0], max_ml or ARC_QUARTILES_ML[-1])
     if not 0 < limits[0] < limits[1]:
         raise click.BadParameter("need 0 < --min-ml < --max-ml")
@@ -577,9 +580,16 @@ def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: b
         click.echo(f"meshseg: warning: {message}", err=True)
 
     try:
-        pairs, unmatched = evaluate.match(evaluate.mask_files(pred),
-                                          evaluate.mask_files(truth, truth_glob),
-                                          two_files=pred.is_file() and truth.is_file())
+        truths = evaluate.mask_files(truth, truth_glob)
+        try:
+            pairs, unmatched = evaluate.match(evaluate.mask_files(pred), truths,
+                                              two_files=pred.is_file() and truth.is_file())
+        except InputError as err:
+            if truth_glob != "*" or not truth.is_dir():
+                raise
+            raise InputError(f"{err} (when scans sit beside their masks, as `meshseg synth` "
+                             "writes them, pick the masks with --truth-glob "
+                             "'*_lesion.nii.gz')") from err
         for path in unmatched:
             warn(f"{path}: no matching mask on the other side")
         if not pairs:

@@ -46,6 +46,7 @@ from meshseg.cv_units import (
 from meshseg.data import Pair
 from meshseg.errors import InputError
 from meshseg.io import atomic_path, make_folder, write_csv
+from meshseg.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def run(settings: CvSettings, selectors: Sequence[dict[str, str]] = (),
     if selectors and not todo:
         raise InputError("--only selects no unit (see --list)")
     wanted = epochs(settings)
-    for unit in todo:
+    for unit in track(todo, len(todo), "cv training units"):
         if status(unit, settings.out, wanted) == "done":
             continue
         logger.info("unit %d: %s", unit.index, unit.label())
@@ -177,7 +178,8 @@ def predict_test(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pa
     if not same:
         source.unlink(missing_ok=True)
     ids, done = scan_ids(pairs), []
-    for pair in splits.test_pairs(chosen, pairs, best.outer):
+    held_out = splits.test_pairs(chosen, pairs, best.outer)
+    for pair in track(held_out, len(held_out), f"{best.model} outer {best.outer} hold-out"):
         target = folder / f"{ids[pair.image]}_lesion.nii.gz"
         stale = not same or (target.exists()
                              and target.stat().st_mtime < best.checkpoint.stat().st_mtime)

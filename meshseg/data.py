@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from meshseg.catalog import home
 from meshseg.conform import (
     CONFORMED_SHAPE,
     CONFORMED_VOXEL_MM,
@@ -303,9 +303,8 @@ def conform_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/meshseg/conformed`` (``~/.cache`` when unset): shared by runs."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "meshseg" / "conformed"
+    """``conformed/`` in meshseg's cache folder (`catalog.home`): shared by runs."""
+    return home() / "conformed"
 
 
 class ConformedCache:

@@ -15,6 +15,8 @@ import numpy as np
 
 from meshseg.io import atomic_path
 
+DICE_LIMITS = (0.0, 1.0)  # DICE lives in 0..1; a fixed axis keeps figures comparable
+
 
 @dataclass(frozen=True)
 class ModelPoint:
@@ -28,10 +30,11 @@ class ModelPoint:
 
 def box_plot(groups: Mapping[str, Sequence[float]], path: Path, *, ylabel: str = "DICE",
              rank: bool = True, marks: Mapping[str, str] | None = None,
-             title: str | None = None) -> None:
+             title: str | None = None, limits: tuple[float, float] | None = DICE_LIMITS) -> None:
     """Box plot of each group's scores (NaN left out), best median first when `rank`.
 
     `marks` puts a short text (e.g. "*" for a significant difference) above a group's box.
+    `limits` fixes the score axis (DICE's 0..1 by default; None fits the data).
     """
     from matplotlib.figure import Figure
 
@@ -49,7 +52,7 @@ def box_plot(groups: Mapping[str, Sequence[float]], path: Path, *, ylabel: str =
     axes.margins(y=0.1)
     axes.tick_params(axis="x", labelrotation=30)
     axes.set_ylabel(ylabel)
-    axes.set_title(title or "")
+    _finish(axes, title, limits)
     _save(figure, path)
 
 
@@ -64,7 +67,8 @@ def pareto_front(points: Mapping[str, ModelPoint]) -> list[str]:
 
 
 def size_plot(points: Mapping[str, ModelPoint], path: Path, *, ylabel: str = "median DICE",
-              title: str | None = None) -> None:
+              title: str | None = None,
+              limits: tuple[float, float] | None = DICE_LIMITS) -> None:
     """Median score with IQR bars against 1 / parameters (log axis), Pareto frontier drawn."""
     from matplotlib.figure import Figure
 
@@ -84,8 +88,16 @@ def size_plot(points: Mapping[str, ModelPoint], path: Path, *, ylabel: str = "me
     axes.set_xlabel("1 / parameters")
     axes.set_ylabel(ylabel)
     axes.legend(loc="lower left")
-    axes.set_title(title or "")
+    _finish(axes, title, limits)
     _save(figure, path)
+
+
+def _finish(axes, title: str | None, limits: tuple[float, float] | None) -> None:
+    """The score axis's limits, and a title wrapped to the figure's width (a one-model plot is
+    narrower than a long title)."""
+    if limits is not None:
+        axes.set_ylim(*limits)
+    axes.set_title(title or "", wrap=True)
 
 
 def _save(figure, path: Path) -> None:

@@ -1,12 +1,13 @@
 """Feedback on long steps: Rich progress bars on a terminal, plain lines otherwise.
 
-`steps` gives any loop (synth, train's batches, cv's phases) a bar with counts and an
-estimated time left; `run_cohort` is predict's loop, with a bar per scan whose stages
-(load, conform, layers, unconform, write) advance one timer.
+`track` gives any loop (synth, train's batches, cv's phases) a bar with counts and an
+estimated time left, or periodic log lines; `run_cohort` is predict's loop, with a bar per
+scan whose stages (load, conform, layers, unconform, write) advance one timer.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from meshseg.predict import Outputs, Settings, segment_file
 from meshseg.record import Result, write_report
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 PLAIN_EVERY_S = 30.0  # off a terminal, one line at most this often (log files stay short)
 # Share of one scan's time per stage, so a scan's bar moves evenly (measured on a CPU: the
 # layers take most of it).
@@ -40,16 +42,21 @@ STAGES = {"load": (0.0, 0.05), "conform": (0.05, 0.15), "layers": (0.15, 0.9),
 def _bars(console: Console, live: bool) -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    return Progress(*columns, console=console, disable=not live, transient=True)
+    # the pace over the last hour: Rich's default (30 s) shows no estimate for steps slower
+    # than that, such as a scan on a CPU
+    return Progress(*columns, console=console, disable=not live, transient=True,
+                    speed_estimate_period=3600)
 
 
-def steps(items: Iterable[T], total: int, description: str, quiet: bool = False) -> Iterator[T]:
-    """Yield `items` while showing progress: a bar on a terminal; elsewhere a line
-    'description: i/total, elapsed, eta' at most every PLAIN_EVERY_S seconds and at the end."""
-    console = Console(stderr=True)
-    if quiet:
+def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
+    """Yield `items` while showing progress, when meshseg's log shows INFO (the commands set
+    that up; -q and library use stay silent): a bar with counts and time left on a terminal;
+    elsewhere (a job's log file) a log line 'description: i/total, elapsed, eta' at most
+    every PLAIN_EVERY_S seconds, so short loops add nothing."""
+    if not logger.isEnabledFor(logging.INFO):
         yield from items
         return
+    console = Console(stderr=True)
     if console.is_terminal:
         with _bars(console, True) as bars:
             task = bars.add_task(description, total=total)
@@ -58,21 +65,18 @@ def steps(items: Iterable[T], total: int, description: str, quiet: bool = False)
                 bars.advance(task)
         return
     start = last = time.monotonic()
-    done = 0
-    for item in items:
+    for done, item in enumerate(items, start=1):
         yield item
-        done += 1
         now = time.monotonic()
-        if now - last >= PLAIN_EVERY_S or done == total:
+        if now - last >= PLAIN_EVERY_S:
             last = now
-            click.echo(plain_line(description, done, total, now - start), err=True)
+            logger.info("%s", plain_line(description, done, total, now - start))
 
 
 def plain_line(description: str, done: int, total: int, elapsed: float) -> str:
     """'synth: 3/10, 0:00:12 elapsed, eta 0:00:28' (the eta from the mean pace so far)."""
     eta = elapsed / done * (total - done) if done else 0.0
-    return (f"{description}: {done}/{total}, {_clock(elapsed)} elapsed, "
-            f"eta {_clock(eta)}")
+    return f"{description}: {done}/{total}, {_clock(elapsed)} elapsed, eta {_clock(eta)}"
 
 
 def _clock(seconds: float) -> str:

@@ -185,9 +185,14 @@ def make_splits(pairs: Sequence[Pair], outer: int = 3, inner: int = 3, seed: int
     volumes_ml = lesion_ml(pairs) if volumes_ml is None else volumes_ml
     cuts, strata = subject_strata(pairs, volumes_ml)
     n = len(strata)
-    if outer < 2 or inner < 2 or n - math.ceil(n / outer) < inner:
-        raise InputError(f"nested splits with {outer} outer and {inner} inner folds (2 or more "
-                         f"each) need more subjects than the {n} found")
+    if outer < 2 or inner < 2:
+        raise InputError(f"nested splits need 2 or more outer and inner folds (got {outer} "
+                         f"and {inner})")
+    least = next(m for m in range(inner, inner + outer * inner + 2)
+                 if m - math.ceil(m / outer) >= inner)  # each outer training set holds `inner`
+    if n < least:
+        raise InputError(f"nested splits with {outer} outer and {inner} inner folds need at "
+                         f"least {least} subjects; {n} found")
     rng = np.random.default_rng(seed)
     folds = []
     for test in deal(list(strata), strata, outer, rng):

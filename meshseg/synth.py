@@ -47,6 +47,7 @@ from scipy.spatial.transform import Rotation
 from meshseg.errors import MeshsegError
 from meshseg.io import atomic_path, make_folder, save_array
 from meshseg.metrics import voxel_ml
+from meshseg.progress import track
 
 NECK_MM = 30  # the template stops at the medulla: continue cord and neck this far below it
 # ARC's lesion volume quartiles (mL; the paper's voxel-count cut points at 1 mm). Sizes are
@@ -135,9 +136,10 @@ def make_dataset(folder: Path, n: int, seed: int, options: SynthOptions = SynthO
     seeds = [seed + index for index in range(n)]
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            volumes = list(pool.map(write_pair, seeds, images, masks, [options] * n))
+            volumes = list(track(pool.map(write_pair, seeds, images, masks, [options] * n), n,
+                                 "synth"))
     else:  # no pool: keeps the per-process anatomy cache and plain tracebacks
-        volumes = list(map(write_pair, seeds, images, masks, [options] * n))
+        volumes = list(track(map(write_pair, seeds, images, masks, [options] * n), n, "synth"))
     rows = ["image,mask,subject,lesion_ml"] + [
         f"{image.name},{mask.name},{subject},{ml:.3f}"
         for image, mask, subject, ml in zip(images, masks, subjects, volumes)]

@@ -49,6 +49,7 @@ from meshseg.errors import DeviceError, InputError, OutputError, WeightsError
 from meshseg.infer import resolve_device
 from meshseg.io import atomic_path, write_csv
 from meshseg.model import MeshNet, MeshNetConfig
+from meshseg.progress import track
 from meshseg.weights import load_network, save_checkpoint, save_network, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -363,7 +364,7 @@ def _train_epoch(config: TrainConfig, setup: _Setup, parts: _Parts, criterion: C
                         num_workers=config.num_workers, pin_memory=device.type == "cuda")
     parts.model.train()
     total, lr = 0.0, 0.0
-    for image, mask in loader:
+    for image, mask in track(loader, len(loader), "batches"):
         image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         parts.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=setup.amp):

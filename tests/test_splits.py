@@ -109,7 +109,7 @@ def test_volumes_are_read_from_the_masks_in_ml(tmp_path, write_nifti):
 
 def test_too_few_subjects():
     pairs, voxels = cohort(4)
-    with pytest.raises(InputError, match="need more subjects than the 4 found"):
+    with pytest.raises(InputError, match="need at least 5 subjects; 4 found"):
         sp.make_splits(pairs, volumes_ml=voxels)
     five, voxels = cohort(5)
     assert len(sp.make_splits(five, volumes_ml=voxels).folds) == 3
