@@ -20,7 +20,7 @@ from pathlib import Path
 from meshseg import __version__
 from meshseg.data import bids_entities
 from meshseg.errors import OutputError
-from meshseg.io import NIFTI_SUFFIXES, atomic_path, is_nifti_path, make_folder
+from meshseg.io import atomic_path, is_nifti_path, make_folder, stem
 from meshseg.predict import Outputs
 from meshseg.record import is_foreign_json
 
@@ -43,15 +43,6 @@ class Input:
 
     path: Path
     subfolder: Path = Path()
-
-
-def stem(path: Path) -> str:
-    """File name without .nii or .nii.gz."""
-    name = path.name
-    for suffix in NIFTI_SUFFIXES[::-1]:  # ".nii.gz" before ".nii"
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def is_output(path: Path) -> bool:

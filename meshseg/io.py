@@ -58,6 +58,15 @@ def is_nifti_path(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
+def stem(path: Path) -> str:
+    """File name without .nii or .nii.gz."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES[::-1]:  # ".nii.gz" before ".nii"
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def load_volume(path: str | Path) -> Volume:
     """Read a NIfTI file through the reading gate (`meshseg.validate`) into a float32 `Volume`.
 

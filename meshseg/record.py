@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from meshseg.io import NIFTI_SUFFIXES, atomic_path, write_csv
+from meshseg.io import atomic_path, stem, write_csv
 
 KIND = "meshseg-result"  # marks a JSON file as a sidecar written by meshseg
 SETTINGS = ("model_sha256", "threshold", "postprocess", "backend", "precision")
@@ -65,11 +65,7 @@ class Result:
 def sidecar_path(mask: Path) -> Path:
     """The record beside a mask: the mask's name with .json instead of .nii[.gz] (the BIDS
     sidecar convention)."""
-    name = mask.name
-    for suffix in NIFTI_SUFFIXES[::-1]:
-        if name.lower().endswith(suffix):
-            return mask.with_name(name[: -len(suffix)] + ".json")
-    return mask.with_name(name + ".json")
+    return mask.with_name(stem(mask) + ".json")
 
 
 def write_sidecar(result: Result, path: Path) -> None:

@@ -4,6 +4,7 @@ and the checks that keep a run from touching a user's files."""
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -217,6 +218,26 @@ def test_two_processes_on_one_cohort_never_corrupt_outputs(tmp_path, threshold_m
         assert np.asarray(nib.load(tmp_path / f"s{i}_lesion.nii.gz").dataobj).any()
         assert read_sidecar(tmp_path / f"s{i}_lesion.json").status == "ok"
     assert not [p for p in tmp_path.iterdir() if ".part" in p.name]
+
+
+def test_a_killed_cohort_resumes_with_every_volume_in_the_report(tmp_path, threshold_model):
+    for i in range(6):
+        save(tmp_path / f"s{i}.nii.gz", seed=i)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "meshseg", "predict", str(tmp_path), "-m",
+               threshold_model, "-q", "--device", "cpu"]
+    proc = subprocess.Popen(command, env=env)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*_lesion.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    report = tmp_path / "report.json"
+    again = run("predict", tmp_path, "-m", threshold_model, "--report", report, "-q")
+    assert again.exit_code == 0, again.output
+    rows = json.loads(report.read_text())
+    assert len(rows) == 6 and {r["status"] for r in rows} <= {"ok", "skipped"}
+    assert all(r["lesion_ml"] > 0 and r["components"] == 1 for r in rows)
 
 
 def test_csv_rule_for_nested_fields(tmp_path):
