@@ -179,7 +179,9 @@ def report_command(folder: Path, output: Path | None) -> None:
             fail(str(err))
         click.echo(f"{output}: {len(results)} inputs")
         return
-    table = Table("input", "status", "lesion mL", "lesions", "model", "error")
+    table = Table()
+    for column in ("input", "status", "lesion mL", "lesions", "model", "error"):
+        table.add_column(column, overflow="fold")  # whole paths: the input names the subject
     for r in results:
         table.add_row(r.input, r.status, "" if r.lesion_ml is None else f"{r.lesion_ml:.2f}",
                       "" if r.components is None else str(r.components), r.model, r.error)
