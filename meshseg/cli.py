@@ -15,7 +15,6 @@ import click
 
 from meshseg import __version__
 from meshseg.errors import DeviceError, InputError, MeshsegError, OutputError
-from meshseg.io import make_folder
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 128 + SIGINT
 # What a rerun after Ctrl-C does, per command; finished outputs are always kept.
@@ -96,7 +95,6 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     """
     from meshseg import catalog, cohort
     from meshseg.infer import resolve_device
-    from meshseg.io import is_nifti_path
     from meshseg.predict import Settings, runner
 
     if report is not None and report.suffix.lower() not in (".json", ".csv"):
@@ -109,10 +107,6 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
         torch_device = resolve_device(device)
         plans = cohort.plan_outputs(inputs_found, output, prob)
         cohort.check_plan(inputs_found, plans, report, output if bids else None)
-        if output is not None and not is_nifti_path(output):
-            make_folder(output)
-        if report is not None:
-            make_folder(report.parent)
     except (DeviceError, OutputError) as err:
         fail(str(err), EXIT_USAGE)
     if shard is not None:

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,8 @@ BIDS_PROB = "_space-orig_desc-lesion_probseg"  # and its probabilistic segmentat
 BIDS_INPUT = "_T2w"  # in a BIDS dataset, the model's contrast is the input
 DESCRIPTION = "dataset_description.json"
 BIDS_VERSION = "1.9.0"
-# io.atomic_path's temporary files: ".<target name>.<random>.part<suffix>"
-LEFTOVER = re.compile(r"^\..+\.[A-Za-z0-9_]+\.part(\.nii\.gz|\.nii|\.json|\.csv)?$")
+# io.atomic_path's temporary files: ".<target name>.<8 random characters>.part<suffix>"
+LEFTOVER = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.part(\.nii\.gz|\.nii|\.json|\.csv)$")
 LEFTOVER_AGE_S = 300  # older than any write in flight (a write touches its file as it goes)
 
 
@@ -171,20 +172,22 @@ def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
         raise OutputError(f"{derivatives / DESCRIPTION}: belongs to another dataset; give -o "
                           "a folder of its own (e.g. DATASET/derivatives/meshseg)")
     given = {os.path.realpath(entry.path): entry.path for entry in inputs}
-    targets = [(path, "output") for plan in plans
-               for path in (*plan.images(), plan.sidecar)]
+    targets = [(path, role) for plan in plans for path, role in (
+        (plan.mask, "mask"), (plan.prob, "probability map"), (plan.sidecar, "record"))
+        if path is not None]
     targets += [(report, "report")] if report is not None else []
     folders: set[Path] = set()
     for path, role in targets:
         real = os.path.realpath(path)
         if real in given:
-            raise OutputError(f"{path}: this {role} would overwrite the input {given[real]}")
+            raise OutputError(f"{path}: the {role} would overwrite the input {given[real]} "
+                              "(choose another -o)")
         if ".git" in Path(real).parts or ".git" in path.parts:
             raise OutputError(f"{path}: meshseg never writes inside a .git folder; "
                               "use -o FOLDER")
         if path.is_dir():
             raise OutputError(f"{path}: is a folder; the {role} is a file")
-        if path.suffix == ".json" and role == "output" and is_foreign_json(path):
+        if role == "record" and is_foreign_json(path):
             raise OutputError(f"{path}: exists and is not a meshseg record; meshseg will not "
                               "replace it")
         folders.add(path.parent)
@@ -193,30 +196,34 @@ def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
 
 
 def _check_writable(folder: Path) -> None:
-    """The folder exists and is writable, or its nearest existing parent is (to create it)."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{folder}: cannot write here ({existing} is not a writable folder)")
+    """Create the folder if needed and write (then drop) a nameless file in it: the one test
+    that permissions, read-only mounts and running as root all answer truthfully."""
+    make_folder(folder)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise OutputError(f"{folder}: cannot write here ({err.strerror or err})") from err
 
 
 def remove_leftovers(plans: list[Outputs], report: Path | None = None) -> list[Path]:
-    """Delete the temporary files an interrupted write left in the run's output folders
-    (`LEFTOVER` names older than `LEFTOVER_AGE_S`, so another process's write in flight is
-    left alone); returns what was removed."""
-    folders = {path.parent for plan in plans for path in (*plan.images(), plan.sidecar)}
-    folders |= {report.parent} if report is not None else set()
+    """Delete the temporary files that an interrupted write of this run's outputs left
+    (`LEFTOVER` names whose target is one of them, older than `LEFTOVER_AGE_S`, so another
+    process's write in flight is left alone); returns what was removed."""
+    targets = {path for plan in plans for path in (*plan.images(), plan.sidecar)}
+    targets |= {report} if report is not None else set()
     removed = []
     now = time.time()
-    for folder in sorted(f for f in folders if f.is_dir()):
+    for folder in sorted({t.parent for t in targets if t.parent.is_dir()}):
         for path in folder.iterdir():
+            found = LEFTOVER.match(path.name)
+            if not found or folder / found["target"] not in targets:
+                continue
             try:
-                stale = LEFTOVER.match(path.name) and now - path.stat().st_mtime > LEFTOVER_AGE_S
-                if stale and path.is_file():
+                if now - path.stat().st_mtime > LEFTOVER_AGE_S and path.is_file():
                     path.unlink()
                     removed.append(path)
-            except OSError:  # gone already (another process cleaned it), or not ours to remove
+            except OSError:  # gone already (another process cleaned it up)
                 continue
     return removed
 

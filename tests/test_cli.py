@@ -100,7 +100,7 @@ def test_output_folder_and_unwritable_output(write_nifti, tmp_path, threshold_mo
     made = run("predict", src, "-o", tmp_path / "new" / "m.nii.gz", "-m", threshold_model)
     assert made.exit_code == 0 and (tmp_path / "new" / "m.nii.gz").exists()  # folder made
     result = run("predict", src, "-o", src / "m.nii.gz", "-m", threshold_model)  # under a file
-    assert result.exit_code == 2 and "cannot write here" in result.stderr
+    assert result.exit_code == 2 and "cannot create folder" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [

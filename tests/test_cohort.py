@@ -173,13 +173,16 @@ def test_leftovers_are_removed_and_never_inputs(tmp_path, threshold_model):
     save(tmp_path / "a.nii.gz")
     old = tmp_path / ".a_lesion.nii.gz.k2j4x9ab.part.nii.gz"
     fresh = tmp_path / ".a_lesion.json.q1w2e3r4.part.json"
-    old.write_bytes(b"half a mask")
-    fresh.write_bytes(b"{")
+    other = tmp_path / ".notes.txt.abcdefgh.part.json"  # not a temporary file of this run's
+    for path in (old, fresh, other):
+        path.write_bytes(b"half a file")
     past = time.time() - LEFTOVER_AGE_S - 10
     os.utime(old, (past, past))
+    os.utime(other, (past, past))
     result = run("predict", tmp_path, "-m", threshold_model, "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     assert not old.exists() and fresh.exists()  # a write in flight (recent) is left alone
+    assert other.exists()
     assert [Path(r["input"]).name for r in json.loads((tmp_path / "r.json").read_text())] \
         == ["a.nii.gz"]
 
