@@ -8,6 +8,8 @@ an input: resume reads it to decide whether an output can be kept, and every coh
 Fields hold JSON types only (str, numbers, None, lists and dicts of them), so a record
 survives the round trip through its sidecar unchanged; new fields (QC flags, lesion
 location) are added to `Result` with a default, and older sidecars read with that default.
+A new option that changes what an output holds joins `SETTINGS`, so resume redoes outputs
+made without it.
 """
 
 from __future__ import annotations

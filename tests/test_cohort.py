@@ -141,7 +141,7 @@ def test_unrecorded_or_incomplete_outputs(tmp_path, threshold_model):
 
 
 @pytest.mark.parametrize("case", ["same", "dot", "prob", "two", "folder", "under_file",
-                                  "report_folder", "report_under_file", "json"])
+                                  "report_folder", "report_under_file", "json", "git"])
 def test_outputs_never_replace_inputs(tmp_path, threshold_model, case):
     """Every refusal happens before inference, exits 2 with one line, and changes nothing."""
     scan = save(tmp_path / "in.nii.gz")
@@ -156,6 +156,7 @@ def test_outputs_never_replace_inputs(tmp_path, threshold_model, case):
         "report_folder": [scan, "--report", "r.json"],
         "report_under_file": [scan, "--report", tmp_path / "in.nii.gz" / "r.csv"],
         "json": [scan, "-o", "in2.nii.gz"],
+        "git": [save(tmp_path / ".git" / "annex" / "MD5E-s1--0.nii.gz")],  # an annexed file
     }[case]
     (tmp_path / "out.nii.gz").mkdir()
     (tmp_path / "r.json").mkdir()
