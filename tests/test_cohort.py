@@ -209,13 +209,24 @@ def test_shards_cover_the_cohort_once_and_report_gathers(tmp_path, threshold_mod
     assert run("report", tmp_path / "in").exit_code == 2  # no records there
 
 
-def test_two_processes_on_one_cohort_never_corrupt_outputs(tmp_path, threshold_model):
-    for i in range(4):
-        save(tmp_path / f"s{i}.nii.gz", seed=i)
+def cohort_of(folder: Path, n: int) -> Path:
+    """n small scans s0..s{n-1} in `folder`."""
+    for i in range(n):
+        save(folder / f"s{i}.nii.gz", seed=i)
+    return folder
+
+
+def predict_process(folder: Path, model: str, **popen) -> subprocess.Popen:
+    """`meshseg predict FOLDER` as a process of its own (this checkout's code)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "meshseg", "predict", str(tmp_path), "-m",
-               threshold_model, "-q", "--device", "cpu"]
-    procs = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE) for _ in range(2)]
+    command = [sys.executable, "-m", "meshseg", "predict", str(folder), "-m", model, "-q",
+               "--device", "cpu"]
+    return subprocess.Popen(command, env=env, **popen)
+
+
+def test_two_processes_on_one_cohort_never_corrupt_outputs(tmp_path, threshold_model):
+    procs = [predict_process(cohort_of(tmp_path, 4), threshold_model, stderr=subprocess.PIPE)
+             for _ in range(2)]
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0, 0], [p.stderr.read() for p in procs]
     for i in range(4):
@@ -225,12 +236,7 @@ def test_two_processes_on_one_cohort_never_corrupt_outputs(tmp_path, threshold_m
 
 
 def test_a_killed_cohort_resumes_with_every_volume_in_the_report(tmp_path, threshold_model):
-    for i in range(6):
-        save(tmp_path / f"s{i}.nii.gz", seed=i)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "meshseg", "predict", str(tmp_path), "-m",
-               threshold_model, "-q", "--device", "cpu"]
-    proc = subprocess.Popen(command, env=env)
+    proc = predict_process(cohort_of(tmp_path, 6), threshold_model)
     deadline = time.time() + 120
     while not list(tmp_path.glob("*_lesion.json")) and time.time() < deadline:
         time.sleep(0.05)
