@@ -160,7 +160,8 @@ def plan_outputs(inputs: list[Input], output: Path | None, prob: bool) -> list[O
 
 def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
                derivatives: Path | None = None) -> None:
-    """Refuse, before any inference, a plan that could harm a user's file or fail late.
+    """Refuse, before any inference, a plan that could harm a user's file or fail late
+    (inputs that do not exist fail later, on their own, and get no folder made).
 
     Raises:
         OutputError: an output (or the report) would replace an input of the run (symlinks
@@ -172,9 +173,9 @@ def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
         raise OutputError(f"{derivatives / DESCRIPTION}: belongs to another dataset; give -o "
                           "a folder of its own (e.g. DATASET/derivatives/meshseg)")
     given = {os.path.realpath(entry.path): entry.path for entry in inputs}
-    targets = [(path, role) for plan in plans for path, role in (
-        (plan.mask, "mask"), (plan.prob, "probability map"), (plan.sidecar, "record"))
-        if path is not None]
+    targets = [(path, role) for entry, plan in zip(inputs, plans) if entry.path.exists()
+               for path, role in ((plan.mask, "mask"), (plan.prob, "probability map"),
+                                  (plan.sidecar, "record")) if path is not None]
     targets += [(report, "report")] if report is not None else []
     folders: set[Path] = set()
     for path, role in targets:
