@@ -214,11 +214,19 @@ def new_record(path: Path, outputs: Outputs, model: LoadedModel, device: str,
     """The record of a run about to start: what will make the outputs and with what."""
     return Result(input=str(path), output=str(outputs.mask), status="ok", model=model.name,
                   device=device, prob=str(outputs.prob or ""),
-                  input_sha256=sha256_file(path) if path.is_file() else "",
+                  input_sha256=_sha256_or_empty(path),
                   model_sha256=model.sha256, threshold=settings.threshold,
                   postprocess=settings.postprocess or model.postprocess,
                   backend=settings.backend, precision=settings.precision,
                   meshseg_version=__version__, torch_version=torch.__version__)
+
+
+def _sha256_or_empty(path: Path) -> str:
+    """The file's sha256, or "" when it cannot be read (loading it then reports why)."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return ""
 
 
 def kept_record(outputs: Outputs, wanted: Result) -> Result | None:
