@@ -62,7 +62,17 @@ def main() -> None:
 @click.option("--prob", is_flag=True, help="Also write the lesion probability map (float32).")
 @click.option("--overwrite", is_flag=True, help="Redo inputs whose outputs already exist.")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
-              help="Write a per-input report (.json or .csv).")
+              help="Write a per-input report (.json, .csv, or .html: a cohort page with QC "
+                   "pictures, sortable columns).")
+@click.option("--qc/--no-qc", default=True, show_default=True,
+              help="QC after inference: register to MNI152 for QC flags (contrast, lesion "
+                   "size, edge, fragments, confidence, registration) and lesion location "
+                   "(side, arterial territories), and write <name>_lesion_qc.png.")
+@click.option("--mni", is_flag=True,
+              help="Also write the mask on the MNI grid (<name>_lesion_mni.nii.gz; needs --qc).")
+@click.option("--strict-contrast", is_flag=True,
+              help="Fail an input (exit 1, no mask) that does not look T2-weighted, instead "
+                   "of warning.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=0.5, show_default=True,
               help="Lesion probability above which a voxel is lesion (0.5 is the argmax of "
@@ -87,7 +97,8 @@ def main() -> None:
 def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None, device: str,
             prob: bool, overwrite: bool, report: Path | None, threshold: float,
             largest: bool | None, backend: str | None, precision: str, slab: int | None,
-            shard: tuple[int, int] | None, quiet: bool) -> None:
+            shard: tuple[int, int] | None, quiet: bool, qc: bool, mni: bool,
+            strict_contrast: bool) -> None:
     """Segment lesions in each INPUT (NIfTI files, folders or globs).
 
     Each mask gets a JSON record beside it (model, settings, versions, results); a rerun
@@ -96,16 +107,19 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     from meshseg import catalog, cohort
     from meshseg.infer import resolve_device
     from meshseg.predict import Settings, runner
+    from meshseg.record import REPORT_SUFFIXES
 
-    if report is not None and report.suffix.lower() not in (".json", ".csv"):
-        raise click.BadParameter("must end in .json or .csv", param_hint="--report")
+    if report is not None and report.suffix.lower() not in REPORT_SUFFIXES:
+        raise click.BadParameter("must end in .json, .csv or .html", param_hint="--report")
+    if (mni or strict_contrast) and not qc:
+        raise click.BadParameter("needs --qc", param_hint="--mni/--strict-contrast")
     inputs_found = cohort.expand_inputs(list(inputs))
     if not inputs_found:
         fail("no NIfTI files found in " + ", ".join(inputs), EXIT_USAGE)
     bids = cohort.uses_bids(inputs_found, output)
     try:
         torch_device = resolve_device(device)
-        plans = cohort.plan_outputs(inputs_found, output, prob)
+        plans = cohort.plan_outputs(inputs_found, output, prob, picture=qc, mni=mni)
         cohort.check_plan(inputs_found, plans, report, output if bids else None)
     except (DeviceError, OutputError) as err:
         fail(str(err), EXIT_USAGE)
@@ -128,11 +142,13 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
                         ("largest" if largest else "none"), threshold=threshold,
                         backend=backend, precision=precision)
     from meshseg.progress import run_cohort
+    from meshseg.qc import Checks
 
     try:
         results = run_cohort([entry.path for entry in inputs_found], plans, model, run,
                              str(torch_device), overwrite=overwrite, settings=settings,
-                             report=report, quiet=quiet)
+                             report=report, quiet=quiet,
+                             checks=Checks(strict_contrast) if qc else None)
     except MeshsegError as err:
         fail(str(err))
     sys.exit(EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK)
@@ -152,17 +168,17 @@ def _shard(value: str | None) -> tuple[int, int] | None:
 @main.command("report")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report as .json or .csv (else a table is printed).")
+              help="Write the report as .json, .csv or .html (else a table is printed).")
 def report_command(folder: Path, output: Path | None) -> None:
     """Rebuild a cohort report from the records (sidecar JSON) below FOLDER, e.g. after a
     run split over many processes with predict --shard."""
     from rich.console import Console
     from rich.table import Table
 
-    from meshseg.record import gather, write_report
+    from meshseg.record import REPORT_SUFFIXES, gather, write_report
 
-    if output is not None and output.suffix.lower() not in (".json", ".csv"):
-        raise click.BadParameter("must end in .json or .csv", param_hint="-o")
+    if output is not None and output.suffix.lower() not in REPORT_SUFFIXES:
+        raise click.BadParameter("must end in .json, .csv or .html", param_hint="-o")
     results = gather(folder)
     if not results:
         fail(f"{folder}: no meshseg records (the JSON files beside masks) found", EXIT_USAGE)

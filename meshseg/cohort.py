@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meshseg import __version__
@@ -27,6 +27,8 @@ from meshseg.record import is_foreign_json
 
 MASK_SUFFIX = "_lesion"
 PROB_SUFFIX = "_lesion_prob"
+MNI_SUFFIX = "_mni"  # after the mask's name: <name>_lesion_mni.nii.gz, the mask in MNI space
+PICTURE_SUFFIX = "_qc.png"  # after the mask's name: <name>_lesion_qc.png
 BIDS_MASK = "_space-orig_desc-lesion_mask"  # BIDS derivatives: a binary mask on the scan's grid
 BIDS_PROB = "_space-orig_desc-lesion_probseg"  # and its probabilistic segmentation
 BIDS_INPUT = "_T2w"  # in a BIDS dataset, the model's contrast is the input
@@ -48,7 +50,8 @@ class Input:
 
 def is_output(path: Path) -> bool:
     """True for files meshseg itself writes, so re-runs over a folder don't segment masks."""
-    return stem(path).endswith((MASK_SUFFIX, PROB_SUFFIX, BIDS_MASK, BIDS_PROB))
+    return stem(path).endswith((MASK_SUFFIX, PROB_SUFFIX, BIDS_MASK, BIDS_PROB,
+                                MASK_SUFFIX + MNI_SUFFIX, BIDS_MASK + MNI_SUFFIX))
 
 
 def is_bids_root(folder: Path) -> bool:
@@ -123,9 +126,11 @@ def bids_place(path: Path) -> tuple[Path, str]:
     return folder / "anat", source
 
 
-def plan_outputs(inputs: list[Input], output: Path | None, prob: bool) -> list[Outputs]:
+def plan_outputs(inputs: list[Input], output: Path | None, prob: bool, picture: bool = False,
+                 mni: bool = False) -> list[Outputs]:
     """Output paths per input: -o FILE for one input; -o FOLDER (the inputs' sub-folders
-    kept, or a BIDS derivatives layout for BIDS inputs); or beside each input as given.
+    kept, or a BIDS derivatives layout for BIDS inputs); or beside each input as given. The
+    QC picture and the MNI mask are named after the mask.
 
     Raises:
         OutputError: -o names a file but several inputs were given, or two inputs would
@@ -150,12 +155,20 @@ def plan_outputs(inputs: list[Input], output: Path | None, prob: bool) -> list[O
             base, mask_end, prob_end = stem(entry.path), MASK_SUFFIX, PROB_SUFFIX
         plans.append(Outputs(mask=folder / f"{base}{mask_end}.nii.gz",
                              prob=folder / f"{base}{prob_end}.nii.gz" if prob else None))
+    plans = [with_qc(p, picture, mni) for p in plans]
     masks = [p.mask for p in plans]
     clash = {m for m in masks if masks.count(m) > 1}
     if clash:
         raise OutputError(f"{sorted(clash)[0]}: several inputs share this output name; "
                           "rename them or run them into different folders")
     return plans
+
+
+def with_qc(plan: Outputs, picture: bool, mni: bool) -> Outputs:
+    """The plan with the QC picture and the MNI mask beside its mask, where asked for."""
+    base = plan.mask.with_name(stem(plan.mask))
+    return replace(plan, picture=base.with_name(base.name + PICTURE_SUFFIX) if picture else None,
+                   mni=base.with_name(base.name + MNI_SUFFIX + ".nii.gz") if mni else None)
 
 
 def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,

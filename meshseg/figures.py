@@ -53,7 +53,7 @@ def box_plot(groups: Mapping[str, Sequence[float]], path: Path, *, ylabel: str =
     axes.tick_params(axis="x", labelrotation=30)
     axes.set_ylabel(ylabel)
     _finish(axes, title, limits)
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def pareto_front(points: Mapping[str, ModelPoint]) -> list[str]:
@@ -89,7 +89,7 @@ def size_plot(points: Mapping[str, ModelPoint], path: Path, *, ylabel: str = "me
     axes.set_ylabel(ylabel)
     axes.legend(loc="lower left")
     _finish(axes, title, limits)
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def _finish(axes, title: str | None, limits: tuple[float, float] | None) -> None:
@@ -100,10 +100,10 @@ def _finish(axes, title: str | None, limits: tuple[float, float] | None) -> None
     axes.set_title(title or "", wrap=True)
 
 
-def _save(figure, path: Path) -> None:
+def save_png(figure, path: Path, dpi: int = 150) -> None:
     """Write the figure as PNG, atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure)
     with atomic_path(path, suffix=".part.png") as tmp:
-        figure.savefig(tmp, format="png", dpi=150)
+        figure.savefig(tmp, format="png", dpi=dpi)

@@ -32,6 +32,7 @@ from meshseg.errors import (
 from meshseg.infer import PRECISIONS, Box, OnLayer, Runner, lesion_probability, torch_runner
 from meshseg.io import WARNINGS_SEP, Volume, first_line, load_volume, make_folder, save_like
 from meshseg.metrics import CONNECTIVITY, largest_lesion, voxel_ml
+from meshseg.qc import Checks, review, write_review
 from meshseg.record import Result, as_skipped, read_sidecar, sidecar_path, write_sidecar
 from meshseg.validate import check_volume
 from meshseg.weights import sha256_file
@@ -47,6 +48,8 @@ class Outputs:
 
     mask: Path
     prob: Path | None = None
+    picture: Path | None = None  # QC picture (PNG)
+    mni: Path | None = None  # the mask on the MNI grid
 
     @property
     def sidecar(self) -> Path:
@@ -165,7 +168,7 @@ def lesion_stats(mask: np.ndarray, affine: np.ndarray) -> tuple[float, int, int]
 
 def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, device: str, *,
                  overwrite: bool = False, settings: Settings = Settings(),
-                 progress: Progress | None = None) -> Result:
+                 progress: Progress | None = None, checks: Checks | None = None) -> Result:
     """Segment one file and write its outputs, then its sidecar record; user-facing problems
     become a failed Result, never an exception.
 
@@ -186,12 +189,15 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         report("load", 1.0)
         prob = segment(volume, run, progress=report, crop=model.crop)
         mask = to_mask(prob, result.postprocess, result.threshold)
+        result.lesion_ml, result.voxels, result.components = lesion_stats(mask, volume.affine)
+        assessment = review(volume, prob, mask, result, checks) if checks else None
         report("write", 0.0)
         make_folder(outputs.mask.parent)
         if outputs.prob is not None:
             save_like(prob, volume, outputs.prob, np.float32)
+        if assessment is not None:  # the QC picture and MNI mask, before the mask
+            write_review(assessment, volume, mask, outputs, result)
         save_like(mask, volume, outputs.mask, np.uint8)
-        result.lesion_ml, result.voxels, result.components = lesion_stats(mask, volume.affine)
         report("write", 1.0)
     except ForeignOutputError as err:
         result.status, result.error = "failed", str(err)

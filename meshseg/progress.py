@@ -28,6 +28,7 @@ from meshseg.catalog import LoadedModel
 from meshseg.infer import Runner
 from meshseg.io import WARNINGS_SEP
 from meshseg.predict import Outputs, Settings, segment_file
+from meshseg.qc import Checks, summary_line
 from meshseg.record import Result, write_report
 
 T = TypeVar("T")
@@ -86,9 +87,10 @@ def _clock(seconds: float) -> str:
 
 def run_cohort(paths: list[Path], plans: list[Outputs], model: LoadedModel, run: Runner,
                device: str, *, overwrite: bool, settings: Settings,
-               report: Path | None, quiet: bool) -> list[Result]:
-    """Segment every input in turn; the report is rewritten from the records after each
-    input, so a kill keeps it."""
+               report: Path | None, quiet: bool, checks: Checks | None = None
+               ) -> list[Result]:
+    """Segment every input in turn (with QC `checks`); the report is rewritten from the
+    records after each input, so a kill keeps it."""
     console = Console(stderr=True)
     live = console.is_terminal and not quiet
     results: list[Result] = []
@@ -105,7 +107,7 @@ def run_cohort(paths: list[Path], plans: list[Outputs], model: LoadedModel, run:
                             completed=round(100 * (low + (high - low) * fraction)))
 
             result = segment_file(path, outputs, model, run, device, overwrite=overwrite,
-                                  settings=settings, progress=on_stage)
+                                  settings=settings, progress=on_stage, checks=checks)
             results.append(result)
             if report is not None:
                 write_report(results, report)
@@ -130,7 +132,7 @@ def _emit(result: Result, console: Console | None, quiet: bool) -> None:
                 "settings (--overwrite to redo)")
     else:
         line = (f"ok {result.input} -> {result.output}: {result.lesion_ml:.2f} mL, "
-                f"{result.components} lesion(s), {result.seconds:.1f} s")
+                f"{result.components} lesion(s), {result.seconds:.1f} s{summary_line(result)}")
     if console is not None:
         console.print(line, markup=False, highlight=False)
     else:

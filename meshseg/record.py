@@ -15,10 +15,11 @@ made without it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from meshseg import html_report
 from meshseg.io import atomic_path, stem, write_csv
 
 KIND = "meshseg-result"  # marks a JSON file as a sidecar written by meshseg
@@ -52,6 +53,9 @@ class Result:
     torch_version: str = ""
     error: str = ""
     warnings: str = ""  # the input's header repairs, io.WARNINGS_SEP-separated
+    flags: list = field(default_factory=list)  # QC flags (qc.Flag fields: name, value...)
+    location: dict = field(default_factory=dict)  # side, territories... (qc.assess)
+    picture: str = ""  # the QC picture
     kind: str = KIND
 
     def same_settings(self, other: Result) -> bool:
@@ -130,8 +134,15 @@ def flat_row(result: Result) -> dict[str, Any]:
     return row
 
 
+REPORT_SUFFIXES = (".json", ".csv", ".html")
+
+
 def write_report(results: list[Result], path: Path) -> None:
-    """Write records as a .json list or a .csv table (`flat_row`), atomically."""
+    """Write records as a .json list, a .csv table (`flat_row`) or the .html cohort page
+    (html_report), atomically."""
+    if path.suffix.lower() == ".html":
+        html_report.write([asdict(r) for r in results], path)
+        return
     if path.suffix.lower() == ".json":
         with atomic_path(path, suffix=".part.json") as tmp:
             rows = [asdict(r) for r in results]

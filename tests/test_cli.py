@@ -107,7 +107,8 @@ def test_output_folder_and_unwritable_output(write_nifti, tmp_path, threshold_mo
     (["-o", "x.nii.gz", "{a}", "{b}"], "2 inputs"),
     (["{empty}"], "no NIfTI files"),
     (["{a}", "--device", "cuda"], "CUDA is not available"),
-    (["{a}", "--report", "r.txt"], ".json or .csv"),
+    (["{a}", "--report", "r.txt"], ".json, .csv or .html"),
+    (["{a}", "--mni", "--no-qc"], "needs --qc"),
     (["{a}", "-m", "no-such-model"], "no such model"),
 ])
 def test_usage_errors(write_nifti, tmp_path, threshold_model, args, message):

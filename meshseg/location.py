@@ -1,0 +1,328 @@
+"""Where a lesion is: the scan registered to MNI152, its mask carried to MNI space, and the
+lesion's side, largest-lesion centroid and arterial territories read there.
+
+Registration is affine (12 degrees of freedom) with SimpleITK's Mattes mutual information, so
+that any contrast (T2, FLAIR, T1) registers to nilearn's T1 template; docs/location.md says
+why affine and why SimpleITK. Everything else is numpy on the MNI grid of the arterial atlas
+(Liu et al. 2023; 157x189x136, 1 mm, SPM's MNI bounding box), which is also the grid of the
+``--mni`` mask. The scan's affine is the truth about its orientation: a scan whose voxels are
+flipped left-right with an affine that says so gets the same side; a flipped affine alone
+mirrors the head, and the side with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from meshseg.errors import MeshsegError
+from meshseg.io import Volume, save_array
+from meshseg.metrics import CONNECTIVITY
+from meshseg.synth import _template as mni_map  # nilearn's MNI152 maps, opened directly
+
+ATLAS_FILE = "ArterialAtlas136.nii.gz"
+LABELS_FILE = "ArterialAtlas136.txt"
+# A lesion is "bilateral" when the smaller side holds at least this share of it: a few mm of
+# registration error moves under 10% of a midline-touching lesion across x = 0 (our choice).
+BILATERAL_SHARE = 0.10
+REGISTRATION_MM = 3.0  # both images are resampled to this spacing before registering
+BRAIN_MARGIN_MM = 6  # the template brain grown by this much: the metric's region
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS+ (nibabel) <-> LPS (ITK) world coordinates
+
+
+@dataclass(frozen=True)
+class Registration:
+    """An affine map from MNI mm to the scan's world mm (both RAS+), and how well it fits."""
+
+    scan_from_mni: np.ndarray  # 4x4
+    quality: float  # normalised mutual information with the template in its brain mask
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Territory:
+    """One label of the arterial atlas."""
+
+    index: int
+    abbreviation: str
+    name: str
+
+
+@dataclass(frozen=True)
+class MniSpace:
+    """The MNI grid and what lives on it: atlas labels, template T1, tissue priors."""
+
+    affine: np.ndarray
+    labels: np.ndarray  # int16 arterial territory per voxel (0 = none)
+    territories: dict[int, Territory]
+    t1: np.ndarray  # template T1, 0..1
+    brain: np.ndarray  # bool: template brain mask
+    wm: np.ndarray  # white-matter prior, 0..1
+    csf: np.ndarray  # cerebrospinal-fluid prior (brain minus grey and white matter), 0..1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.labels.shape  # type: ignore[return-value]
+
+
+def atlas_path(name: str = ATLAS_FILE) -> Path:
+    """A file of the arterial atlas shipped in the package (meshseg/atlas)."""
+    return Path(str(resources.files("meshseg") / "atlas" / name))
+
+
+def read_territories(path: Path) -> dict[int, Territory]:
+    """The atlas' label table (index|abbreviation|name|group). The file as shipped repeats
+    the left abbreviation for four right labels (10, 12, 14, 16: MCAPL for the right
+    parietal MCA...); the full name says right, so the abbreviation is corrected from it."""
+    found = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        index, abbreviation, name, _group = line.split("|")
+        if name.endswith(" right") and abbreviation.endswith("L"):
+            abbreviation = abbreviation[:-1] + "R"
+        found[int(index)] = Territory(int(index), abbreviation, name)
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def mni_space() -> MniSpace:
+    """Load the atlas and bring nilearn's template and tissue maps onto its grid (once)."""
+    try:
+        atlas = nib.load(atlas_path())
+        territories = read_territories(atlas_path(LABELS_FILE))
+    except (OSError, ValueError) as err:
+        raise MeshsegError(f"{atlas_path()}: arterial atlas missing or unreadable "
+                           f"({err}); reinstall meshseg") from err
+    labels = np.asarray(atlas.dataobj, np.int16)
+    maps = {}
+    for kind in ("t1", "gm", "wm"):
+        img = mni_map(kind)
+        voxels = np.linalg.inv(img.affine) @ atlas.affine
+        maps[kind] = ndimage.affine_transform(np.asarray(img.dataobj, np.float32) / 255, voxels,
+                                              output_shape=labels.shape, order=1)
+    brain = maps["t1"] > 0.2  # nilearn's own threshold for its brain mask
+    csf = np.clip(brain - maps["gm"] - maps["wm"], 0.0, 1.0)
+    return MniSpace(atlas.affine, labels, territories, maps["t1"], brain, maps["wm"], csf)
+
+
+# --- registration ------------------------------------------------------------------------
+
+
+def _sitk_image(data: np.ndarray, affine: np.ndarray):
+    """A SimpleITK image of a voxel array and its RAS+ affine (ITK works in LPS)."""
+    import SimpleITK as sitk
+
+    lps = LPS @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.T, dtype=np.float32))
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    image.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
+    return image
+
+
+def _coarse(data: np.ndarray, affine: np.ndarray, mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The volume smoothed and resampled to about `mm` spacing (same orientation): the
+    registration then works on a few hundred thousand voxels whatever the scan's grid."""
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    step = np.maximum(mm / zooms, 1.0)
+    smooth = ndimage.gaussian_filter(data, sigma=np.maximum(step / 2.355, 0.0) * (step > 1))
+    shape = np.maximum(np.floor(np.array(data.shape) / step), 1).astype(int)
+    scale = np.diag([*step, 1.0])
+    out = ndimage.affine_transform(smooth, step, output_shape=tuple(shape), order=1)
+    return out, affine @ scale
+
+
+def register(volume: Volume) -> Registration:
+    """Affine registration of the scan to the MNI152 template: rigid, then 12 dof, then
+    12 dof again with the scan masked by the template's brain carried back through the first
+    fit, so that skull and neck in a whole-head scan no longer pull on the brain-only
+    template (a crude brain extraction, enough for territory-level location).
+
+    Raises:
+        MeshsegError: SimpleITK is missing or the optimiser fails on this scan.
+    """
+    try:
+        import SimpleITK as sitk
+    except ImportError as err:
+        raise MeshsegError("lesion location needs SimpleITK: pip install simpleitk") from err
+    start = time.perf_counter()
+    space = mni_space()
+    brain = ndimage.binary_dilation(space.brain, iterations=BRAIN_MARGIN_MM).astype(np.float32)
+    fixed = _sitk_image(*_coarse(space.t1, space.affine, REGISTRATION_MM))
+    fixed_mask = sitk.Cast(_sitk_image(*_coarse(brain, space.affine, REGISTRATION_MM)) > 0.5,
+                           sitk.sitkUInt8)
+    data, affine = _coarse(volume.data, volume.affine, REGISTRATION_MM)
+    moving = _sitk_image(data, affine)
+    try:
+        fit = _optimise(fixed, moving, fixed_mask, sitk.CenteredTransformInitializer(
+            fixed, moving, sitk.Euler3DTransform(),
+            sitk.CenteredTransformInitializerFilter.MOMENTS))
+        fit = _optimise(fixed, moving, fixed_mask, _as_affine(fit))
+        mni_from_scan = np.linalg.inv(LPS @ _matrix(fit) @ LPS)
+        scan_brain = _resample(brain, space.affine, affine, mni_from_scan, data.shape)
+        fit = _optimise(fixed, _sitk_image(data * (scan_brain > 0.5), affine), fixed_mask, fit)
+    except RuntimeError as err:  # ITK's message: a location line, then "ITK ERROR: ...: why"
+        lines = [line for line in str(err).splitlines() if "ITK ERROR" in line] or [str(err)]
+        why = lines[0].split(": ", 2)[-1].strip()
+        raise MeshsegError(f"{volume.name}: registration to MNI failed ({why})") from err
+    scan_from_mni = LPS @ _matrix(fit) @ LPS
+    quality = normalised_mi(to_mni(volume.data, volume.affine, scan_from_mni, order=1), space)
+    return Registration(scan_from_mni, quality, round(time.perf_counter() - start, 3))
+
+
+def _as_affine(rigid):
+    """A rigid SimpleITK transform as a 12-dof one with the same map."""
+    import SimpleITK as sitk
+
+    out = sitk.AffineTransform(3)
+    out.SetCenter(rigid.GetCenter())
+    out.SetMatrix(rigid.GetMatrix())
+    out.SetTranslation(rigid.GetTranslation())
+    return out
+
+
+def _optimise(fixed, moving, fixed_mask, initial):
+    """One Mattes-MI gradient-descent stage at two resolutions; returns the fitted transform
+    of the initial transform's type."""
+    import SimpleITK as sitk
+
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.2, seed=1)  # deterministic sampling
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetMetricFixedMask(fixed_mask)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-3, numberOfIterations=100, relaxationFactor=0.6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([2, 1])
+    method.SetSmoothingSigmasPerLevel([1.0, 0.0])
+    method.SetInitialTransform(initial, inPlace=False)
+    out = method.Execute(fixed, moving)
+    if isinstance(out, sitk.CompositeTransform):
+        out = out.GetNthTransform(0)
+    return type(initial)(out)
+
+
+def _matrix(transform) -> np.ndarray:
+    """4x4 matrix (LPS) of a SimpleITK affine or rigid transform."""
+    linear = np.array(transform.GetMatrix()).reshape(3, 3)
+    centre = np.array(transform.GetCenter())
+    out = np.eye(4)
+    out[:3, :3] = linear
+    out[:3, 3] = np.array(transform.GetTranslation()) + centre - linear @ centre
+    return out
+
+
+def to_mni(data: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray,
+           order: int = 1) -> np.ndarray:
+    """A scan-space array resampled onto the MNI grid (0 outside the scan)."""
+    space = mni_space()
+    return _resample(data, affine, space.affine, scan_from_mni, space.shape, order)
+
+
+def _resample(data: np.ndarray, source: np.ndarray, target: np.ndarray, source_from_target:
+              np.ndarray, shape: tuple[int, ...], order: int = 1) -> np.ndarray:
+    """`data` (voxel-to-world `source`) on the grid (`target`, `shape`) whose world maps to
+    the source world by `source_from_target`."""
+    voxels = np.linalg.inv(source) @ source_from_target @ target
+    return ndimage.affine_transform(np.asarray(data, np.float32), voxels, output_shape=shape,
+                                    order=order)
+
+
+def normalised_mi(image: np.ndarray, space: MniSpace, bins: int = 32) -> float:
+    """Studholme's normalised mutual information (H(A) + H(B)) / H(A, B) of the registered
+    scan and the template inside the template's brain: 1 when independent, 2 when one
+    determines the other; contrast-agnostic, so it scores T2, FLAIR and T1 alike."""
+    a, b = image[space.brain], space.t1[space.brain]
+    if not a.any() or a.max() == a.min():
+        return 1.0
+    joint = np.histogram2d(a, b, bins=bins)[0]
+    p = joint / joint.sum()
+
+    def entropy(q: np.ndarray) -> float:
+        q = q[q > 0]
+        return float(-(q * np.log(q)).sum())
+
+    return round((entropy(p.sum(0)) + entropy(p.sum(1))) / entropy(p), 4)
+
+
+# --- location ----------------------------------------------------------------------------
+
+
+def locate(mask: np.ndarray, volume: Volume, registration: Registration) -> dict:
+    """Side, largest-lesion MNI centroid and territories of a scan-space 0/1 mask, with the
+    mask on the MNI grid under key "mni_mask" (the caller pops it to write --mni)."""
+    space = mni_space()
+    mni_mask = to_mni(mask, volume.affine, registration.scan_from_mni, order=1) >= 0.5
+    report: dict = {"registration_quality": registration.quality,
+                    "registration_seconds": registration.seconds}
+    report.update(hemispheres(mni_mask, space.affine))
+    report["largest_centroid_mni"] = largest_centroid(mask, volume.affine,
+                                                      registration.scan_from_mni)
+    report["territories"] = territories(mni_mask, space)
+    report["mni_mask"] = mni_mask.astype(np.uint8)
+    return report
+
+
+def hemispheres(mni_mask: np.ndarray, affine: np.ndarray) -> dict:
+    """Percent of the lesion left (MNI x < 0) and right (x > 0; x = 0 counts half to each),
+    and the side: left, right, bilateral (BILATERAL_SHARE) or none."""
+    total = int(mni_mask.sum())
+    if total == 0:
+        return {"left_pct": 0.0, "right_pct": 0.0, "side": "none"}
+    index = np.nonzero(mni_mask)
+    x = affine[0, :3] @ np.array(index, dtype=float) + affine[0, 3]
+    left = float((x < 0).sum() + 0.5 * (x == 0).sum()) / total
+    side = ("bilateral" if min(left, 1 - left) >= BILATERAL_SHARE
+            else "left" if left > 0.5 else "right")
+    return {"left_pct": round(100 * left, 1), "right_pct": round(100 * (1 - left), 1),
+            "side": side}
+
+
+def largest_centroid(mask: np.ndarray, affine: np.ndarray,
+                     scan_from_mni: np.ndarray) -> list[float] | None:
+    """MNI mm of the centre of the largest 26-connected lesion, found on the scan's own
+    grid (where lesions are what the model drew) and carried through the registration."""
+    labels, count = ndimage.label(mask, structure=CONNECTIVITY)
+    if count == 0:
+        return None
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    centre = ndimage.center_of_mass(labels == sizes.argmax())
+    world = affine @ np.array([*centre, 1.0])
+    mni = np.linalg.inv(scan_from_mni) @ world
+    return [round(float(v), 1) for v in mni[:3]]
+
+
+def territories(mni_mask: np.ndarray, space: MniSpace) -> list[dict]:
+    """Each territory the lesion touches, largest share first: percent of the lesion in it
+    and percent of the territory damaged; the lesion outside every territory as index 0."""
+    total = int(mni_mask.sum())
+    if total == 0:
+        return []
+    hit = np.bincount(space.labels[mni_mask].ravel(), minlength=len(space.territories) + 1)
+    size = np.bincount(space.labels.ravel(), minlength=len(hit))
+    rows = []
+    outside = Territory(0, "outside", "outside every territory")
+    for index in np.flatnonzero(hit):
+        territory = space.territories.get(int(index), outside)
+        rows.append({"abbreviation": territory.abbreviation, "name": territory.name,
+                     "lesion_pct": round(100 * float(hit[index]) / total, 1),
+                     "territory_pct": round(100 * float(hit[index]) / float(size[index]), 1)
+                     if index else None})
+    return sorted(rows, key=lambda row: -row["lesion_pct"])
+
+
+def write_mni_mask(mni_mask: np.ndarray, path: Path) -> None:
+    """The lesion mask on the MNI grid (uint8), atomically."""
+    save_array(mni_mask.astype(np.uint8), mni_space().affine, path)

@@ -1,0 +1,210 @@
+"""Quality checks after inference: flags that say which results to look at first, and the
+lesion's location. `review` (before the outputs are written) and `write_review` (the QC
+picture and MNI mask) are what predict calls; `assess` is the same check on arrays.
+
+Each flag carries its measured value and the threshold it crossed. The thresholds are named
+constants below, each with where its value comes from (docs/qc.md gives the measurements).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import ndimage
+
+from meshseg import location, qcpicture
+from meshseg.errors import InputError, MeshsegError
+from meshseg.io import Volume
+
+if TYPE_CHECKING:
+    from meshseg.predict import Outputs
+    from meshseg.record import Result
+
+# Not T2-weighted: median intensity in the ventricles over that in deep white matter (MNI
+# priors carried to the scan by the registration). T2 makes CSF bright: 1.05-3.2 on the
+# T2 scans of ../shared/real-scans and synthetic T2 heads; T1 and FLAIR make it dark:
+# 0.21-0.51 on healthy_T1w, lesion_FLAIR and synthetic T1 heads. 0.75 lies between
+# (nearest to the weakest T2, healthy_T2w at 1.05, whose CSF is barely brighter than grey).
+NOT_T2_CSF_WM = 0.75
+VENTRICLE_PRIOR = 0.6  # CSF prior above this, deeper than VENTRICLE_DEPTH_MM in the brain:
+VENTRICLE_DEPTH_MM = 15.0  # the lateral ventricles, not sulcal CSF (which partial-volumes)
+WHITE_MATTER_PRIOR = 0.9  # white-matter prior above this: deep white matter
+# Above the largest chronic lesion of ARC (363.9 mL, synth.ARC_QUARTILES_ML), rounded up.
+LARGE_LESION_ML = 400.0
+# 26-connected lesions: ARC's chronic strokes are one territory's infarct, sometimes with an
+# older one; more than 10 pieces is speckle rather than infarcts (our choice).
+MANY_FRAGMENTS = 10
+# Lesion voxels on the scan's outer face: the lesion may continue outside the field of view.
+EDGE_VOXELS = 1
+UNCERTAIN = (0.2, 0.8)  # probabilities the model is unsure of (the issue's range)
+# Share of the lesion's probability mass (voxels above 0.2) that lies between 0.2 and 0.8.
+# The ARC-trained brainchop model is soft even on a clear lesion: 0.59 on stroke_T2w_mni's
+# 41 mL infarct (median probability in the mask 0.78), 1.0 on lesion_FLAIR's doubtful 3 mL
+# (no voxel above 0.69). 0.75 flags the second and not the first.
+LOW_CONFIDENCE_SHARE = 0.75
+# Normalised mutual information with the template after registration: 1.021-1.150 for the
+# registrations that looked right on the real and synthetic scans; 1.007-1.013 for those that
+# were visibly off (healthy_T2w, two synthetic whole heads); the good ones moved 10-20 mm or
+# turned 20-30 degrees score 1.005-1.011. docs/location.md has the table.
+POOR_REGISTRATION_NMI = 1.015
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Which checks a run makes (the same for every input)."""
+
+    strict_contrast: bool = False  # a scan that does not look T2-weighted fails
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One QC finding: what, its measured value, the threshold crossed, a sentence."""
+
+    name: str
+    value: float
+    threshold: float
+    message: str
+
+
+@dataclass
+class Assessment:
+    """QC flags and location of one result, and the lesion mask on the MNI grid."""
+
+    flags: list[Flag] = field(default_factory=list)
+    location: dict = field(default_factory=dict)
+    mni_mask: np.ndarray | None = None
+
+    def flag(self, name: str) -> Flag | None:
+        """The flag of that name, if raised."""
+        return next((f for f in self.flags if f.name == name), None)
+
+
+def review(volume: Volume, prob: np.ndarray, mask: np.ndarray, result: Result,
+           checks: Checks) -> Assessment:
+    """Assess one result and fill its record's flags and location.
+
+    Raises:
+        InputError: `checks.strict_contrast` and the scan does not look T2-weighted.
+    """
+    assessment = assess(volume, prob, mask, result.lesion_ml or 0.0, result.components or 0)
+    result.flags = [asdict(f) for f in assessment.flags]  # plain JSON types for the record
+    result.location = assessment.location
+    contrast = assessment.flag("not_t2")
+    if checks.strict_contrast and contrast is not None:
+        raise InputError(f"{volume.name}: {contrast.message} (--strict-contrast)")
+    return assessment
+
+
+def write_review(assessment: Assessment, volume: Volume, mask: np.ndarray, outputs: Outputs,
+                 result: Result) -> None:
+    """Write the QC picture and the MNI-space mask where `outputs` asks for them."""
+    if outputs.picture is not None:
+        qcpicture.draw(volume.data, volume.affine, mask, picture_title(result), outputs.picture)
+        result.picture = str(outputs.picture)
+    if outputs.mni is not None and assessment.mni_mask is not None:
+        location.write_mni_mask(assessment.mni_mask, outputs.mni)
+
+
+def summary_line(result: Result) -> str:
+    """The side and flags of a result, for its terminal line ("" when not checked)."""
+    side = result.location.get("side")
+    text = f", {side}" if side and side != "none" else ""
+    if result.flags:
+        text += "; QC: " + "; ".join(f["message"] for f in result.flags)
+    return text
+
+
+def picture_title(result: Result) -> str:
+    """File, model, lesion volume, side and flags, for the QC picture."""
+    side = result.location.get("side")
+    flags = ", ".join(f["name"] for f in result.flags) or "none"
+    model = Path(result.model)  # a path (a checkpoint, a model.json) shows its last two parts
+    model_name = result.model if len(model.parts) <= 2 else str(Path(*model.parts[-2:]))
+    return (f"{Path(result.input).name}  |  {model_name}  |  {result.lesion_ml or 0:.1f} mL"
+            f"{f'  |  {side}' if side and side != 'none' else ''}  |  flags: {flags}")
+
+
+def assess(volume: Volume, prob: np.ndarray, mask: np.ndarray, lesion_ml: float,
+           components: int) -> Assessment:
+    """Flags and location of one segmentation (registering the scan to MNI)."""
+    flags = lesion_flags(prob, mask, lesion_ml, components)
+    try:
+        registration = location.register(volume)
+    except MeshsegError as err:  # the mask is still good: flag it, do not fail the input
+        flags.append(Flag("poor_registration", 0.0, POOR_REGISTRATION_NMI, str(err)))
+        return Assessment(flags)
+    image = location.to_mni(volume.data, volume.affine, registration.scan_from_mni)
+    ratio = csf_to_white_matter(image)
+    if ratio < NOT_T2_CSF_WM:
+        flags.insert(0, Flag("not_t2", ratio, NOT_T2_CSF_WM,
+                             f"CSF/white matter {ratio:.2f} < {NOT_T2_CSF_WM}: "
+                             "does not look T2-weighted"))
+    if registration.quality < POOR_REGISTRATION_NMI:
+        flags.append(Flag("poor_registration", registration.quality, POOR_REGISTRATION_NMI,
+                          f"registration NMI {registration.quality:.3f} < "
+                          f"{POOR_REGISTRATION_NMI}: location unreliable"))
+    where = location.locate(mask, volume, registration)
+    mni_mask = where.pop("mni_mask")
+    where["csf_wm_ratio"] = ratio
+    return Assessment(flags, where, mni_mask)
+
+
+def csf_to_white_matter(image_mni: np.ndarray) -> float:
+    """Median intensity of the registered scan in the ventricles over that in white matter."""
+    ventricles, white = _tissue_masks()
+    white_level = float(np.median(image_mni[white]))
+    if white_level <= 0:
+        return 0.0
+    return round(float(np.median(image_mni[ventricles])) / white_level, 3)
+
+
+@functools.lru_cache(maxsize=1)
+def _tissue_masks() -> tuple[np.ndarray, np.ndarray]:
+    """(ventricles, deep white matter) on the MNI grid."""
+    space = location.mni_space()
+    depth = ndimage.distance_transform_edt(space.brain)
+    return (space.csf > VENTRICLE_PRIOR) & (depth > VENTRICLE_DEPTH_MM), (
+        space.wm > WHITE_MATTER_PRIOR)
+
+
+def lesion_flags(prob: np.ndarray, mask: np.ndarray, lesion_ml: float,
+                 components: int) -> list[Flag]:
+    """The flags read from the mask and probabilities alone."""
+    if not mask.any():
+        return [Flag("no_lesion", 0.0, 0.0, "no lesion found")]
+    flags = []
+    if lesion_ml > LARGE_LESION_ML:
+        flags.append(Flag("large_lesion", round(lesion_ml, 1), LARGE_LESION_ML,
+                          f"{lesion_ml:.0f} mL > {LARGE_LESION_ML:.0f} mL: implausibly large"))
+    edge = edge_voxels(mask)
+    if edge >= EDGE_VOXELS:
+        flags.append(Flag("edge", edge, EDGE_VOXELS,
+                          f"{edge} lesion voxels on the edge of the field of view"))
+    if components > MANY_FRAGMENTS:
+        flags.append(Flag("fragments", components, MANY_FRAGMENTS,
+                          f"{components} separate lesions > {MANY_FRAGMENTS}"))
+    share = uncertain_share(prob)
+    if share > LOW_CONFIDENCE_SHARE:
+        flags.append(Flag("low_confidence", share, LOW_CONFIDENCE_SHARE,
+                          f"{100 * share:.0f}% of the lesion's probability lies in "
+                          f"{UNCERTAIN[0]}-{UNCERTAIN[1]}"))
+    return flags
+
+
+def edge_voxels(mask: np.ndarray) -> int:
+    """Lesion voxels on the six outer faces of the array."""
+    inner = np.zeros(mask.shape, bool)
+    inner[1:-1, 1:-1, 1:-1] = True
+    return int(np.count_nonzero(mask.astype(bool) & ~inner))
+
+
+def uncertain_share(prob: np.ndarray) -> float:
+    """Share of the probability mass above UNCERTAIN[0] that lies below UNCERTAIN[1]."""
+    low, high = UNCERTAIN
+    mass = prob[prob > low]
+    total = float(mass.sum())
+    return round(float(mass[mass < high].sum()) / total, 3) if total else 0.0

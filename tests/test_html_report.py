@@ -1,0 +1,99 @@
+"""The cohort HTML report: made from the same records as JSON/CSV, checked in a real browser
+(headless Chromium driven by playwright; skipped with the reason where either is missing)."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from meshseg import html_report
+from tests.test_cli import head, run
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"]
+
+
+def chromium() -> str:
+    """The Chromium binary (Debian's package puts it under /usr/lib, with a wrapper script on
+    the PATH), or skip."""
+    for candidate in ("/usr/lib/chromium/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
+
+
+def records(n: int) -> list[dict]:
+    """n plausible records: volumes n-1 .. 0 mL, one failed, one flagged."""
+    rows = []
+    for i in range(n):
+        rows.append({"input": f"/data/sub-{i:02d}.nii.gz", "status": "ok",
+                     "lesion_ml": float(n - 1 - i), "components": 1, "error": "",
+                     "flags": [], "picture": "",
+                     "location": {"side": "left", "left_pct": 100.0, "territories": [
+                         {"abbreviation": "MCAFL", "lesion_pct": 80.0}]}})
+    rows[1]["flags"] = [{"name": "not_t2", "value": 0.5, "threshold": 0.75,
+                         "message": "CSF/white matter 0.50 < 0.75"}]
+    rows[2].update(status="failed", lesion_ml=None, components=None, location={},
+                   error="sub-02.nii.gz: corrupted or truncated file")
+    return rows
+
+
+def test_summary_counts_and_escaping(tmp_path):
+    rows = records(5)
+    rows[0]["input"] = "/data/<script>alert(1)</script>.nii.gz"
+    rows[3]["warnings"] = "qform and sform disagree; sform used"
+    page = html_report.render(rows, tmp_path)
+    assert "<script>alert(1)" not in page
+    assert page.count("<tr>") == 1 + 5  # header + rows
+    assert "qform and sform disagree; sform used</div>" in page
+    assert "<b>failed</b>: 1" in page and "<b>flagged</b>: 1" in page
+    assert "<b>median lesion volume</b>: 2.0 mL" in page  # of 4, 3, 1, 0
+    assert "http" not in page.replace("http-equiv", "")  # nothing fetched from the network
+
+
+def test_report_in_headless_chromium(tmp_path, write_nifti, threshold_model):
+    """predict --report page.html over a small cohort, opened from disk: one row per input,
+    sortable by volume, no console errors; the screenshot is kept under tmp_path."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    binary = chromium()
+    for i in range(3):
+        write_nifti(head(seed=i)[0], name=f"s{i}.nii.gz")
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a scan")
+    page_path = tmp_path / "out" / "report.html"
+    result = run("predict", tmp_path, "-o", tmp_path / "out", "-m", threshold_model,
+                 "--report", page_path, "-q")
+    assert result.exit_code == 1  # the bad input failed; the others are in the page
+    json_path = tmp_path / "out" / "report.json"
+    run("predict", tmp_path, "-o", tmp_path / "out", "-m", threshold_model, "--overwrite",
+        "--report", json_path, "-q")
+    same_rows = len(json.loads(json_path.read_text()))
+
+    errors: list[str] = []
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=binary, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("requestfailed", lambda r: errors.append(f"failed {r.url}"))
+        page.goto(page_path.as_uri())
+        assert page.locator("tbody tr").count() == same_rows == 4
+        assert page.locator("img").count() == 3  # the QC thumbnails of the 3 scans
+        assert all(page.evaluate("Array.from(document.images).map(i => i.naturalWidth > 0)"))
+        volumes = "Array.from(document.querySelectorAll('tbody tr')).map(r => r.cells[3]" \
+                  ".getAttribute('data-key'))"
+        page.click("th:has-text('lesion mL')")
+        up = [float(v) for v in page.evaluate(volumes) if v]
+        page.click("th:has-text('lesion mL')")
+        down = [float(v) for v in page.evaluate(volumes) if v]
+        assert up == sorted(up) and down == sorted(up, reverse=True) and len(up) == 3
+        assert page.evaluate(volumes)[-1] == ""  # the failed input (no volume) sorts last
+        page.click("th:has-text('status')")
+        assert page.locator("tbody tr").first.inner_text().count("failed") == 1
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert Path(tmp_path / "report.png").stat().st_size > 10_000

@@ -1,0 +1,179 @@
+"""Lesion location: registration to MNI152, side, territories, and the affine as the truth.
+
+The synthetic heads here are nilearn's MNI152 tissue maps rendered with T2 contrast on a 2 mm
+grid and placed in the world by a known pose, so the true MNI position of every voxel (and of
+a lesion painted into a chosen territory) is known exactly.
+"""
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+
+from meshseg import location
+from meshseg.io import Volume, load_volume
+from tests.conftest import SHARED
+
+REAL_SCANS = SHARED / "real-scans"
+POSE = (np.array([6.0, -4.0, 10.0]), np.array([4.0, -9.0, 12.0]))  # degrees xyz, mm
+
+
+def pose_matrix(angles_deg=POSE[0], shift_mm=POSE[1]) -> np.ndarray:
+    """World-from-MNI rigid map: the head's position in the synthetic scanner."""
+    out = np.eye(4)
+    out[:3, :3] = Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix()
+    out[:3, 3] = shift_mm
+    return out
+
+
+def territory_ball(abbreviation: str, radius_mm: float = 7.0) -> np.ndarray:
+    """A ball on the MNI grid at the deepest point of the named territory."""
+    space = location.mni_space()
+    index = next(i for i, t in space.territories.items() if t.abbreviation == abbreviation)
+    inside = ndimage.distance_transform_edt(space.labels == index)
+    centre = np.unravel_index(inside.argmax(), inside.shape)
+    grid = np.indices(space.shape, dtype=np.float32)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius_mm**2
+
+
+def synthetic_head(lesion_mni: np.ndarray | None = None, pose: np.ndarray | None = None
+                   ) -> tuple[Volume, np.ndarray]:
+    """A T2-contrast head (CSF bright, white matter dark) from the MNI priors on a 2 mm grid,
+    its world position `pose` @ MNI, with the lesion (an MNI-grid mask) painted as fluid."""
+    space = location.mni_space()
+    grey = np.clip(space.brain - space.wm - space.csf, 0, 1)
+    image = 0.25 * space.wm + 0.55 * grey + 1.0 * space.csf
+    lesion = np.zeros(space.shape, bool) if lesion_mni is None else lesion_mni
+    image[lesion] = 0.9
+    step = (slice(None, None, 2),) * 3
+    affine = (pose_matrix() if pose is None else pose) @ space.affine @ np.diag([2, 2, 2, 1.0])
+    volume = Volume(np.ascontiguousarray(image[step] * 1000, np.float32), affine,
+                    nib.Nifti1Header())
+    return volume, lesion[step].astype(np.uint8)
+
+
+def locate(volume: Volume, mask: np.ndarray) -> dict:
+    return location.locate(mask, volume, location.register(volume))
+
+
+def test_atlas_labels_fix_the_shipped_abbreviations():
+    territories = location.mni_space().territories
+    assert len(territories) == 32
+    assert territories[9].abbreviation == "MCAPL" and territories[10].abbreviation == "MCAPR"
+    assert {territories[i].abbreviation for i in (12, 14, 16)} == {"MCATR", "MCAOR", "MCAIR"}
+    assert len({t.abbreviation for t in territories.values()}) == 32
+
+
+def test_lesion_painted_in_a_known_territory_is_found_there(tmp_path):
+    """Territory, side, centroid, the pose itself, and the --mni mask on the atlas grid."""
+    ball = territory_ball("MCAFR")
+    volume, mask = synthetic_head(ball)
+    registration = location.register(volume)
+    probe = np.array([[0, 0, 0, 1], [40, -20, 30, 1], [-40, 30, -10, 1]], float).T
+    error = np.linalg.norm((registration.scan_from_mni @ probe - pose_matrix() @ probe)[:3],
+                           axis=0)
+    assert error.max() < 3.0, error  # mm, at points across the brain
+    where = location.locate(mask, volume, registration)
+    assert where["registration_quality"] > 1.02
+    assert where["side"] == "right" and where["right_pct"] > 95
+    top = where["territories"][0]
+    assert top["abbreviation"] == "MCAFR" and top["lesion_pct"] > 60
+    assert 0 < top["territory_pct"] < 10
+    assert where["largest_centroid_mni"][0] > 10  # right hemisphere, in MNI mm
+
+    path = tmp_path / "m.nii.gz"
+    location.write_mni_mask(where["mni_mask"], path)
+    img = nib.load(path)
+    assert img.shape == location.mni_space().shape
+    assert np.allclose(img.affine, location.mni_space().affine)
+    written = np.asarray(img.dataobj) > 0
+    assert (written & ball).sum() / ball.sum() > 0.7
+
+
+def test_the_affine_is_the_truth_about_left_and_right():
+    """Voxels flipped with an affine that says so: same side. The affine alone flipped
+    (the voxels as before): the head is mirrored in the world, and so is the lesion."""
+    volume, mask = synthetic_head(territory_ball("ACAL"))
+    assert locate(volume, mask)["side"] == "left"
+    flip = np.diag([-1.0, 1, 1, 1])
+    flip[0, 3] = volume.data.shape[0] - 1
+    same = Volume(volume.data[::-1].copy(), volume.affine @ flip, volume.header)
+    assert locate(same, mask[::-1].copy())["side"] == "left"
+    mirrored = Volume(volume.data, np.diag([-1.0, 1, 1, 1]) @ volume.affine, volume.header)
+    assert locate(mirrored, mask)["side"] == "right"
+
+
+def test_hemisphere_shares_and_bilateral():
+    space = location.mni_space()
+    mask = np.zeros(space.shape, bool)
+    x = space.affine[0, 0] * np.arange(space.shape[0]) + space.affine[0, 3]
+    mask[(x < -10) & (x > -30), 90:100, 60:70] = True
+    assert location.hemispheres(mask, space.affine)["side"] == "left"
+    mask[(x > 10) & (x < 15), 90:100, 60:70] = True  # x = 11..14 mm: 4 of 23 columns
+    shares = location.hemispheres(mask, space.affine)
+    assert shares["side"] == "bilateral" and shares["right_pct"] == pytest.approx(400 / 23, 0.01)
+    assert location.hemispheres(np.zeros(space.shape, bool), space.affine)["side"] == "none"
+
+
+def test_stroke_scan_already_in_mni_registers_near_identity():
+    path = REAL_SCANS / "stroke_T2w_mni.nii.gz"
+    if not path.exists():
+        pytest.skip(f"shared real scans not found at {path}")
+    found = location.register(load_volume(path)).scan_from_mni
+    # FSL's MNI152 and nilearn's ICBM 2009 template differ by a few percent in size
+    assert np.allclose(found[:3, :3], np.eye(3), atol=0.05), found
+    assert np.abs(found[:3, 3]).max() < 4.0, found
+
+
+@pytest.mark.slow
+def test_stroke_scan_lesion_is_left_with_its_territories(tmp_path):
+    """The bundled default model on stroke_T2w_mni, end to end: a left lesion in the left
+    posterior MCA / PCA territories (the scan's large temporo-parieto-occipital infarct)."""
+    import json
+
+    from tests.test_cli import run
+
+    path = REAL_SCANS / "stroke_T2w_mni.nii.gz"
+    if not path.exists():
+        pytest.skip(f"shared real scans not found at {path}")
+    result = run("predict", path, "-o", tmp_path, "--mni", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    where = json.loads((tmp_path / "r.json").read_text())[0]["location"]
+    assert where["side"] == "left" and where["left_pct"] > 95
+    assert {t["abbreviation"] for t in where["territories"][:3]} <= {
+        "MCATL", "MCAOL", "MCAPL", "PCAOL", "PCATL"}
+    assert (tmp_path / "stroke_T2w_mni_lesion_mni.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_atlas(tmp_path):
+    """The atlas (data, labels, licence) is inside the built wheel, where location finds it."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "-q",
+                    "-w", str(tmp_path)], check=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("meshseg-*.whl"))).namelist()
+    for name in ("ArterialAtlas136.nii.gz", "ArterialAtlas136.txt", "LICENSE", "README.md"):
+        assert f"meshseg/atlas/{name}" in names
+
+
+def test_location_holds_plain_json_types():
+    """The record is a JSON sidecar: no numpy scalars may hide in it."""
+    space = location.mni_space()
+    mask = np.zeros(space.shape, bool)
+    mask[60:70, 90:100, 60:70] = True
+    found = {**location.hemispheres(mask, space.affine), "t": location.territories(mask, space)}
+
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(plain(v) for v in value.values())
+        if isinstance(value, list):
+            return all(plain(v) for v in value)
+        return type(value) in (str, int, float, bool, type(None))
+
+    assert plain(found)

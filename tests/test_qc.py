@@ -1,0 +1,126 @@
+"""QC flags, the QC picture, and --strict-contrast end to end."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from meshseg import qc, qcpicture, synth
+from meshseg.io import Volume, load_volume
+from tests.conftest import SHARED, blob
+from tests.test_cli import head, run
+from tests.test_location import synthetic_head
+
+REAL_SCANS = SHARED / "real-scans"
+
+
+def names(flags) -> set[str]:
+    return {f.name for f in flags}
+
+
+def test_lesion_flags_each_case():
+    shape = (40, 40, 40)
+    ball = blob(shape, (20, 20, 20), 5)
+    sure = np.where(ball, 0.97, 0.01).astype(np.float32)
+    assert names(qc.lesion_flags(sure, ball, 0.5, 1)) == set()
+    assert names(qc.lesion_flags(sure * 0, ball * 0, 0.0, 0)) == {"no_lesion"}
+    assert "large_lesion" in names(qc.lesion_flags(sure, ball, qc.LARGE_LESION_ML + 1, 1))
+    assert "fragments" in names(qc.lesion_flags(sure, ball, 0.5, qc.MANY_FRAGMENTS + 1))
+    edge = blob(shape, (20, 20, 1), 4)
+    flags = qc.lesion_flags(np.where(edge, 0.97, 0.0), edge, 0.1, 1)
+    assert names(flags) == {"edge"} and flags[0].value == int(edge[:, :, 0].sum())
+    unsure = np.where(ball, 0.6, 0.01).astype(np.float32)
+    flags = qc.lesion_flags(unsure, ball, 0.5, 1)
+    assert names(flags) == {"low_confidence"} and flags[0].value == 1.0
+    assert flags[0].threshold == qc.LOW_CONFIDENCE_SHARE
+
+
+def contrast_flags(volume: Volume) -> set[str]:
+    """Flags of a scan with an empty mask (registration and contrast only)."""
+    empty = np.zeros(volume.data.shape, np.uint8)
+    return names(qc.assess(volume, empty.astype(np.float32), empty, 0.0, 0).flags)
+
+
+@pytest.mark.parametrize("name, t2", [("healthy_T1w", False), ("lesion_FLAIR", False),
+                                      ("healthy_T2w", True), ("stroke_T2w_mni", True),
+                                      ("M2208_T2w", True)])
+def test_real_scans_not_t2_flag(name, t2):
+    path = REAL_SCANS / f"{name}.nii.gz"
+    if not path.exists():
+        pytest.skip(f"shared real scans not found at {path}")
+    assert ("not_t2" in contrast_flags(load_volume(path))) is not t2
+
+
+def t1_contrast(rng, share):
+    """synth's T2 tissue means reordered as T1 makes them: white > grey > CSF."""
+    c = dict(synth_t2_contrast(rng, share))
+    c.update(wm=0.85, gm=0.55, deep=0.6, csf=0.12, cavity=0.1, rim=0.4, wmh=0.6, eye=0.12)
+    return c
+
+
+synth_t2_contrast = synth._draw_contrast
+
+
+@pytest.mark.parametrize("t2", [True, False])
+def test_synthetic_heads_not_t2_flag(monkeypatch, t2):
+    if not t2:
+        monkeypatch.setattr(synth, "_draw_contrast", t1_contrast)
+    made = synth.draw_head(3, synth.EXAMPLE)
+    volume = Volume(np.asarray(made.image.dataobj, np.float32), made.image.affine,
+                    made.image.header)
+    assert ("not_t2" in contrast_flags(volume)) is not t2
+
+
+def test_picture_is_written_fast_for_any_orientation(tmp_path):
+    shape = (60, 70, 30)
+    image = np.where(blob(shape, (30, 35, 15), 25), 300.0, 0.0).astype(np.float32)
+    lesion = blob(shape, (18, 35, 15), 5)
+    affine = np.diag([-1.0, 1.0, 2.5, 1.0])
+    start = time.perf_counter()
+    qcpicture.draw(image, affine, lesion, "scan.nii.gz | model | 1.0 mL", tmp_path / "a.png")
+    assert time.perf_counter() - start < 3.0  # under 1 s on an idle machine
+    qcpicture.draw(image, affine, lesion * 0, "empty", tmp_path / "b.png")
+    for name in ("a.png", "b.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_picture_puts_the_patients_left_on_the_left():
+    """In the axial panels the first voxel axis runs left to right towards the patient's
+    right, whatever the file's orientation."""
+    shape = (20, 20, 20)
+    lesion = blob(shape, (5, 10, 10), 3)  # low x index
+    for flip in (1.0, -1.0):
+        data = lesion[::-1] if flip < 0 else lesion
+        image, found, _ = qcpicture._to_ras(data.astype(np.float32),
+                                            np.diag([flip, 1.0, 1.0, 1.0]), data)
+        x = np.flatnonzero(found.any(axis=(1, 2)))
+        # with affine x = +i the lesion is at patient's left (x < mid): low index after RAS
+        assert x.mean() < shape[0] / 2
+
+
+def test_strict_contrast_fails_a_t1_like_input(write_nifti, tmp_path, threshold_model):
+    """A head whose CSF is dark (T1-like) warns by default and fails with --strict-contrast,
+    without writing a mask."""
+    volume, _ = synthetic_head()
+    t1_like = np.where(volume.data > 0, 1200.0 - volume.data, 0.0).astype(np.float32)
+    src = write_nifti(t1_like, volume.affine, name="t1.nii.gz")
+    mask = tmp_path / "t1_lesion.nii.gz"
+    strict = run("predict", src, "-m", threshold_model, "--strict-contrast")
+    assert strict.exit_code == 1
+    assert "t1.nii.gz: CSF/white matter" in strict.stderr and "--strict-contrast" in strict.stderr
+    assert not mask.exists()
+    warned = run("predict", src, "-m", threshold_model, "--report", tmp_path / "r.json")
+    assert warned.exit_code == 0 and mask.exists()
+    assert "does not look T2-weighted" in warned.output
+    record = json.loads((tmp_path / "r.json").read_text())[0]
+    assert record["flags"][0]["name"] == "not_t2" and record["flags"][0]["value"] < 0.75
+    assert (tmp_path / "t1_lesion_qc.png").exists() and record["picture"].endswith("qc.png")
+
+
+def test_no_qc_writes_no_picture(write_nifti, tmp_path, threshold_model):
+    src = write_nifti(head()[0], name="a.nii.gz")
+    result = run("predict", src, "-m", threshold_model, "--no-qc", "--report", tmp_path / "r.csv")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a_lesion.nii.gz").exists() and not (tmp_path / "a_lesion_qc.png").exists()
+    assert "QC:" not in result.output
