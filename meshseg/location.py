@@ -25,7 +25,6 @@ from scipy import ndimage
 from meshseg.errors import MeshsegError
 from meshseg.io import Volume, save_array
 from meshseg.metrics import CONNECTIVITY
-from meshseg.synth import _template as mni_map  # nilearn's MNI152 maps, opened directly
 
 ATLAS_FILE = "ArterialAtlas136.nii.gz"
 LABELS_FILE = "ArterialAtlas136.txt"
@@ -101,6 +100,8 @@ def mni_space() -> MniSpace:
     except (OSError, ValueError) as err:
         raise MeshsegError(f"{atlas_path()}: arterial atlas missing or unreadable "
                            f"({err}); reinstall meshseg") from err
+    from meshseg.synth import _template as mni_map  # here: synth imports predict's chain
+
     labels = np.asarray(atlas.dataobj, np.int16)
     maps = {}
     for kind in ("t1", "gm", "wm"):

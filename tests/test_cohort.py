@@ -65,7 +65,8 @@ def test_datalad_dataset_outputs_are_named_by_subject(tmp_path, threshold_model)
     assert result.exit_code == 0, result.output
     assert tree(out) == {"dataset_description.json"} | {
         f"sub-{s}/ses-1/anat/sub-{s}_ses-1_space-orig_desc-lesion_{kind}"
-        for s in ("01", "02") for kind in ("mask.nii.gz", "mask.json", "probseg.nii.gz")}
+        for s in ("01", "02")
+        for kind in ("mask.nii.gz", "mask.json", "probseg.nii.gz", "mask_qc.png")}
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "meshseg"
@@ -88,8 +89,8 @@ def test_output_folder_keeps_subfolders(tmp_path, threshold_model):
         save(tmp_path / "in" / name / "T2.nii.gz")
     result = run("predict", tmp_path / "in", "-o", tmp_path / "out", "-m", threshold_model, "-q")
     assert result.exit_code == 0, result.output
-    assert tree(tmp_path / "out") == {f"{s}/T2_lesion.{e}" for s in ("s1", "s2")
-                                      for e in ("nii.gz", "json")}
+    assert tree(tmp_path / "out") == {f"{s}/T2_lesion{e}" for s in ("s1", "s2")
+                                      for e in (".nii.gz", ".json", "_qc.png")}
 
 
 def test_records_resume_and_another_model(tmp_path, threshold_model):
