@@ -540,9 +540,15 @@ def export_safetensors_command(model_json: Path, output: Path) -> None:
 @click.option("--no-lesion", is_flag=True, help="Healthy heads (empty masks).")
 @click.option("--conformed-grid", is_flag=True,
               help="1 mm axial grids instead of random scanner grids.")
+@click.option("--lesions", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of binary lesion masks in MNI space (e.g. a lesion atlas): draw "
+                   "real lesion shapes, sizes and places from it instead of made-up ones.")
+@click.option("--skull-stripped", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of the heads that are brain-extracted (zero outside the brain).")
 @click.option("-j", "--jobs", default=1, show_default=True, help="Worker processes.")
 def synth(folder: Path, count: int, seed: int, min_ml: float | None, max_ml: float | None,
-          no_lesion: bool, conformed_grid: bool, jobs: int) -> None:
+          no_lesion: bool, conformed_grid: bool, lesions: Path | None, skull_stripped: float,
+          jobs: int) -> None:
     """Write synthetic T2 heads with chronic stroke lesions, their masks and a manifest.csv.
 
     The manifest feeds `meshseg train --data FOLDER/manifest.csv`.
@@ -554,7 +560,8 @@ def synth(folder: Path, count: int, seed: int, min_ml: float | None, max_ml: flo
     if not 0 < limits[0] < limits[1]:
         raise click.BadParameter("need 0 < --min-ml < --max-ml")
     options = SynthOptions(lesion=not no_lesion, lesion_ml=limits,
-                           native_grid=not conformed_grid)
+                           native_grid=not conformed_grid, lesions=lesions,
+                           skull_stripped=skull_stripped)
     try:
         manifest = make_dataset(folder, count, seed, options, jobs=jobs)
     except MeshsegError as err:

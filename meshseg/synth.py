@@ -82,6 +82,11 @@ class SynthOptions:
     lesion_ml: tuple[float, float] = (ARC_QUARTILES_ML[0], ARC_QUARTILES_ML[-1])
     native_grid: bool = True  # random scanner grid; False: 256^3 1 mm LIA (conformed-like)
     random_contrast: float = 0.15  # share of heads with random (not T2-ordered) brain contrast
+    # A folder of binary lesion masks in MNI space (e.g. a lesion atlas of real patients):
+    # lesions are drawn from it instead of being made up. Read at generation time, never
+    # bundled.
+    lesions: Path | None = None
+    skull_stripped: float = 0.0  # share of heads brain-extracted (zero outside the brain)
 
 
 EXAMPLE = SynthOptions(random_contrast=0.0)  # what `meshseg example` writes: a T2 head
@@ -165,8 +170,9 @@ def draw_head(seed: int, options: SynthOptions = SynthOptions(), brain: bool = F
     low, high = options.lesion_ml
     if not 0 < low <= high:
         raise MeshsegError(f"lesion size range {low}-{high} mL: need 0 < min <= max")
-    if not 0 <= options.random_contrast <= 1:
-        raise MeshsegError(f"random_contrast {options.random_contrast}: need a share in 0..1")
+    for name in ("random_contrast", "skull_stripped"):
+        if not 0 <= getattr(options, name) <= 1:
+            raise MeshsegError(f"{name} {getattr(options, name)}: need a share in 0..1")
     rng = np.random.default_rng(seed)
     atlas = _atlas()
     pose = _draw_pose(rng)
@@ -181,6 +187,8 @@ def draw_head(seed: int, options: SynthOptions = SynthOptions(), brain: bool = F
     mask = np.zeros(grid_shape, np.uint8)
     for lesion in lesions:
         mask |= scan.resample(lesion.extent, lesion.box) >= 0.5
+    if options.skull_stripped and rng.random() < options.skull_stripped:
+        intensity[scan.resample(*_brain_extraction(rng, atlas)) < 0.5] = 0
     brain_img = None
     if brain:
         envelope = atlas.envelope[atlas.brain_box].astype(np.float32)
@@ -291,6 +299,17 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
+def _brain_extraction(rng: np.random.Generator, atlas: _Atlas
+                      ) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    """(float32 mask, template box) of what a brain-extraction tool keeps: the brain envelope
+    with a ragged margin of 0-3 mm of the CSF and meninges around it (real scans of stroke
+    patients are often shared skull-stripped, e.g. after normalisation to MNI space)."""
+    box = tuple(slice(max(b.start - 4, 0), min(b.stop + 4, n))
+                for b, n in zip(atlas.brain_box, atlas.outside_mm.shape))
+    margin = rng.uniform(0.0, 2.0) + 0.7 * _smooth_noise(rng, atlas.outside_mm[box].shape, 20.0)
+    return (atlas.outside_mm[box] <= np.clip(margin, 0.0, 3.0)).astype(np.float32), box
+
+
 # --- smooth random fields -------------------------------------------------------------------
 
 
@@ -361,6 +380,9 @@ def _draw_lesions(rng: np.random.Generator, atlas: _Atlas, options: SynthOptions
     so the scan shows the drawn size)."""
     if not options.lesion:
         return []
+    if options.lesions is not None:
+        lesion = _atlas_lesion(rng, atlas, options.lesions, options.lesion_ml)
+        return [] if lesion is None else [lesion]
     total_ml = lesion_volume_ml(rng, options.lesion_ml) / scaling
     side = -1.0 if rng.random() < LEFT_SHARE else 1.0
     share = rng.uniform(0.05, 0.3) if rng.random() < BILATERAL_SHARE else 0.0
@@ -412,6 +434,13 @@ def _draw_lesion(rng: np.random.Generator, atlas: _Atlas, volume_ml: float, side
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     sizes[0] = 0
     core = sizes[labels] >= max(0.05 * sizes.max(), 8)  # one stroke, maybe with satellites
+    return _chronic(rng, core, box, side)
+
+
+def _chronic(rng: np.random.Generator, core: np.ndarray, box: tuple[slice, slice, slice],
+             side: float) -> _Lesion:
+    """The infarct `core` (bool, on `box` of the template grid) as a chronic lesion: a fluid
+    cavity lined and crossed by gliosis."""
     around = _bounding_box(core, 3)  # from here on only the lesion's own box
     core = core[around]
     depth = ndimage.distance_transform_edt(np.pad(core, 1))[1:-1, 1:-1, 1:-1]
@@ -422,6 +451,75 @@ def _draw_lesion(rng: np.random.Generator, atlas: _Atlas, volume_ml: float, side
     cavity_frac = ndimage.gaussian_filter(cavity.astype(np.float32), 0.5)
     return _Lesion(tuple(slice(b.start + a.start, b.start + a.stop) for a, b in zip(around, box)),
                    extent, np.minimum(cavity_frac, extent), side, float(core.sum()) / 1000)
+
+
+@functools.lru_cache(maxsize=4)
+def _lesion_atlas(folder: Path) -> tuple[tuple[Path, ...], np.ndarray]:
+    """The NIfTI masks of a lesion folder, sorted (a seed always draws the same), and their
+    volumes (mL); reading 1,449 masks takes about 50 s, once per process."""
+    try:
+        files = tuple(sorted(p for p in Path(folder).iterdir()
+                             if p.name.endswith((".nii", ".nii.gz"))))
+    except OSError as err:
+        raise MeshsegError(f"{folder}: cannot read lesion folder ({err.strerror or err})") from err
+    if not files:
+        raise MeshsegError(f"{folder}: no lesion masks (.nii or .nii.gz files) in it")
+    volumes = []
+    for path in files:
+        drawn, affine = _read_mask(path)
+        volumes.append(np.count_nonzero(drawn) * voxel_ml(affine))
+    return files, np.array(volumes)
+
+
+def _read_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A 3-D lesion mask (bool, nonzero = lesion) and its affine."""
+    try:
+        img = nib.load(path)
+        drawn = np.asarray(img.dataobj) > 0
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
+        raise MeshsegError(f"{path}: unreadable lesion mask ({err})") from err
+    if drawn.ndim != 3:
+        raise MeshsegError(f"{path}: a lesion mask must be 3-D, not of shape {drawn.shape}")
+    return drawn, img.affine
+
+
+ATLAS_NEAREST = 8  # a lesion is drawn among the masks nearest in volume to the drawn size
+
+
+def _atlas_lesion(rng: np.random.Generator, atlas: _Atlas, folder: Path,
+                  limits: tuple[float, float]) -> _Lesion | None:
+    """A real lesion's shape, size and place: a mask of `folder` (MNI space, any grid), among
+    those nearest in volume to a size drawn as for made-up lesions (ARC's quartiles within
+    `limits`), mirrored to the left in LEFT_SHARE of the heads, on the template grid. None if
+    it misses the brain."""
+    files, volumes = _lesion_atlas(folder)
+    distance = np.abs(np.log(volumes) - math.log(lesion_volume_ml(rng, limits)))
+    nearest = np.argsort(distance, kind="stable")[:ATLAS_NEAREST]
+    drawn, affine = _read_mask(files[int(nearest[rng.integers(len(nearest))])])
+    found = np.argwhere(drawn)
+    if found.size == 0:
+        return None
+    centre_x = (affine[:3, :3] @ found.mean(0) + affine[:3, 3])[0]
+    want_left = rng.random() < LEFT_SHARE
+    mirror = np.diag([-1.0 if (centre_x < 0) != want_left else 1.0, 1.0, 1.0, 1.0])
+    # Template voxel -> MNI mm (mirrored) -> mask voxel; resampled on the mask's box only.
+    to_mask = np.linalg.inv(affine) @ mirror @ atlas.affine
+    corners = np.array([[(found.min(0) - 1, found.max(0) + 1)[bit][k] for k, bit in
+                         enumerate(bits)] + [1] for bits in np.ndindex(2, 2, 2)], float)
+    inside = (np.linalg.inv(to_mask) @ corners.T)[:3].T
+    lo = np.maximum(np.floor(inside.min(0)) - 1, 0).astype(int)
+    hi = np.minimum(np.ceil(inside.max(0)) + 2, atlas.gm.shape).astype(int)
+    if np.any(hi <= lo):
+        return None
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    fraction = ndimage.affine_transform(drawn.astype(np.float32), to_mask[:3, :3],
+                                        to_mask[:3, :3] @ lo + to_mask[:3, 3],
+                                        output_shape=tuple(hi - lo), order=1)
+    core = (fraction >= 0.5) & atlas.envelope[box] & (atlas.ventricle_distance(box) > 1.0)
+    if not core.any():
+        return None
+    side = -1.0 if atlas.mm(0, box)[np.nonzero(core)[0]].mean() < 0 else 1.0
+    return _chronic(rng, core, box, side)
 
 
 def _box_around(atlas: _Atlas, centre: np.ndarray, half_mm: float, side: float

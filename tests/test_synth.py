@@ -12,6 +12,8 @@ from meshseg.synth import (
     SynthOptions,
     _conformed_grid,
     _draw_pose,
+    _atlas,
+    _atlas_lesion,
     _native_grid,
     draw_head,
     lesion_volume_ml,
@@ -120,3 +122,50 @@ def test_dataset_manifest_reads_back(tmp_path):
     assert all(p.image.exists() and p.mask.exists() for p in pairs)
     again = make_dataset(tmp_path / "e", 2, seed=5, jobs=1)
     assert again.read_text() == manifest.read_text()
+
+
+def write_atlas(folder, radii_mm=(7.0, 9.0, 11.0), centre_mm=(40.0, -10.0, 10.0)):
+    """Ball-shaped lesion masks in MNI space on the SOOP atlas grid (1 mm LAS), one per radius,
+    all in the right hemisphere."""
+    folder.mkdir()
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (78.0, -112.0, -50.0)
+    index = np.linalg.solve(affine[:3, :3], np.array(centre_mm) - affine[:3, 3])
+    grid = np.indices((157, 189, 136), dtype=np.float32)
+    distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, index)))
+    for radius in radii_mm:
+        nib.save(nib.Nifti1Image((distance <= radius).astype(np.uint8), affine),
+                 folder / f"ball{int(radius)}_lesion.nii.gz")
+    return folder
+
+
+def test_atlas_lesions_keep_their_shape_size_and_place(tmp_path):
+    folder = write_atlas(tmp_path / "atlas")
+    atlas = _atlas()
+    balls_ml = {4 / 3 * np.pi * r**3 / 1000 for r in (7.0, 9.0, 11.0)}
+    sides = set()
+    for seed in range(6):
+        lesion = _atlas_lesion(np.random.default_rng(seed), atlas, folder, (0.2, 400.0))
+        assert min(abs(lesion.ml - ml) / ml for ml in balls_ml) < 0.1
+        core = np.argwhere(lesion.extent >= 0.5) + [s.start for s in lesion.box]
+        x_mm = (core * np.diag(atlas.affine)[:3] + atlas.affine[:3, 3]).mean(0)
+        assert abs(abs(x_mm[0]) - 40.0) < 2.0 and abs(x_mm[1] + 10.0) < 2.0
+        assert np.sign(x_mm[0]) == lesion.side
+        sides.add(lesion.side)
+    assert sides == {-1.0, 1.0}  # mirrored to the left in some heads (ARC is mostly left)
+    with pytest.raises(MeshsegError, match="no lesion masks"):
+        _atlas_lesion(np.random.default_rng(0), atlas, tmp_path, (0.2, 400.0))
+
+
+def test_skull_stripped_head_with_an_atlas_lesion(tmp_path):
+    options = SynthOptions(lesions=write_atlas(tmp_path / "atlas", radii_mm=(12.0,)),
+                           skull_stripped=1.0, random_contrast=0.0)
+    head = draw_head(5, options, brain=True)
+    data = np.asarray(head.image.dataobj, dtype=np.float32)
+    brain = np.asarray(head.brain.dataobj) > 0
+    lesion = np.asarray(head.mask.dataobj) > 0
+    assert not data[~ndimage.binary_dilation(brain, iterations=4)].any()  # no skull, no scalp
+    assert (data[brain] > 0).mean() > 0.99
+    ball_ml = 4 / 3 * np.pi * 12.0**3 / 1000  # the head's pose scales it by 0.6-1.0
+    assert 0.5 * ball_ml < head.lesion_ml < 1.1 * ball_ml
+    assert np.median(data[lesion]) > 1.5 * np.median(data[brain])
