@@ -51,6 +51,12 @@ class TrainConfig:
     init: Path | None = _help("Start every restart from this meshseg checkpoint's weights "
                               "(fine-tuning) instead of random ones; it must have this run's "
                               "architecture, channels and activation.")
+    teacher: str | None = _help("Distil from this model (a name `meshseg models list` shows, "
+                                "or a path, as predict -m takes it): its lesion probabilities, "
+                                "mixed with the masks by teacher_weight, are the training "
+                                "targets.")
+    teacher_weight: float = _help("Share of the teacher's probabilities in the training "
+                                  "targets (0: masks only, 1: teacher only).", 0.5)
     epochs: int = _help("Passes over the training data per restart.", 50)
     lr: float = _help("Peak learning rate of the one-cycle schedule (AdamW).", 1e-3)
     weight_decay: float = _help("AdamW decoupled weight decay.", 3e-5)
@@ -96,9 +102,14 @@ class TrainConfig:
         return out
 
     def resolved(self) -> TrainConfig:
-        """This config with every path absolute, as a run saves it."""
-        return replace(self, **{k: getattr(self, k).resolve() for k in PATH_FIELDS
-                                if getattr(self, k) is not None})
+        """This config with every path absolute (a teacher given as a path too), as a run
+        saves it."""
+        teacher = self.teacher
+        if teacher is not None and Path(teacher).exists():
+            teacher = str(Path(teacher).resolve())
+        return replace(self, teacher=teacher, **{k: getattr(self, k).resolve()
+                                                 for k in PATH_FIELDS
+                                                 if getattr(self, k) is not None})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -132,6 +143,9 @@ class TrainConfig:
             raise InputError("training setting val_whole=True: needs crop and architecture "
                              f"meshnet (baselines validate in their window), not "
                              f"{arch.name} with crop={self.crop}")
+        if self.teacher is not None and self.downsample > 1:
+            raise InputError(f"training setting teacher={self.teacher!r}: the teacher runs on "
+                             f"full-resolution volumes, not with downsample={self.downsample}")
         if self.checkpointing and arch.name != archs.MESHNET:
             raise InputError(f"training setting checkpointing=True: layer checkpointing is for "
                              f"MeshNet only, not architecture {arch.name}")
@@ -206,6 +220,9 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("val_fraction", lambda v: _number(v) and 0 < v < 1, "between 0 and 1"),
     ("channels", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("activation", lambda v: v in ACTIVATION_NAMES, f"one of {', '.join(ACTIVATION_NAMES)}"),
+    ("teacher", lambda v: v is None or (isinstance(v, str) and v != ""),
+     "unset or a model name or path"),
+    ("teacher_weight", lambda v: _number(v) and 0 <= v <= 1, "between 0 and 1"),
     ("epochs", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("lr", lambda v: _number(v) and v > 0, "> 0"),
     ("weight_decay", lambda v: _number(v) and v >= 0, ">= 0"),

@@ -426,6 +426,17 @@ def vary_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.minimum(np.power(image, gamma, dtype=np.float32) * np.float32(scale), 1.0)
 
 
+TEACHER_LEVELS = 255  # teacher probabilities are cached as uint8 steps of 1/255: 16 MiB each
+
+
+def soft_target(mask: np.ndarray, teacher: np.ndarray, weight: float) -> np.ndarray:
+    """Class probabilities (2, ...) float32: (1 - weight) x the one-hot mask + weight x the
+    teacher's (background, lesion) probabilities (`teacher` in uint8 steps of 1/TEACHER_LEVELS)."""
+    lesion = (np.float32(1 - weight) * (mask == 1)
+              + np.float32(weight / TEACHER_LEVELS) * teacher.astype(np.float32))
+    return np.stack([1 - lesion, lesion])
+
+
 class LesionDataset(Dataset):
     """Cached conformed pairs as (image float32 (1, D, H, W) 0..1, mask int64 (D, H, W)).
 
@@ -437,6 +448,10 @@ class LesionDataset(Dataset):
     `intensity_aug` each training draw also gets a random contrast and brightness
     (`vary_intensity`).
 
+    With `teacher` (one cached teacher probability file per pair, see `meshseg.distill`),
+    the target is not the mask but class probabilities (2, D, H, W): the mask mixed with the
+    teacher's probabilities by `teacher_weight`, cropped and flipped with the image.
+
     Randomness: ``ds[i]`` always gives the same sample for a given seed (validation);
     ``ds[(i, draw)]`` gives a different random crop/flip per draw (training). The
     generator is seeded from (seed, i[, draw]) only, so results do not depend on workers.
@@ -444,8 +459,10 @@ class LesionDataset(Dataset):
 
     def __init__(self, pairs: Sequence[Pair], cache: ConformedCache, *, crop: int | None = None,
                  lesion_p: float = 0.5, flip_lr: bool = False, intensity_aug: bool = False,
-                 downsample: int = 1, seed: int = 0) -> None:
+                 downsample: int = 1, seed: int = 0, teacher: Sequence[Path] | None = None,
+                 teacher_weight: float = 0.0) -> None:
         self.pairs = list(pairs)
+        self.teacher, self.teacher_weight = teacher, teacher_weight
         self.entries = [cache.entry(pair) for pair in self.pairs]
         self.crop, self.lesion_p, self.flip_lr = crop, lesion_p, flip_lr
         self.intensity_aug = intensity_aug
@@ -463,13 +480,19 @@ class LesionDataset(Dataset):
         image, mask = to_unit_range(np.asarray(stacked[0])), np.asarray(stacked[1])
         if self.downsample > 1:
             image, mask = downsample(image, mask, self.downsample)
+        box = (slice(None),) * 3
         if self.crop is not None:
             start = crop_start(image.shape, self.crop, mask, self.lesion_p, rng)
             box = tuple(slice(s, s + self.crop) for s in start)
             image, mask = image[box], mask[box]
-        if self.flip_lr and rng.random() < 0.5:
+        flip = self.flip_lr and rng.random() < 0.5
+        if flip:
             image, mask = np.flip(image, LR_AXIS), np.flip(mask, LR_AXIS)
         if self.intensity_aug and draw:
             image = vary_intensity(image, rng)
-        return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
-                torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)))
+        target = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+        if self.teacher is not None:
+            teacher = np.load(self.teacher[index], mmap_mode="r")[box]
+            target = torch.from_numpy(soft_target(
+                mask, np.flip(teacher, LR_AXIS) if flip else teacher, self.teacher_weight))
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], target

@@ -45,6 +45,7 @@ from meshseg.data import (
     load_dataset,
     split_by_subject,
 )
+from meshseg.distill import load_teacher, teacher_digest, teacher_entries
 from meshseg.errors import DeviceError, InputError, OutputError, WeightsError
 from meshseg.infer import resolve_device
 from meshseg.io import atomic_path, write_csv
@@ -130,6 +131,10 @@ def resume(run_dir: Path, on_epoch: Callable[[dict], None] | None = None,
     if started != setup.init_sha256:
         raise InputError(f"{config.init}: changed since the run started from it (sha256 "
                          f"{started}, now {setup.init_sha256}); put it back to resume")
+    taught = (state or {}).get("teacher_sha256", setup.teacher_sha256)
+    if taught != setup.teacher_sha256:
+        raise InputError(f"{config.teacher}: another model than the run's teacher (weights "
+                         f"sha256 {taught}, now {setup.teacher_sha256}); put it back to resume")
     return _train(config, run_dir, setup, state, on_epoch)
 
 
@@ -220,6 +225,7 @@ class _Setup:
     train_set: LesionDataset
     val_set: LesionDataset
     init: _Init | None = None
+    teacher_sha256: str | None = None  # `distill.teacher_digest` of the teacher, if any
 
     @property
     def init_sha256(self) -> str | None:
@@ -262,12 +268,18 @@ def _prepare(config: TrainConfig, train_pairs: list[Pair], val_pairs: list[Pair]
     common = {"downsample": config.downsample, "seed": config.seed}
     val_crop = None if config.val_whole else config.crop
     init = _load_init(config)
+    teacher, teacher_sha256 = None, None
+    if config.teacher is not None:
+        model = load_teacher(config.teacher)
+        teacher_sha256 = teacher_digest(model)
+        teacher = teacher_entries(train_pairs, cache, model, device)
     return _Setup(device, amp,
                   LesionDataset(train_pairs, cache, crop=config.crop,
                                 lesion_p=config.crop_lesion_p, flip_lr=config.flip_lr,
-                                intensity_aug=config.intensity_aug, **common),
+                                intensity_aug=config.intensity_aug, teacher=teacher,
+                                teacher_weight=config.teacher_weight, **common),
                   LesionDataset(val_pairs, cache, crop=val_crop, lesion_p=1.0, **common),
-                  init)
+                  init, teacher_sha256)
 
 
 def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None,
@@ -304,8 +316,7 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
                 _save_best(run_dir / BEST_FILE, config, parts.model,
                            {**best, "seed": config.seed, "config": config.to_dict(),
                             **started_from})
-            _save_state(run_dir / STATE_FILE, parts, restart, epoch, best, rows,
-                        setup.init_sha256)
+            _save_state(run_dir / STATE_FILE, parts, restart, epoch, best, rows, setup)
             _write_metrics(run_dir / METRICS_FILE, rows)
             logger.info("restart %d/%d epoch %d/%d: train loss %.4f, val loss %.4f, "
                         "val Dice %.4f, lr %.2e, %.1f s", restart + 1, config.restarts, epoch,
@@ -333,7 +344,10 @@ def loss_function(config: TrainConfig,
         return criterion
 
     def loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return criterion(logits, mask) if bool((mask == 1).any()) else (logits * 0).sum()
+        # Soft targets (distillation) are averaged over voxels, not over their weights.
+        if mask.is_floating_point() or bool((mask == 1).any()):
+            return criterion(logits, mask)
+        return (logits * 0).sum()
 
     return loss
 
@@ -430,13 +444,14 @@ def dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def _save_state(path: Path, parts: _Parts, restart: int, epoch: int, best: dict,
-                rows: list[dict], init_sha256: str | None) -> None:
+                rows: list[dict], setup: _Setup) -> None:
     """Write last.pt atomically: only tensors, numbers, strings, lists and dicts (and None
-    for the sha256 of a run without init)."""
+    for the sha256 of a run without init or teacher)."""
     version, internal, gauss = random.getstate()
     state = {
         "format": STATE_FORMAT, "restart": restart, "epoch": epoch, "best": best,
-        "metrics": rows, "init_sha256": init_sha256,
+        "metrics": rows, "init_sha256": setup.init_sha256,
+        "teacher_sha256": setup.teacher_sha256,
         "model": parts.model.state_dict(),
         "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
         "scaler": parts.scaler.state_dict(),

@@ -14,6 +14,7 @@ import torch
 from meshseg import data
 from meshseg.conform import CONFORMED_SHAPE, to_unit_range
 from meshseg.data import (
+    TEACHER_LEVELS,
     ConformedCache,
     LesionDataset,
     Pair,
@@ -23,6 +24,7 @@ from meshseg.data import (
     find_bids_pairs,
     load_dataset,
     read_manifest,
+    soft_target,
     split_by_subject,
     write_manifest,
 )
@@ -278,6 +280,30 @@ def test_dataset_flip_mirrors_left_right_only(small_set):
             np.testing.assert_array_equal(image.numpy(), base_image.numpy()[:, ::-1])
             seen.add("flipped")
     assert seen == {"same", "flipped"}
+
+
+def test_teacher_targets_mix_mask_and_teacher_in_the_crop_and_flip(small_set, tmp_path):
+    """The teacher's map is the scan itself here, so the lesion target minus the weighted
+    image must leave exactly the weighted mask: the same window, the same flip."""
+    pairs, cache = small_set
+    maps = []
+    for pair in pairs:
+        maps.append(tmp_path / f"{pair.subject}.teacher.npy")
+        unit = to_unit_range(cache.get(pair)[0])
+        np.save(maps[-1], np.round(unit * TEACHER_LEVELS).astype(np.uint8))
+    dataset = LesionDataset(pairs, cache, crop=12, lesion_p=0.5, flip_lr=True, teacher=maps,
+                            teacher_weight=0.25)
+    lesion_seen = False
+    for draw in range(12):
+        image, target = dataset[(draw % 2, draw)]
+        assert target.shape == (2, 12, 12, 12) and target.dtype == torch.float32
+        np.testing.assert_allclose(target.sum(0).numpy(), 1.0, atol=1e-6)
+        rest = (target[1] - 0.25 * image[0]).numpy() / 0.75
+        assert np.abs(rest - np.round(rest)).max() < 0.25 * 0.51 / TEACHER_LEVELS / 0.75 + 1e-6
+        assert set(np.unique(np.round(rest))) <= {0.0, 1.0}
+        lesion_seen |= bool(np.round(rest).any())
+    assert lesion_seen  # crops over lesion carry the mask
+    assert soft_target(np.array([0, 1]), np.array([255, 0], np.uint8), 1.0)[1].tolist() == [1, 0]
 
 
 def test_intensity_aug_varies_training_draws_only(small_set):

@@ -10,10 +10,10 @@ from meshseg.errors import MeshsegError
 from meshseg.synth import (
     ARC_QUARTILES_ML,
     SynthOptions,
-    _conformed_grid,
-    _draw_pose,
     _atlas,
     _atlas_lesion,
+    _conformed_grid,
+    _draw_pose,
     _native_grid,
     draw_head,
     lesion_volume_ml,

@@ -12,12 +12,17 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from meshseg import data
+from meshseg.conform import to_unit_range
+from meshseg.distill import load_teacher
 from meshseg.errors import DeviceError, InputError, OutputError
+from meshseg.infer import lesion_probability
 from meshseg.model import MeshNet, MeshNetConfig
+from meshseg.predict import runner
 from meshseg.train import (
     METRIC_COLUMNS,
     TrainConfig,
@@ -414,3 +419,43 @@ def test_train_config_file_with_flags_over_it(config, tmp_path):
                                      str(config.out)])
     assert both.exit_code == 2
     assert "--resume takes only --device, --num-workers and --cache" in both.output
+
+
+def test_teacher_probabilities_are_cached_recorded_and_checked_on_resume(config, tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes((fit(config) / "best.safetensors").read_bytes())
+    taught = replace(config, out=tmp_path / "taught", teacher=str(teacher), teacher_weight=0.3,
+                     epochs=3)
+
+    def die(record: dict) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        fit(taught, on_epoch=die)
+    saved = load_config(taught.out / "config.toml")
+    assert (saved.teacher, saved.teacher_weight) == (str(teacher.resolve()), 0.3)
+    # One cached map per training subject: the teacher's own probabilities, as predict runs it.
+    cached = sorted(config.cache.glob("*.teacher-*.npy"))
+    assert len(cached) == 3
+    model = load_teacher(str(teacher))
+    entry = cached[0].with_name(cached[0].name.split(".teacher-")[0] + ".npy")
+    expected = lesion_probability(to_unit_range(np.load(entry)[0]),
+                                  runner(model, torch.device("cpu")), crop=model.crop)
+    np.testing.assert_allclose(np.load(cached[0]) / 255, expected, atol=0.51 / 255)
+    with pytest.raises(Killed):  # the same teacher: resumes
+        resume(taught.out, on_epoch=die)
+    assert len(read_metrics(taught.out)) == 2
+    teacher.write_bytes((fit(replace(config, out=tmp_path / "b", seed=9)) / "best.safetensors")
+                        .read_bytes())
+    with pytest.raises(InputError, match="another model than the run's teacher"):
+        resume(taught.out)
+
+
+def test_teacher_settings_are_checked(config):
+    with pytest.raises(InputError, match="teacher_weight=1.5: must be between 0 and 1"):
+        fit(replace(config, teacher="brainchop-t2-lesion", teacher_weight=1.5))
+    with pytest.raises(InputError, match="teacher: nothing: no such model"):
+        fit(replace(config, teacher="nothing"))
+    with pytest.raises(InputError, match="not with downsample=2"):
+        fit(replace(config, teacher="brainchop-t2-lesion", downsample=2, crop=None))
+    assert not config.out.exists()
