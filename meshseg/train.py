@@ -297,7 +297,9 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
     start_restart, start_epoch = (state["restart"], state["epoch"] + 1) if state else (0, 1)
     if start_epoch > config.epochs:
         start_restart, start_epoch = start_restart + 1, 1
-    started_from = {"init_sha256": setup.init_sha256} if setup.init else {}
+    started_from = {key: value for key, value in (("init_sha256", setup.init_sha256),
+                                                  ("teacher_sha256", setup.teacher_sha256))
+                    if value is not None}
     for restart in range(start_restart, config.restarts):
         parts = _build(config, restart, steps * config.epochs, setup)
         first = start_epoch if restart == start_restart else 1

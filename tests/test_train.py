@@ -18,7 +18,7 @@ import torch
 
 from meshseg import data
 from meshseg.conform import to_unit_range
-from meshseg.distill import load_teacher
+from meshseg.distill import load_teacher, teacher_digest
 from meshseg.errors import DeviceError, InputError, OutputError
 from meshseg.infer import lesion_probability
 from meshseg.model import MeshNet, MeshNetConfig
@@ -445,6 +445,8 @@ def test_teacher_probabilities_are_cached_recorded_and_checked_on_resume(config,
     with pytest.raises(Killed):  # the same teacher: resumes
         resume(taught.out, on_epoch=die)
     assert len(read_metrics(taught.out)) == 2
+    meta = load_network(taught.out / "best.safetensors").meta
+    assert meta["teacher_sha256"] == teacher_digest(model)
     teacher.write_bytes((fit(replace(config, out=tmp_path / "b", seed=9)) / "best.safetensors")
                         .read_bytes())
     with pytest.raises(InputError, match="another model than the run's teacher"):
