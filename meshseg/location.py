@@ -32,6 +32,8 @@ LABELS_FILE = "ArterialAtlas136.txt"
 # registration error moves under 10% of a midline-touching lesion across x = 0 (our choice).
 BILATERAL_SHARE = 0.10
 REGISTRATION_MM = 3.0  # both images are resampled to this spacing before registering
+SKULL_GAP_MM = 6  # eroding this far parts brain and scalp (the skull is 5-10 mm thick)
+SKULL_GAP_VOXELS = 3  # ...done in this many voxels (the rough brain is found at 2 mm)
 BRAIN_MARGIN_MM = 6  # the template brain grown by this much: the metric's region
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS+ (nibabel) <-> LPS (ITK) world coordinates
 
@@ -143,10 +145,11 @@ def _coarse(data: np.ndarray, affine: np.ndarray, mm: float) -> tuple[np.ndarray
 
 
 def register(volume: Volume) -> Registration:
-    """Affine registration of the scan to the MNI152 template: rigid, then 12 dof, then
-    12 dof again with the scan masked by the template's brain carried back through the first
-    fit, so that skull and neck in a whole-head scan no longer pull on the brain-only
-    template (a crude brain extraction, enough for territory-level location).
+    """Affine registration of the scan to the MNI152 template: the scan's rough brain
+    (`_rough_brain`: skull, scalp, eyes and neck of a whole head dropped, since they would
+    pull on the brain-only template) fitted rigid, then 12 dof, then 12 dof again also masked
+    by the template's brain carried back through that fit. Crude, but territory-level
+    location needs only the brain within a few millimetres.
 
     Raises:
         MeshsegError: SimpleITK is missing or the optimiser fails on this scan.
@@ -162,6 +165,9 @@ def register(volume: Volume) -> Registration:
     fixed_mask = sitk.Cast(_sitk_image(*_coarse(brain, space.affine, REGISTRATION_MM)) > 0.5,
                            sitk.sitkUInt8)
     data, affine = _coarse(volume.data, volume.affine, REGISTRATION_MM)
+    fine, fine_affine = _coarse(volume.data, volume.affine, SKULL_GAP_MM / SKULL_GAP_VOXELS)
+    data = data * (_resample(_rough_brain(fine), fine_affine, affine, np.eye(4), data.shape)
+                   > 0.5)
     moving = _sitk_image(data, affine)
     try:
         fit = _optimise(fixed, moving, fixed_mask, sitk.CenteredTransformInitializer(
@@ -176,8 +182,43 @@ def register(volume: Volume) -> Registration:
         why = lines[0].split(": ", 2)[-1].strip()
         raise MeshsegError(f"{volume.name}: registration to MNI failed ({why})") from err
     scan_from_mni = LPS @ _matrix(fit) @ LPS
-    quality = normalised_mi(to_mni(volume.data, volume.affine, scan_from_mni, order=1), space)
+    seen = to_mni(np.ones(volume.data.shape, np.float32), volume.affine, scan_from_mni) > 0.5
+    quality = normalised_mi(to_mni(volume.data, volume.affine, scan_from_mni, order=1), space,
+                            seen)
     return Registration(scan_from_mni, quality, round(time.perf_counter() - start, 3))
+
+
+def _otsu(data: np.ndarray, bins: int = 128) -> float:
+    """Otsu's threshold: the intensity that best splits the histogram into two classes
+    (a few lines of numpy: scipy has none, and scikit-image is not worth a dependency)."""
+    counts, edges = np.histogram(data, bins)
+    centres = (edges[1:] + edges[:-1]) / 2
+    weight = np.cumsum(counts)[:-1]
+    mass = np.cumsum(counts * centres)[:-1]
+    total, total_mass = counts.sum(), (counts * centres).sum()
+    between = (total_mass * weight / total - mass) ** 2 / (weight * (total - weight) + 1e-9)
+    return float(centres[np.argmax(between)])
+
+
+def _rough_brain(data: np.ndarray) -> np.ndarray:
+    """A crude brain mask of a scan resampled to 2 mm: voxels above Otsu's threshold, opened by
+    SKULL_GAP_VOXELS so that the scalp lets go of the brain, the largest piece kept and its
+    holes (dark white matter or CSF) filled slice by slice. On a brain-extracted scan it is
+    about the whole brain; on a whole head it drops skull, scalp, eyes and neck."""
+    bright = data > _otsu(data)
+    cross = ndimage.generate_binary_structure(3, 1)
+    core = ndimage.binary_erosion(bright, cross, iterations=SKULL_GAP_VOXELS)
+    labels, count = ndimage.label(core)
+    if count == 0:
+        return np.ones(data.shape, bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    brain = ndimage.binary_dilation(labels == sizes.argmax(), cross,
+                                    iterations=SKULL_GAP_VOXELS) & bright
+    for axis in range(3):
+        brain = np.stack([ndimage.binary_fill_holes(plane)
+                          for plane in np.moveaxis(brain, axis, 0)], axis)
+    return brain
 
 
 def _as_affine(rigid):
@@ -240,11 +281,15 @@ def _resample(data: np.ndarray, source: np.ndarray, target: np.ndarray, source_f
                                     order=order)
 
 
-def normalised_mi(image: np.ndarray, space: MniSpace, bins: int = 32) -> float:
+def normalised_mi(image: np.ndarray, space: MniSpace, seen: np.ndarray | None = None,
+                  bins: int = 32) -> float:
     """Studholme's normalised mutual information (H(A) + H(B)) / H(A, B) of the registered
-    scan and the template inside the template's brain: 1 when independent, 2 when one
-    determines the other; contrast-agnostic, so it scores T2, FLAIR and T1 alike."""
-    a, b = image[space.brain], space.t1[space.brain]
+    scan and the template inside the template's brain (and inside the scan's field of view,
+    `seen`, when given: a brain cut by the field of view is not a misalignment): 1 when
+    independent, 2 when one determines the other; contrast-agnostic, so it scores T2, FLAIR
+    and T1 alike."""
+    region = space.brain if seen is None else space.brain & seen
+    a, b = image[region], space.t1[region]
     if not a.any() or a.max() == a.min():
         return 1.0
     joint = np.histogram2d(a, b, bins=bins)[0]

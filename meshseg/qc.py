@@ -46,10 +46,12 @@ UNCERTAIN = (0.2, 0.8)  # probabilities the model is unsure of (the issue's rang
 # 41 mL infarct (median probability in the mask 0.78), 1.0 on lesion_FLAIR's doubtful 3 mL
 # (no voxel above 0.69). 0.75 flags the second and not the first.
 LOW_CONFIDENCE_SHARE = 0.75
-# Normalised mutual information with the template after registration: 1.021-1.150 for the
-# registrations that looked right on the real and synthetic scans; 1.007-1.013 for those that
-# were visibly off (healthy_T2w, two synthetic whole heads); the good ones moved 10-20 mm or
-# turned 20-30 degrees score 1.005-1.011. docs/location.md has the table.
+# Normalised mutual information with the template after registration: 1.017-1.150 for the
+# registrations that look right on the real and synthetic scans, except healthy_T2w (1.013,
+# right to within a pitch the metric barely sees); 1.006-1.012 for the fits that were visibly
+# off before the rough brain extraction (healthy_T2w, two synthetic whole heads); good fits
+# moved 10-20 mm or turned 20 degrees score 1.003-1.015. The ranges overlap, so no value is
+# right for every scan; docs/location.md has the measurements and a scan-relative measure.
 POOR_REGISTRATION_NMI = 1.015
 
 
