@@ -35,6 +35,7 @@ REGISTRATION_MM = 3.0  # both images are resampled to this spacing before regist
 SKULL_GAP_MM = 6  # eroding this far parts brain and scalp (the skull is 5-10 mm thick)
 SKULL_GAP_VOXELS = 3  # ...done in this many voxels (the rough brain is found at 2 mm)
 BRAIN_MARGIN_MM = 6  # the template brain grown by this much: the metric's region
+PEAK_SHIFT_MM = 10.0  # the fit is compared with itself moved this far along each axis
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS+ (nibabel) <-> LPS (ITK) world coordinates
 
 
@@ -43,7 +44,8 @@ class Registration:
     """An affine map from MNI mm to the scan's world mm (both RAS+), and how well it fits."""
 
     scan_from_mni: np.ndarray  # 4x4
-    quality: float  # normalised mutual information with the template in its brain mask
+    quality: float  # sharpness of the metric's peak at the fit (fit_quality)
+    nmi: float  # normalised mutual information with the template in its brain mask
     seconds: float
 
 
@@ -182,10 +184,32 @@ def register(volume: Volume) -> Registration:
         why = lines[0].split(": ", 2)[-1].strip()
         raise MeshsegError(f"{volume.name}: registration to MNI failed ({why})") from err
     scan_from_mni = LPS @ _matrix(fit) @ LPS
-    seen = to_mni(np.ones(volume.data.shape, np.float32), volume.affine, scan_from_mni) > 0.5
-    quality = normalised_mi(to_mni(volume.data, volume.affine, scan_from_mni, order=1), space,
-                            seen)
-    return Registration(scan_from_mni, quality, round(time.perf_counter() - start, 3))
+    quality, nmi = fit_quality(volume, scan_from_mni, space)
+    return Registration(scan_from_mni, quality, nmi, round(time.perf_counter() - start, 3))
+
+
+def fit_quality(volume: Volume, scan_from_mni: np.ndarray,
+                space: MniSpace) -> tuple[float, float]:
+    """The fit's sharpness and NMI. Sharpness is (NMI - 1) over (the median NMI of the fit
+    moved PEAK_SHIFT_MM both ways along each axis - 1): how far the fit stands above its
+    own neighbourhood. A scan's NMI also depends on its contrast, noise and slice thickness,
+    so an absolute NMI cannot tell a whole-head 2 mm T2's good fit from a sharp T1's poor
+    one; the ratio can (docs/location.md has the measurements)."""
+    ones = np.ones(volume.data.shape, np.float32)
+
+    def nmi(moved: np.ndarray) -> float:
+        seen = to_mni(ones, volume.affine, moved) > 0.5
+        return normalised_mi(to_mni(volume.data, volume.affine, moved), space, seen)
+
+    at_fit = nmi(scan_from_mni)
+    around = []
+    for axis in range(3):
+        for shift in (-PEAK_SHIFT_MM, PEAK_SHIFT_MM):
+            step = np.eye(4)
+            step[axis, 3] = shift
+            around.append(nmi(scan_from_mni @ step))
+    sharpness = (at_fit - 1) / max(float(np.median(around)) - 1, 1e-4)
+    return round(sharpness, 2), at_fit
 
 
 def _otsu(data: np.ndarray, bins: int = 128) -> float:
@@ -311,6 +335,7 @@ def locate(mask: np.ndarray, volume: Volume, registration: Registration) -> dict
     space = mni_space()
     mni_mask = to_mni(mask, volume.affine, registration.scan_from_mni, order=1) >= 0.5
     report: dict = {"registration_quality": registration.quality,
+                    "registration_nmi": registration.nmi,
                     "registration_seconds": registration.seconds}
     report.update(hemispheres(mni_mask, space.affine))
     report["largest_centroid_mni"] = largest_centroid(mask, volume.affine,

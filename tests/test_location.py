@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from meshseg import location
+from meshseg import location, qc
 from meshseg.io import Volume, load_volume
 from tests.conftest import SHARED
 
@@ -75,7 +75,7 @@ def test_lesion_painted_in_a_known_territory_is_found_there(tmp_path):
                            axis=0)
     assert error.max() < 3.0, error  # mm, at points across the brain
     where = location.locate(mask, volume, registration)
-    assert where["registration_quality"] > 1.02
+    assert where["registration_quality"] > qc.POOR_REGISTRATION
     assert where["side"] == "right" and where["right_pct"] > 95
     top = where["territories"][0]
     assert top["abbreviation"] == "MCAFR" and top["lesion_pct"] > 60
@@ -124,6 +124,20 @@ def test_stroke_scan_already_in_mni_registers_near_identity():
     # FSL's MNI152 and nilearn's ICBM 2009 template differ by a few percent in size
     assert np.allclose(found[:3, :3], np.eye(3), atol=0.05), found
     assert np.abs(found[:3, 3]).max() < 4.0, found
+
+
+def test_whole_head_scan_registers_well():
+    """healthy_T2w is a whole head (skull, eyes, neck; 2 mm slices): its rough brain is fitted
+    to the brain-only template and the fit is not flagged, unlike a fit moved 15 mm."""
+    path = REAL_SCANS / "healthy_T2w.nii.gz"
+    if not path.exists():
+        pytest.skip(f"shared real scans not found at {path}")
+    volume = load_volume(path)
+    registration = location.register(volume)
+    assert registration.quality >= qc.POOR_REGISTRATION, registration
+    moved = registration.scan_from_mni.copy()
+    moved[0, 3] += 15
+    assert location.fit_quality(volume, moved, location.mni_space())[0] < qc.POOR_REGISTRATION
 
 
 @pytest.mark.slow
