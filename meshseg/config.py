@@ -88,6 +88,9 @@ class TrainConfig:
     downsample: int = _help("Block-average volumes by this factor (2 -> 128^3, 2 mm) for quick "
                             "experiments; such a model expects downsampled input.", 1)
     steps_per_epoch: int | None = _help("Batches per epoch; default one pass over the pairs.")
+    keep_epochs: bool = _help("Also keep each epoch's weights (epochs/rR-eE.safetensors), so a "
+                              "checkpoint can be chosen afterwards on real scans rather than "
+                              "on validation Dice.", False)
     num_workers: int = _help("Data-loading worker processes (0: load in the main process).", 0)
     cache: Path | None = _help("Folder of conformed volumes shared by runs; default "
                                "~/.cache/meshseg/conformed.")
@@ -244,6 +247,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("val_whole", lambda v: isinstance(v, bool), "true or false"),
     ("downsample", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("steps_per_epoch", lambda v: v is None or (_int(v) and v >= 1), "unset or an integer >= 1"),
+    ("keep_epochs", lambda v: isinstance(v, bool), "true or false"),
     ("num_workers", lambda v: _int(v) and v >= 0, "an integer >= 0"),
 )
 

@@ -11,7 +11,8 @@ volumes).
 
 A run folder holds config.toml, split.json (the exact pairs), metrics.csv (one row per
 epoch and restart), last.pt (resume state, rewritten atomically after every epoch, loadable
-without running code) and best.safetensors (the best validation Dice so far).
+without running code) and best.safetensors (the best validation Dice so far); with
+keep_epochs, epochs/ holds every epoch's weights too.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE, SPLIT_FILE, METRICS_FILE = "config.toml", "split.json", "metrics.csv"
 STATE_FILE, BEST_FILE = "last.pt", "best.safetensors"
+EPOCHS_DIR = "epochs"
 METRIC_COLUMNS = ("restart", "epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds")
 STATE_FORMAT = "meshseg-train-state/1"
 
@@ -313,11 +315,15 @@ def _train(config: TrainConfig, run_dir: Path, setup: _Setup, state: dict | None
                    "val_loss": val_loss, "val_dice": val_dice, "lr": lr,
                    "seconds": round(time.perf_counter() - started, 3)}
             rows.append(row)
+            meta = {"val_dice": val_dice, "restart": restart + 1, "epoch": epoch,
+                    "seed": config.seed, "config": config.to_dict(), **started_from}
+            if config.keep_epochs:
+                (run_dir / EPOCHS_DIR).mkdir(exist_ok=True)
+                _save_weights(run_dir / EPOCHS_DIR / f"r{restart + 1}-e{epoch}.safetensors",
+                           config, parts.model, meta)
             if val_dice > best["val_dice"]:
                 best = {"val_dice": val_dice, "restart": restart + 1, "epoch": epoch}
-                _save_best(run_dir / BEST_FILE, config, parts.model,
-                           {**best, "seed": config.seed, "config": config.to_dict(),
-                            **started_from})
+                _save_weights(run_dir / BEST_FILE, config, parts.model, meta)
             _save_state(run_dir / STATE_FILE, parts, restart, epoch, best, rows, setup)
             _write_metrics(run_dir / METRICS_FILE, rows)
             logger.info("restart %d/%d epoch %d/%d: train loss %.4f, val loss %.4f, "
@@ -354,7 +360,7 @@ def loss_function(config: TrainConfig,
     return loss
 
 
-def _save_best(path: Path, config: TrainConfig, model: nn.Module, meta: dict) -> None:
+def _save_weights(path: Path, config: TrainConfig, model: nn.Module, meta: dict) -> None:
     """MeshNet in its own checkpoint format (foldable for layer-by-layer inference), any
     other architecture with its name and build options."""
     if isinstance(model, MeshNet):

@@ -135,6 +135,21 @@ def test_fit_writes_the_run_files(config, caplog):
         fit(config)
 
 
+def test_keep_epochs_writes_every_epoch_and_best_is_one_of_them(config):
+    run_dir = fit(replace(config, epochs=3, keep_epochs=True))
+
+    kept = sorted(p.name for p in (run_dir / "epochs").iterdir())
+    assert kept == ["r1-e1.safetensors", "r1-e2.safetensors", "r1-e3.safetensors"]
+    rows = read_metrics(run_dir)
+    for row, name in zip(rows, kept):
+        meta = load_network(run_dir / "epochs" / name).meta
+        assert (meta["epoch"], meta["val_dice"]) == (int(row["epoch"]), float(row["val_dice"]))
+    best = load_network(run_dir / "best.safetensors")
+    twin = load_network(run_dir / "epochs" / f"r1-e{best.meta['epoch']}.safetensors")
+    for a, b in zip(best.model.state_dict().values(), twin.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("val_whole, side", [(False, 12), (True, 24)])
 def test_validation_uses_one_crop_or_the_whole_volume(config, monkeypatch, val_whole, side):
     """Crop training validates on a crop, or with val_whole on the volume predict would see."""
