@@ -48,7 +48,7 @@ def measure(model_spec: str, scan: Path) -> tuple[np.ndarray, np.ndarray, float]
     run = runner(model, torch.device("cpu"))
     volume = load_volume(scan)
     start = time.perf_counter()
-    mask = to_mask(segment(volume, run, crop=model.crop), model.postprocess)
+    mask = to_mask(segment(volume, model, run), model.postprocess)
     return mask, volume.affine, time.perf_counter() - start
 
 

@@ -134,15 +134,16 @@ def window_runner(network: nn.Module, window: int, device: torch.device,
     return run
 
 
-def segment(volume: Volume, run: Runner, progress: Progress | None = None,
-            crop: str = "head") -> np.ndarray:
-    """Lesion probability (float32) on the volume's own grid; `crop` as in lesion_probability."""
+def segment(volume: Volume, model: LoadedModel, run: Runner,
+            progress: Progress | None = None) -> np.ndarray:
+    """Lesion probability (float32) on the volume's own grid, with the input crop `model` was
+    trained with (taken from the model so that no caller can run it on the wrong crop)."""
     report = progress or (lambda stage, fraction: None)
     check_volume(volume)
     report("conform", 0.0)
     conformed, record = conform(volume)
     report("conform", 1.0)
-    prob = lesion_probability(to_unit_range(conformed), run, crop=crop,
+    prob = lesion_probability(to_unit_range(conformed), run, crop=model.crop,
                               on_layer=lambda i, n: report("layers", i / n))
     report("unconform", 0.0)
     native = unconform(prob, record)
@@ -187,7 +188,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         volume = load_volume(path)
         result.warnings = WARNINGS_SEP.join(volume.warnings)
         report("load", 1.0)
-        prob = segment(volume, run, progress=report, crop=model.crop)
+        prob = segment(volume, model, run, progress=report)
         mask = to_mask(prob, result.postprocess, result.threshold)
         result.lesion_ml, result.voxels, result.components = lesion_stats(mask, volume.affine)
         assessment = review(volume, prob, mask, result, checks) if checks else None

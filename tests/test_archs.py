@@ -183,8 +183,8 @@ def test_train_a_baseline_then_run_it(baseline_run):
 @pytest.mark.slow
 def test_segment_a_scan_with_a_trained_baseline(baseline_run, baseline_config):
     """The whole predict pipeline (conform, tiles over the head crop, back to the scan)."""
-    run = predict.runner(catalog.load(str(baseline_run / "best.safetensors")),
-                         torch.device("cpu"))
+    model = catalog.load(str(baseline_run / "best.safetensors"))
+    run = predict.runner(model, torch.device("cpu"))
     volume = load_volume(baseline_config.data.parent / "s0.nii.gz")
-    prob = predict.segment(volume, run)
+    prob = predict.segment(volume, model, run)
     assert prob.shape == volume.data.shape and 0 <= prob.min() and prob.max() <= 1

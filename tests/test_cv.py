@@ -41,7 +41,7 @@ def write_cohort(folder: Path) -> Path:
     return folder / "data.csv"
 
 
-def bright_voxels(volume, run, progress=None, crop="head") -> np.ndarray:
+def bright_voxels(volume, model, run, progress=None) -> np.ndarray:
     """Stand-in for predict.segment: lesions are the bright voxels (as write_pair paints them)."""
     return (volume.data > 150).astype(np.float32)
 

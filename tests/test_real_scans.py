@@ -29,7 +29,7 @@ def _mask(model_spec: str | None, scan: str) -> tuple[np.ndarray, np.ndarray]:
     """(0/1 mask, affine) of one scan (a file in real-scans, or "example") by one model."""
     model = catalog.load(model_spec)
     volume = _example() if scan == "example" else load_volume(REAL_SCANS / f"{scan}.nii.gz")
-    prob = segment(volume, runner(model, torch.device("cpu")), crop=model.crop)
+    prob = segment(volume, model, runner(model, torch.device("cpu")))
     return to_mask(prob, model.postprocess), volume.affine
 
 
