@@ -76,6 +76,10 @@ class TrainConfig:
     amp: bool | None = _help("Half precision (autocast + GradScaler); default on CUDA only.")
     checkpointing: bool = _help("Recompute each block during backward: far less memory, "
                                 "each block runs forward twice.", False)
+    freeze_norms: bool = _help("Fine-tuning (needs init): keep the batch-norm statistics of the "
+                               "init checkpoint, so training normalises each crop exactly as "
+                               "inference will, instead of by the statistics of one crop.",
+                               False)
     crop: int | None = _help("Train on random crop^3 patches (CPU); default whole volumes. "
                              "Validation then uses one fixed crop over lesion per volume.")
     crop_lesion_p: float = _help("Probability that a training crop is placed over lesion.", 0.5)
@@ -149,6 +153,9 @@ class TrainConfig:
         if self.teacher is not None and self.downsample > 1:
             raise InputError(f"training setting teacher={self.teacher!r}: the teacher runs on "
                              f"full-resolution volumes, not with downsample={self.downsample}")
+        if self.freeze_norms and self.init is None:
+            raise InputError("training setting freeze_norms=True: needs init (the checkpoint "
+                             "whose batch-norm statistics to keep)")
         if self.checkpointing and arch.name != archs.MESHNET:
             raise InputError(f"training setting checkpointing=True: layer checkpointing is for "
                              f"MeshNet only, not architecture {arch.name}")
@@ -240,6 +247,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("seed", lambda v: _int(v) and v >= 0, "an integer >= 0"),
     ("amp", lambda v: v is None or isinstance(v, bool), "true, false or unset"),
     ("checkpointing", lambda v: isinstance(v, bool), "true or false"),
+    ("freeze_norms", lambda v: isinstance(v, bool), "true or false"),
     ("crop", lambda v: v is None or (_int(v) and v >= 1), "unset or an integer >= 1"),
     ("crop_lesion_p", lambda v: _number(v) and 0 <= v <= 1, "between 0 and 1"),
     ("flip_lr", lambda v: isinstance(v, bool), "true or false"),

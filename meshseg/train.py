@@ -385,6 +385,10 @@ def _train_epoch(config: TrainConfig, setup: _Setup, parts: _Parts, criterion: C
     loader = DataLoader(setup.train_set, batch_size=config.batch_size, sampler=keys,
                         num_workers=config.num_workers, pin_memory=device.type == "cuda")
     parts.model.train()
+    if config.freeze_norms:
+        for module in parts.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()  # normalise by the kept running statistics; scale/shift still learn
     total, lr = 0.0, 0.0
     for image, mask in track(loader, len(loader), "batches"):
         image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)

@@ -86,6 +86,7 @@ def test_config_round_trips_through_toml(tmp_path):
     ({"crop": 0}, "crop=0"),
     ({"crop": 25}, "crop 25: must be between 1 and the volume side 24"),
     ({"val_whole": True, "crop": None}, "val_whole=True: needs crop and architecture meshnet"),
+    ({"freeze_norms": True}, "freeze_norms=True: needs init"),
     ({"val_whole": True, "architecture": "segresnet", "crop": 16},
      "val_whole=True: needs crop and architecture meshnet"),
 ])
@@ -251,6 +252,23 @@ def test_init_starts_from_a_checkpoint_and_records_its_sha256(config, tmp_path):
     assert load_network(tuned).meta["init_sha256"] == sha256_file(start)
     assert load_config(tmp_path / "tuned" / "config.toml").init == start.resolve()
     assert "init_sha256" not in load_network(fresh).meta
+
+
+def test_freeze_norms_keeps_the_init_statistics_and_still_learns(config, tmp_path):
+    start = fit(config) / "best.safetensors"
+    tuned = replace(config, out=tmp_path / "tuned", init=start, epochs=2, seed=8)
+    frozen = fit(replace(tuned, freeze_norms=True)) / "best.safetensors"
+    moving = fit(replace(tuned, out=tmp_path / "moving")) / "best.safetensors"
+
+    def split(path: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        state = load_network(path).model.state_dict()
+        stats = [v for k, v in state.items() if k.endswith(("running_mean", "running_var"))]
+        return stats, [v for k, v in state.items() if k.endswith("weight") and v.dim() == 5]
+
+    (start_stats, start_conv), (frozen_stats, frozen_conv) = split(start), split(frozen)
+    assert start_stats and all(torch.equal(a, b) for a, b in zip(start_stats, frozen_stats))
+    assert not all(torch.equal(a, b) for a, b in zip(start_conv, frozen_conv))
+    assert not all(torch.equal(a, b) for a, b in zip(start_stats, split(moving)[0]))
 
 
 def test_resume_refuses_an_init_checkpoint_changed_since_the_start(config, tmp_path):
