@@ -56,12 +56,12 @@ def child(kind: str, model: str, backend: str, scan: str) -> dict:
     if kind == "matmul":
         return matmul_rates(torch)
 
-    from meshseg import catalog
-    from meshseg.conform import conform, to_unit_range
-    from meshseg.infer import lesion_probability, resolve_device
     from meshseg.io import load_volume
-    from meshseg.model import ACTIVATIONS
-    from meshseg.predict import runner
+    from meshseg.models import catalog
+    from meshseg.models.meshnet import ACTIVATIONS
+    from meshseg.pipeline.conform import conform, to_unit_range
+    from meshseg.pipeline.infer import lesion_probability, resolve_device
+    from meshseg.pipeline.predict import runner
 
     loaded = catalog.load(None if model == "default" else model)
     device = resolve_device("cuda" if backend == "cuda" else "cpu")
@@ -108,7 +108,7 @@ def layer_flops(layers) -> list[int]:
 def computed_flops(layers, shape: tuple[int, int, int], keep) -> float:
     """FLOPs of a pass over `shape` that computes each layer only where the output inside
     `keep` depends on it (as meshseg's layer-by-layer inference does); keep None: everywhere."""
-    from meshseg.infer import _regions
+    from meshseg.pipeline.infer import _regions
 
     full = tuple(slice(0, n) for n in shape)
     regions = _regions(layers, shape, keep or full)
@@ -157,8 +157,8 @@ def end_to_end(model: str, backend: str, scan: Path, folder: Path) -> dict:
 def make_models(folder: Path, wanted: list[str]) -> dict[str, str]:
     """What to pass as -m per model name: random MeshNet-X weights are saved to `folder`;
     anything else (default, a catalogue name, a path) is passed on as given."""
-    from meshseg.model import MeshNet, MeshNetConfig
-    from meshseg.weights import save_checkpoint
+    from meshseg.models.meshnet import MeshNet, MeshNetConfig
+    from meshseg.models.weights import save_checkpoint
 
     paths = {}
     for name in wanted:

@@ -6,7 +6,7 @@ region. SimpleITK runs meshseg's location.register (which adds a third, brain-ma
 stage); dipy runs the rigid and affine stages of its AffineRegistration. For each scan it
 prints the seconds, the normalised mutual information meshseg reports (registration_nmi, in
 the template's brain, location.normalised_mi), and the mean distance in mm between the two
-results at brain points. Also the timing of QC as a whole: picture and the rest of qc.assess.
+results at brain points. Also the timing of QC as a whole: picture and the rest of checks.assess.
 
 Usage: python benchmarks/compare_registration.py ../shared/real-scans/*.nii.gz
 (needs dipy: pip install dipy; it is not a meshseg dependency)
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from meshseg import location, qc, qcpicture
 from meshseg.io import load_volume
+from meshseg.qc import checks, location, picture
 
 
 def dipy_register(volume) -> tuple[np.ndarray, float]:
@@ -58,7 +58,7 @@ def dipy_register(volume) -> tuple[np.ndarray, float]:
 
 def main(paths: list[str]) -> None:
     location.mni_space()  # load once, outside the timings
-    qc._tissue_masks()
+    checks._tissue_masks()
     points = np.argwhere(location.mni_space().brain)[::500]
     points = location.mni_space().affine @ np.c_[points, np.ones(len(points))].T
     print("| scan | SimpleITK s | SimpleITK NMI | dipy s | dipy NMI | mean distance mm "
@@ -73,15 +73,15 @@ def main(paths: list[str]) -> None:
         distance = np.linalg.norm((ours.scan_from_mni @ points - theirs @ points)[:3], axis=0)
         empty = np.zeros(volume.data.shape, np.uint8)
         start = time.perf_counter()
-        qc.assess(volume, empty.astype(np.float32), empty, 0.0, 0)
+        checks.assess(volume, empty.astype(np.float32), empty, 0.0, 0)
         total = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
-            qcpicture.draw(volume.data, volume.affine, empty, Path(path).name,
-                           Path(folder) / "qc.png")
-            picture = time.perf_counter() - start
+            picture.draw(volume.data, volume.affine, empty, Path(path).name,
+                         Path(folder) / "qc.png")
+            drawing = time.perf_counter() - start
         print(f"| {Path(path).name} | {ours.seconds:.1f} | {ours.nmi:.4f} | {seconds:.1f} "
-              f"| {nmi:.4f} | {distance.mean():.1f} | {picture:.2f} | {total + picture:.1f} |")
+              f"| {nmi:.4f} | {distance.mean():.1f} | {drawing:.2f} | {total + drawing:.1f} |")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meshseg import catalog
 from meshseg.io import load_volume
 from meshseg.metrics import dice, largest_lesion_side
-from meshseg.predict import lesion_stats, runner, segment, to_mask
+from meshseg.models import catalog
+from meshseg.pipeline.predict import lesion_stats, runner, segment, to_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

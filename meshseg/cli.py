@@ -104,10 +104,11 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     Each mask gets a JSON record beside it (model, settings, versions, results); a rerun
     keeps the masks its records show were made the same way and redoes the rest.
     """
-    from meshseg import catalog, cohort
-    from meshseg.infer import resolve_device
-    from meshseg.predict import Settings, runner
-    from meshseg.record import REPORT_SUFFIXES
+    from meshseg.models import catalog
+    from meshseg.pipeline import cohort
+    from meshseg.pipeline.infer import resolve_device
+    from meshseg.pipeline.predict import Settings, runner
+    from meshseg.pipeline.record import REPORT_SUFFIXES
 
     if report is not None and report.suffix.lower() not in REPORT_SUFFIXES:
         raise click.BadParameter("must end in .json, .csv or .html", param_hint="--report")
@@ -142,7 +143,7 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
                         ("largest" if largest else "none"), threshold=threshold,
                         backend=backend, precision=precision)
     from meshseg.progress import run_cohort
-    from meshseg.qc import Checks
+    from meshseg.qc.checks import Checks
 
     try:
         results = run_cohort([entry.path for entry in inputs_found], plans, model, run,
@@ -175,7 +176,7 @@ def report_command(folder: Path, output: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from meshseg.record import REPORT_SUFFIXES, gather, write_report
+    from meshseg.pipeline.record import REPORT_SUFFIXES, gather, write_report
 
     if output is not None and output.suffix.lower() not in REPORT_SUFFIXES:
         raise click.BadParameter("must end in .json, .csv or .html", param_hint="-o")
@@ -213,7 +214,7 @@ def models_list(as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from meshseg import catalog
+    from meshseg.models import catalog
 
     rows = []
     for entry in catalog.entries():
@@ -244,7 +245,7 @@ def models_list(as_json: bool) -> None:
               help="Download from this base address instead (a mirror, or file:///folder/).")
 def models_pull(name: str, mirror: str | None) -> None:
     """Download model NAME into the cache ($MESHSEG_HOME) and verify its sha256."""
-    from meshseg import catalog
+    from meshseg.models import catalog
 
     try:
         folder = catalog.pull(name, mirror)
@@ -292,7 +293,7 @@ def _config_options(config_cls: type, skip: tuple[str, ...]):
     import types
     import typing
 
-    from meshseg.config import flag as config_flag
+    from meshseg.training.config import flag as config_flag
 
     hints = typing.get_type_hints(config_cls)
 
@@ -322,7 +323,7 @@ def _config_options(config_cls: type, skip: tuple[str, ...]):
 
 
 def _train_config_options(command):
-    from meshseg.config import TrainConfig
+    from meshseg.training.config import TrainConfig
 
     return _config_options(TrainConfig, skip=("data", "out"))(command)
 
@@ -343,27 +344,27 @@ def train(config_file: Path | None, data: Path | None, out: Path | None,
           resume_dir: Path | None, quiet: bool, **settings) -> None:
     """Train MeshNet, or a baseline (--architecture, see `meshseg arch`), with the paper's
     recipe (every setting is a flag; see docs/training.md)."""
-    from meshseg import train as training
+    from meshseg.training.train import BEST_FILE, CONFIG_FILE, fit, resume
 
     _log_to_console(quiet)
     given = {k: v for k, v in settings.items() if v is not None}
     try:
         if resume_dir is not None:
-            from meshseg.config import MACHINE_FIELDS
+            from meshseg.training.config import MACHINE_FIELDS
 
             machine = {k: v for k, v in given.items() if k in MACHINE_FIELDS}
             if data or out or config_file or len(machine) < len(given):
                 raise click.UsageError("--resume takes only --device, --num-workers and "
                                        "--cache (the other settings are in "
-                                       f"{resume_dir / training.CONFIG_FILE})")
-            run_dir = training.resume(resume_dir, machine=machine)
+                                       f"{resume_dir / CONFIG_FILE})")
+            run_dir = resume(resume_dir, machine=machine)
         else:
-            run_dir = training.fit(_train_config(config_file, data, out, given))
+            run_dir = fit(_train_config(config_file, data, out, given))
     except DeviceError as err:
         fail(str(err), EXIT_USAGE)
     except MeshsegError as err:
         fail(str(err))
-    click.echo(f"{run_dir}: best model in {run_dir / training.BEST_FILE}")
+    click.echo(f"{run_dir}: best model in {run_dir / BEST_FILE}")
 
 
 def _train_config(config_file: Path | None, data: Path | None, out: Path | None,
@@ -373,7 +374,7 @@ def _train_config(config_file: Path | None, data: Path | None, out: Path | None,
     Raises:
         click.UsageError: no data or out from either; InputError: a bad file.
     """
-    from meshseg.config import TrainConfig, read_settings
+    from meshseg.training.config import TrainConfig, read_settings
 
     values = read_settings(config_file) if config_file is not None else {}
     values.update(given, **{k: v for k, v in (("data", data), ("out", out)) if v is not None})
@@ -395,17 +396,17 @@ def _log_to_console(quiet: bool) -> None:
 
 
 def _tune_default(name: str):
-    """A `meshseg.tune.TuneSettings` default, so the flags show the library's one value."""
+    """A `meshseg.training.tune.TuneSettings` default, so the flags show the library's one value."""
     import dataclasses
 
-    from meshseg.tune import TuneSettings
+    from meshseg.training.tune import TuneSettings
 
     return next(f.default for f in dataclasses.fields(TuneSettings) if f.name == name)
 
 
 def _tune_fixed_options(command):
-    from meshseg.config import TrainConfig
-    from meshseg.tune import NOT_FIXED
+    from meshseg.training.config import TrainConfig
+    from meshseg.training.tune import NOT_FIXED
 
     return _config_options(TrainConfig, skip=NOT_FIXED)(command)
 
@@ -453,8 +454,8 @@ def tune(data: Path, out: Path, study_name: str, storage: str | None, trials: in
     Channels, learning rate, weight decay, background weight and warm-up are searched; the
     other training settings are flags fixed for every trial. Rerun to add trials.
     """
-    from meshseg.tune import TuneSettings
-    from meshseg.tune import tune as run_study
+    from meshseg.training.tune import TuneSettings
+    from meshseg.training.tune import tune as run_study
 
     _log_to_console(quiet)
     settings = TuneSettings(data=data, out=out, study=study_name, storage=storage,
@@ -493,8 +494,8 @@ def export_onnx_command(model_spec: str, output: Path) -> None:
 
     The export is checked against the PyTorch network on a small random volume.
     """
-    from meshseg import catalog
-    from meshseg.export import export_onnx, verify_onnx
+    from meshseg.models import catalog
+    from meshseg.models.export import export_onnx, verify_onnx
 
     try:
         model = catalog.load(model_spec)
@@ -521,7 +522,7 @@ def export_safetensors_command(model_json: Path, output: Path) -> None:
     The checkpoint predicts as the original does (brainchop's crop to the voxels > 0, largest
     lesion kept) and records the sha256 of the files it came from.
     """
-    from meshseg.tfjs import save_as_checkpoint
+    from meshseg.models.tfjs import save_as_checkpoint
 
     try:
         model = save_as_checkpoint(model_json, output)
@@ -553,7 +554,7 @@ def synth(folder: Path, count: int, seed: int, min_ml: float | None, max_ml: flo
 
     The manifest feeds `meshseg train --data FOLDER/manifest.csv`.
     """
-    from meshseg.synth import ARC_QUARTILES_ML, SynthOptions, make_dataset
+    from meshseg.training.synth import ARC_QUARTILES_ML, SynthOptions, make_dataset
 
     _log_to_console(quiet=False)
     limits = (min_ml or ARC_QUARTILES_ML[0], max_ml or ARC_QUARTILES_ML[-1])
@@ -593,7 +594,7 @@ def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: b
     """
     from rich.console import Console
 
-    from meshseg import evaluate
+    from meshseg.benchmark import evaluate
 
     def warn(message: str) -> None:
         click.echo(f"meshseg: warning: {message}", err=True)
@@ -621,7 +622,7 @@ def evaluate_command(pred: Path, truth: Path, csv_path: Path | None, resample: b
         if csv_path is not None:
             evaluate.write_scores(scores, csv_path)
         if figure is not None:
-            from meshseg.figures import box_plot
+            from meshseg.benchmark.figures import box_plot
 
             groups = {"all": scores, **evaluate.by_volume_bin(scores)}
             box_plot({f"{name}\n(n={len(group)})": [s.dice for s in group]
@@ -641,7 +642,7 @@ CV_OWN_SETTINGS = ("data", "out", "val_data", "val_fraction", "architecture", "c
 
 
 def _cv_train_options(command):
-    from meshseg.config import TrainConfig
+    from meshseg.training.config import TrainConfig
 
     return _config_options(TrainConfig, skip=CV_OWN_SETTINGS)(command)
 
@@ -685,7 +686,7 @@ def cv_command(data: Path, results: Path, models: tuple[str, ...], splits_file: 
     each outer fold's best inner run by validation Dice, segments the hold-out scans, scores
     them and writes RESULTS/summary.md, summary.csv and figures/ (see docs/reproduce.md).
     """
-    from meshseg import cv, cv_units
+    from meshseg.benchmark import cv, cv_units
 
     _log_to_console(quiet)
     settings = cv_units.CvSettings(data=data, out=results, models=tuple(dict.fromkeys(models)),
@@ -720,7 +721,7 @@ def cv_command(data: Path, results: Path, models: tuple[str, ...], splits_file: 
 @click.option("--seed", default=0, show_default=True, help="Random seed of the synthetic head.")
 def example(output: Path, mask: Path | None, seed: int) -> None:
     """Write a synthetic T2-weighted head with a chronic stroke lesion (for trying predict)."""
-    from meshseg.synth import write_pair
+    from meshseg.training.synth import write_pair
 
     try:
         volume_ml = write_pair(seed, output, mask)

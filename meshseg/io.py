@@ -27,8 +27,8 @@ import numpy as np
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.spatialimages import HeaderDataError
 
-from meshseg import validate
 from meshseg.errors import InputError, OutputError
+from meshseg.pipeline import validate
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 GRID_ATOL_MM = 1e-3  # affines closer than this count as the same grid
@@ -68,7 +68,7 @@ def stem(path: Path) -> str:
 
 
 def load_volume(path: str | Path) -> Volume:
-    """Read a NIfTI file through the reading gate (`meshseg.validate`) into a float32 `Volume`.
+    """Read a NIfTI file through the reading gate (`pipeline.validate`) into a float32 `Volume`.
 
     The whole file is read (gunzipped with its CRC and length checked) before any voxel is
     used; the header is checked before the data are allocated. nibabel's own messages are

@@ -24,12 +24,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from meshseg.catalog import LoadedModel
-from meshseg.infer import Runner
 from meshseg.io import WARNINGS_SEP
-from meshseg.predict import Outputs, Settings, segment_file
-from meshseg.qc import Checks, summary_line
-from meshseg.record import Result, write_report
+from meshseg.models.catalog import LoadedModel
+from meshseg.pipeline.infer import Runner
+from meshseg.pipeline.predict import Outputs, Settings, segment_file
+from meshseg.pipeline.record import Result, write_report
+from meshseg.qc.checks import Checks, summary_line
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from meshseg.model import MeshNet, MeshNetConfig
-from meshseg.weights import save_checkpoint
+from meshseg.models.meshnet import MeshNet, MeshNetConfig
+from meshseg.models.weights import save_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_MODEL = SHARED / "models" / "brainchop-t2-lesion-11ch"

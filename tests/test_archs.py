@@ -15,12 +15,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from meshseg import archs, catalog, predict
+from meshseg import archs
 from meshseg.cli import main
 from meshseg.errors import InputError, WeightsError
 from meshseg.io import load_volume
-from meshseg.train import fit
-from meshseg.weights import load_network
+from meshseg.models import catalog
+from meshseg.models.weights import load_network
+from meshseg.pipeline import predict
+from meshseg.training.train import fit
 from tests.test_data import write_pair
 from tests.test_train import config  # noqa: F401 (the tiny training run's fixture)
 

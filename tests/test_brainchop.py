@@ -1,9 +1,9 @@
 """meshseg with the shared brainchop model reproduces brainchop's own pipeline.
 
 The reference below is written from the shared model README alone, independently of
-meshseg.tfjs and meshseg.infer: read model.bin with numpy, min-max the conformed uint8
-volume, crop to voxels > 0 plus 18 zero voxels, run torch's conv3d layer after layer on the
-whole crop, argmax, put the labels back, keep the largest 26-connected lesion.
+meshseg.models.tfjs and meshseg.pipeline.infer: read model.bin with numpy, min-max the
+conformed uint8 volume, crop to voxels > 0 plus 18 zero voxels, run torch's conv3d layer after
+layer on the whole crop, argmax, put the labels back, keep the largest 26-connected lesion.
 """
 
 import json
@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from scipy import ndimage
 
 from meshseg.cli import main
-from meshseg.conform import CONFORMED_SHAPE, conformed_affine
+from meshseg.pipeline.conform import CONFORMED_SHAPE, conformed_affine
 from tests.conftest import blob
 
 PAD = 18

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from meshseg import catalog
 from meshseg.cli import main
 from meshseg.errors import WeightsError
-from meshseg.model import MeshNet, MeshNetConfig
-from meshseg.weights import (
+from meshseg.models import catalog
+from meshseg.models.meshnet import MeshNet, MeshNetConfig
+from meshseg.models.weights import (
     load_network,
     save_checkpoint,
     save_network,

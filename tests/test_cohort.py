@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from meshseg.cli import main
-from meshseg.cohort import LEFTOVER_AGE_S
-from meshseg.record import Result, flat_row, read_sidecar, write_report
-from meshseg.weights import load_network, save_checkpoint
+from meshseg.models.weights import load_network, save_checkpoint
+from meshseg.pipeline.cohort import LEFTOVER_AGE_S
+from meshseg.pipeline.record import Result, flat_row, read_sidecar, write_report
 from tests.conftest import head
 
 

@@ -8,7 +8,8 @@ import pytest
 from nibabel.freesurfer.mghformat import MGHHeader
 from nibabel.processing import resample_from_to
 
-from meshseg.conform import (
+from meshseg.io import Volume, load_volume
+from meshseg.pipeline.conform import (
     CONFORMED_SHAPE,
     ConformRecord,
     conform,
@@ -18,7 +19,6 @@ from meshseg.conform import (
     to_unit_range,
     unconform,
 )
-from meshseg.io import Volume, load_volume
 from tests.conftest import blob, grid_affine
 
 # (shape, zooms mm, rotation degrees, axis flips, axis permutation, origin mm)

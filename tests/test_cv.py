@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from meshseg import archs, cv, cv_units, data, evaluate, predict, splits
+from meshseg import archs
+from meshseg.benchmark import cv, cv_units, evaluate, splits
+from meshseg.benchmark.splits import FORMAT
 from meshseg.cli import main
-from meshseg.config import load_config, save_config
 from meshseg.errors import InputError
 from meshseg.io import write_csv
-from meshseg.splits import FORMAT
+from meshseg.pipeline import predict
+from meshseg.training import data
+from meshseg.training.config import load_config, save_config
 from tests.conftest import Killed
 from tests.test_data import fake_conform_pair, write_pair
 

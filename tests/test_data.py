@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from meshseg import data
-from meshseg.conform import CONFORMED_SHAPE, to_unit_range
-from meshseg.data import (
+from meshseg.errors import InputError
+from meshseg.io import load_volume
+from meshseg.pipeline.conform import CONFORMED_SHAPE, to_unit_range
+from meshseg.training import data
+from meshseg.training.data import (
     TEACHER_LEVELS,
     ConformedCache,
     LesionDataset,
@@ -28,8 +30,6 @@ from meshseg.data import (
     split_by_subject,
     write_manifest,
 )
-from meshseg.errors import InputError
-from meshseg.io import load_volume
 from tests.conftest import blob, grid_affine
 
 SHAPE = (24, 24, 24)

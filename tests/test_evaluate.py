@@ -11,9 +11,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from meshseg.cli import main
-from meshseg.errors import InputError
-from meshseg.evaluate import (
+from meshseg.benchmark.evaluate import (
     VOLUME_BINS,
     Score,
     by_volume_bin,
@@ -24,6 +22,8 @@ from meshseg.evaluate import (
     summary_table,
     write_scores,
 )
+from meshseg.cli import main
+from meshseg.errors import InputError
 from meshseg.metrics import hd95
 from tests.conftest import blob
 

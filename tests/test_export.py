@@ -8,10 +8,10 @@ from click.testing import CliRunner
 
 from meshseg.cli import main
 from meshseg.errors import WeightsError
-from meshseg.export import onnx_runner, read_onnx, to_onnx
-from meshseg.infer import run_layers
-from meshseg.model import MeshNet, MeshNetConfig, fold
-from meshseg.weights import save_checkpoint
+from meshseg.models.export import onnx_runner, read_onnx, to_onnx
+from meshseg.models.meshnet import MeshNet, MeshNetConfig, fold
+from meshseg.models.weights import save_checkpoint
+from meshseg.pipeline.infer import run_layers
 from tests.test_cli import head
 from tests.test_model import randomise_batch_norms
 

@@ -2,7 +2,7 @@
 
 import math
 
-from meshseg.figures import ModelPoint, box_plot, pareto_front, size_plot
+from meshseg.benchmark.figures import ModelPoint, box_plot, pareto_front, size_plot
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -18,12 +18,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from meshseg.catalog import LoadedModel
 from meshseg.cli import main
-from meshseg.infer import torch_runner
 from meshseg.io import load_volume
-from meshseg.model import MeshNet, MeshNetConfig, fold
-from meshseg.predict import Outputs, segment_file
+from meshseg.models.catalog import LoadedModel
+from meshseg.models.meshnet import MeshNet, MeshNetConfig, fold
+from meshseg.pipeline.infer import torch_runner
+from meshseg.pipeline.predict import Outputs, segment_file
 from tests.conftest import blob, grid_affine
 
 SHAPE = (40, 48, 40)
@@ -214,7 +214,7 @@ def tiny(tmp_path_factory):
     model = LoadedModel(name="tiny", layers=fold(network), postprocess="none",
                         architecture="MeshNet-2", parameters=0)
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    from meshseg.weights import save_checkpoint
+    from meshseg.models.weights import save_checkpoint
 
     save_checkpoint(path, network)
     return model, torch_runner(model.layers, torch.device("cpu")), path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshseg import html_report
+from meshseg.qc import html_report
 from tests.test_cli import head, run
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from meshseg import infer
 from meshseg.errors import DeviceError
-from meshseg.infer import head_box, lesion_probability, resolve_device, run_layers, torch_runner
-from meshseg.model import ACTIVATIONS, MeshNet, MeshNetConfig, fold
+from meshseg.models.meshnet import ACTIVATIONS, MeshNet, MeshNetConfig, fold
+from meshseg.pipeline import infer
+from meshseg.pipeline.infer import (
+    head_box,
+    lesion_probability,
+    resolve_device,
+    run_layers,
+    torch_runner,
+)
 from tests.conftest import blob
 from tests.test_model import randomise_batch_norms
 

@@ -8,7 +8,7 @@ import pytest
 
 from meshseg.errors import InputError, OutputError
 from meshseg.io import atomic_path, load_volume, save_like, write_csv
-from meshseg.validate import check_volume
+from meshseg.pipeline.validate import check_volume
 from tests.conftest import grid_affine
 
 

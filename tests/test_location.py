@@ -11,8 +11,8 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from meshseg import location, qc
 from meshseg.io import Volume, load_volume
+from meshseg.qc import checks, location
 from tests.conftest import SHARED
 
 REAL_SCANS = SHARED / "real-scans"
@@ -75,7 +75,7 @@ def test_lesion_painted_in_a_known_territory_is_found_there(tmp_path):
                            axis=0)
     assert error.max() < 3.0, error  # mm, at points across the brain
     where = location.locate(mask, volume, registration)
-    assert where["registration_quality"] > qc.POOR_REGISTRATION
+    assert where["registration_quality"] > checks.POOR_REGISTRATION
     assert where["side"] == "right" and where["right_pct"] > 95
     top = where["territories"][0]
     assert top["abbreviation"] == "MCAFR" and top["lesion_pct"] > 60
@@ -134,10 +134,10 @@ def test_whole_head_scan_registers_well():
         pytest.skip(f"shared real scans not found at {path}")
     volume = load_volume(path)
     registration = location.register(volume)
-    assert registration.quality >= qc.POOR_REGISTRATION, registration
+    assert registration.quality >= checks.POOR_REGISTRATION, registration
     moved = registration.scan_from_mni.copy()
     moved[0, 3] += 15
-    assert location.fit_quality(volume, moved, location.mni_space())[0] < qc.POOR_REGISTRATION
+    assert location.fit_quality(volume, moved, location.mni_space())[0] < checks.POOR_REGISTRATION
 
 
 @pytest.mark.slow
@@ -173,7 +173,7 @@ def test_wheel_ships_the_atlas(tmp_path):
                     "-w", str(tmp_path)], check=True)
     names = zipfile.ZipFile(next(tmp_path.glob("meshseg-*.whl"))).namelist()
     for name in ("ArterialAtlas136.nii.gz", "ArterialAtlas136.txt", "LICENSE", "README.md"):
-        assert f"meshseg/atlas/{name}" in names
+        assert f"meshseg/qc/atlas/{name}" in names
 
 
 def test_location_holds_plain_json_types():

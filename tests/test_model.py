@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meshseg.model import DILATIONS, MeshNet, MeshNetConfig, count_parameters, fold
+from meshseg.models.meshnet import DILATIONS, MeshNet, MeshNetConfig, count_parameters, fold
 
 
 def randomise_batch_norms(model: MeshNet, seed: int = 0) -> None:

@@ -6,8 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from meshseg import qc, qcpicture, synth
 from meshseg.io import Volume, load_volume
+from meshseg.qc import checks, picture
+from meshseg.training import synth
 from tests.conftest import SHARED, blob
 from tests.test_cli import head, run
 from tests.test_location import synthetic_head
@@ -23,23 +24,23 @@ def test_lesion_flags_each_case():
     shape = (40, 40, 40)
     ball = blob(shape, (20, 20, 20), 5)
     sure = np.where(ball, 0.97, 0.01).astype(np.float32)
-    assert names(qc.lesion_flags(sure, ball, 0.5, 1)) == set()
-    assert names(qc.lesion_flags(sure * 0, ball * 0, 0.0, 0)) == {"no_lesion"}
-    assert "large_lesion" in names(qc.lesion_flags(sure, ball, qc.LARGE_LESION_ML + 1, 1))
-    assert "fragments" in names(qc.lesion_flags(sure, ball, 0.5, qc.MANY_FRAGMENTS + 1))
+    assert names(checks.lesion_flags(sure, ball, 0.5, 1)) == set()
+    assert names(checks.lesion_flags(sure * 0, ball * 0, 0.0, 0)) == {"no_lesion"}
+    assert "large_lesion" in names(checks.lesion_flags(sure, ball, checks.LARGE_LESION_ML + 1, 1))
+    assert "fragments" in names(checks.lesion_flags(sure, ball, 0.5, checks.MANY_FRAGMENTS + 1))
     edge = blob(shape, (20, 20, 1), 4)
-    flags = qc.lesion_flags(np.where(edge, 0.97, 0.0), edge, 0.1, 1)
+    flags = checks.lesion_flags(np.where(edge, 0.97, 0.0), edge, 0.1, 1)
     assert names(flags) == {"edge"} and flags[0].value == int(edge[:, :, 0].sum())
     unsure = np.where(ball, 0.6, 0.01).astype(np.float32)
-    flags = qc.lesion_flags(unsure, ball, 0.5, 1)
+    flags = checks.lesion_flags(unsure, ball, 0.5, 1)
     assert names(flags) == {"low_confidence"} and flags[0].value == 1.0
-    assert flags[0].threshold == qc.LOW_CONFIDENCE_SHARE
+    assert flags[0].threshold == checks.LOW_CONFIDENCE_SHARE
 
 
 def contrast_flags(volume: Volume) -> set[str]:
     """Flags of a scan with an empty mask (registration and contrast only)."""
     empty = np.zeros(volume.data.shape, np.uint8)
-    return names(qc.assess(volume, empty.astype(np.float32), empty, 0.0, 0).flags)
+    return names(checks.assess(volume, empty.astype(np.float32), empty, 0.0, 0).flags)
 
 
 @pytest.mark.parametrize("name, t2", [("healthy_T1w", False), ("lesion_FLAIR", False),
@@ -78,9 +79,9 @@ def test_picture_is_written_fast_for_any_orientation(tmp_path):
     lesion = blob(shape, (18, 35, 15), 5)
     affine = np.diag([-1.0, 1.0, 2.5, 1.0])
     start = time.perf_counter()
-    qcpicture.draw(image, affine, lesion, "scan.nii.gz | model | 1.0 mL", tmp_path / "a.png")
+    picture.draw(image, affine, lesion, "scan.nii.gz | model | 1.0 mL", tmp_path / "a.png")
     assert time.perf_counter() - start < 3.0  # under 1 s on an idle machine
-    qcpicture.draw(image, affine, lesion * 0, "empty", tmp_path / "b.png")
+    picture.draw(image, affine, lesion * 0, "empty", tmp_path / "b.png")
     for name in ("a.png", "b.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -92,7 +93,7 @@ def test_picture_puts_the_patients_left_on_the_left():
     lesion = blob(shape, (5, 10, 10), 3)  # low x index
     for flip in (1.0, -1.0):
         data = lesion[::-1] if flip < 0 else lesion
-        image, found, _ = qcpicture._to_ras(data.astype(np.float32),
+        image, found, _ = picture._to_ras(data.astype(np.float32),
                                             np.diag([flip, 1.0, 1.0, 1.0]), data)
         x = np.flatnonzero(found.any(axis=(1, 2)))
         # with affine x = +i the lesion is at patient's left (x < mid): low index after RAS

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from meshseg import catalog
 from meshseg.io import Volume, load_volume
 from meshseg.metrics import largest_lesion_side
-from meshseg.predict import lesion_stats, runner, segment, to_mask
-from meshseg.synth import EXAMPLE, draw_head
+from meshseg.models import catalog
+from meshseg.pipeline.predict import lesion_stats, runner, segment, to_mask
+from meshseg.training.synth import EXAMPLE, draw_head
 from tests.conftest import REAL_SCANS, SHARED_MODEL
 
 pytestmark = pytest.mark.skipif(not (REAL_SCANS.is_dir() and SHARED_MODEL.is_dir()),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from meshseg.model import MeshNet, MeshNetConfig
-from meshseg.weights import save_checkpoint
+from meshseg.models.meshnet import MeshNet, MeshNetConfig
+from meshseg.models.weights import save_checkpoint
 from tests.test_fuzz import nifti_bytes, valid_image
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshseg import splits as sp
-from meshseg.data import Pair
+from meshseg.benchmark import splits as sp
 from meshseg.errors import InputError
+from meshseg.training.data import Pair
 
 ACQS = ("spc3", "spc3p2")
 

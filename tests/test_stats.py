@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from meshseg.stats import compare, holm, paired_wilcoxon
+from meshseg.benchmark.stats import compare, holm, paired_wilcoxon
 
 
 def test_holm_by_hand():

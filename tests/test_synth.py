@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from meshseg.data import read_manifest
 from meshseg.errors import MeshsegError
-from meshseg.synth import (
+from meshseg.training.data import read_manifest
+from meshseg.training.synth import (
     ARC_QUARTILES_ML,
     SynthOptions,
     _atlas,

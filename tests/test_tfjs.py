@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from meshseg.errors import WeightsError
-from meshseg.infer import run_layers
-from meshseg.tfjs import load_tfjs
+from meshseg.models.tfjs import load_tfjs
+from meshseg.pipeline.infer import run_layers
 
 CPU = torch.device("cpu")
 CHANNELS = 3

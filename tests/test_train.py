@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from meshseg import data
-from meshseg.conform import to_unit_range
-from meshseg.distill import load_teacher, teacher_digest
 from meshseg.errors import DeviceError, InputError, OutputError
-from meshseg.infer import lesion_probability
-from meshseg.model import MeshNet, MeshNetConfig
-from meshseg.predict import runner
-from meshseg.train import (
+from meshseg.models.meshnet import MeshNet, MeshNetConfig
+from meshseg.models.weights import load_network, sha256_file
+from meshseg.pipeline.conform import to_unit_range
+from meshseg.pipeline.infer import lesion_probability
+from meshseg.pipeline.predict import runner
+from meshseg.training import data
+from meshseg.training.distill import load_teacher, teacher_digest
+from meshseg.training.train import (
     METRIC_COLUMNS,
     TrainConfig,
     dice,
@@ -35,7 +36,6 @@ from meshseg.train import (
     resume,
     save_config,
 )
-from meshseg.weights import load_network, sha256_file
 from tests.conftest import Killed, grid_affine
 from tests.test_data import fake_conform_pair, write_pair
 
@@ -115,7 +115,7 @@ def test_background_weight_zero_is_allowed_and_a_lesion_free_batch_gives_no_nan(
 
 def test_fit_writes_the_run_files(config, caplog):
     records = []
-    with caplog.at_level(logging.INFO, logger="meshseg.train"):
+    with caplog.at_level(logging.INFO, logger="meshseg.training.train"):
         run_dir = fit(config, on_epoch=records.append)
 
     assert run_dir == config.out
@@ -154,7 +154,7 @@ def test_keep_epochs_writes_every_epoch_and_best_is_one_of_them(config):
 @pytest.mark.parametrize("val_whole, side", [(False, 12), (True, 24)])
 def test_validation_uses_one_crop_or_the_whole_volume(config, monkeypatch, val_whole, side):
     """Crop training validates on a crop, or with val_whole on the volume predict would see."""
-    from meshseg import train
+    from meshseg.training import train
 
     seen = []
     real = train._validate
@@ -171,7 +171,7 @@ def test_validation_uses_one_crop_or_the_whole_volume(config, monkeypatch, val_w
 def test_a_run_killed_while_being_set_up_can_be_started_again(config, monkeypatch):
     """config.toml, the mark of a resumable run, is written last: a kill before it leaves a
     folder that `fit` simply starts over."""
-    from meshseg import train
+    from meshseg.training import train
 
     def killed(*args):
         raise Killed
@@ -229,7 +229,7 @@ def test_killed_run_resumes_to_the_same_result(config, tmp_path, caplog):
     best = load_network(killed.out / "best.safetensors").meta
     assert best["val_dice"] == max(float(r["val_dice"]) for r in read_metrics(killed.out))
     before = (killed.out / "last.pt").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="meshseg.train"):
+    with caplog.at_level(logging.INFO, logger="meshseg.training.train"):
         resume(killed.out)
     assert "already finished" in caplog.text
     assert (killed.out / "last.pt").stat().st_mtime_ns == before
@@ -307,7 +307,7 @@ def test_init_must_fit_the_network(config, tmp_path, change, message):
 
 def test_init_refuses_a_meshnet_of_other_dilations(config, tmp_path):
     """Same tensor shapes, other network: refused by name, not loaded silently."""
-    from meshseg.weights import save_checkpoint
+    from meshseg.models.weights import save_checkpoint
 
     other = tmp_path / "other.safetensors"
     save_checkpoint(other, MeshNet(MeshNetConfig(channels=3,
@@ -414,7 +414,7 @@ def test_train_command_runs_and_resumes(config):
 def test_settings_as_flags_parse_back_to_the_same_config(tmp_path):
     """as_flags spells every kind of setting so that `meshseg train` reads it back exactly."""
     from meshseg.cli import main
-    from meshseg.config import as_flags
+    from meshseg.training.config import as_flags
 
     settings = {"lr": 0.00123456789, "class_weights": [0.25, 1.0], "flip_lr": False,
                 "amp": True, "channels": 12, "architecture": "meshnet"}

@@ -16,13 +16,13 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
-from meshseg import data
+from meshseg.benchmark.splits import make_splits, save_splits
 from meshseg.cli import main
-from meshseg.config import load_config
-from meshseg.data import read_manifest
 from meshseg.errors import InputError
-from meshseg.splits import make_splits, save_splits
-from meshseg.tune import (
+from meshseg.training import data
+from meshseg.training.config import load_config
+from meshseg.training.data import read_manifest
+from meshseg.training.tune import (
     TuneSettings,
     inner_folds,
     join_study,
@@ -158,7 +158,7 @@ def test_the_folders_splits_are_reused_and_another_file_refused(manifest, tmp_pa
     def made_again(*args, **kwargs):
         raise AssertionError("OUT/splits.json exists: its splits are read, not made again")
 
-    monkeypatch.setattr("meshseg.splits.make_splits", made_again)
+    monkeypatch.setattr("meshseg.benchmark.splits.make_splits", made_again)
     assert inner_folds(TuneSettings(data=manifest, out=out, seed=7))[0] == saved
     with pytest.raises(InputError, match="splits.json: made with seed 7, not 0"):
         inner_folds(TuneSettings(data=manifest, out=out))

@@ -60,7 +60,7 @@ class Architecture:
 
 _MONAI = ("monai",)
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
-    Architecture(MESHNET, "MeshNet", "meshseg (meshseg.model.MeshNet)", "meshnet:meshnet",
+    Architecture(MESHNET, "MeshNet", "meshseg (meshseg.models.meshnet.MeshNet)", "meshnet:meshnet",
                  options=("channels", "activation")),
     Architecture("segresnet", "SegResNet", "MONAI SegResNet (defaults)",
                  "monai_nets:segresnet", 8, needs=_MONAI),
@@ -198,6 +198,6 @@ def count_parameters(name: str, options: dict[str, Any]) -> int:
     PyTorch's meta device would skip the memory but not the time (MONAI's truncated-normal
     initialisation is slower there) and Swin-UNETR's constructor reads tensor values.
     """
-    from meshseg.model import count_parameters as learnable
+    from meshseg.models.meshnet import count_parameters as learnable
 
     return learnable(build(name, **options))

@@ -1,8 +1,8 @@
-"""MeshNet as a registry builder (the network itself lives in meshseg.model)."""
+"""MeshNet as a registry builder (the network itself lives in meshseg.models.meshnet)."""
 
 from __future__ import annotations
 
-from meshseg.model import MeshNet, MeshNetConfig
+from meshseg.models.meshnet import MeshNet, MeshNetConfig
 
 
 def meshnet(channels: int = 26, activation: str = "relu") -> MeshNet:

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshseg import archs, splits, train
-from meshseg.cohort import stem
-from meshseg.config import MACHINE_FIELDS, TrainConfig, differences, load_config
-from meshseg.data import Pair, load_dataset, write_manifest
+from meshseg import archs
+from meshseg.benchmark import splits
 from meshseg.errors import InputError
 from meshseg.io import make_folder
+from meshseg.pipeline.cohort import stem
+from meshseg.training import train
+from meshseg.training.config import MACHINE_FIELDS, TrainConfig, differences, load_config
+from meshseg.training.data import Pair, load_dataset, write_manifest
 
 DEFAULT_REFERENCE = "meshnet-26"
 SELECTOR_KEYS = ("model", "outer", "inner", "restart", "index")

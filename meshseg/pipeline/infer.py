@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from meshseg.errors import DeviceError
-from meshseg.model import ACTIVATIONS, FoldedLayer
+from meshseg.models.meshnet import ACTIVATIONS, FoldedLayer
 
 # Automatic slab size: rows whose input + output activations of a layer fill this many bytes.
 # Windows hold about two slabs beyond their halo, so smaller slabs mean less memory; below a

@@ -24,7 +24,7 @@ from torch import nn
 from meshseg import archs
 from meshseg.errors import MeshsegError, WeightsError
 from meshseg.io import atomic_path, first_line
-from meshseg.model import MeshNet, MeshNetConfig
+from meshseg.models.meshnet import MeshNet, MeshNetConfig
 
 FORMAT = "meshseg-meshnet/1"
 MAX_CHANNELS = 512  # build-option bound of the other architectures, checked before building

@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from meshseg.errors import DeviceError, WeightsError
 from meshseg.io import atomic_path
-from meshseg.model import MAX_DILATION, FoldedLayer
-from meshseg.weights import check_finite
+from meshseg.models.meshnet import MAX_DILATION, FoldedLayer
+from meshseg.models.weights import check_finite
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17; newer onnx writes versions older runtimes refuse
@@ -70,7 +70,7 @@ def verify_onnx(layers: list[FoldedLayer], path, shape: tuple[int, int, int] = (
     Raises:
         WeightsError: the difference exceeds `tolerance` (relative to the logits' scale).
     """
-    from meshseg.infer import run_layers
+    from meshseg.pipeline.infer import run_layers
 
     x = torch.from_numpy(np.random.default_rng(0).random((1, *shape), dtype=np.float32))
     device = torch.device("cpu")

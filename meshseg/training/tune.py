@@ -32,15 +32,15 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 
 from meshseg import archs
-from meshseg.config import MACHINE_FIELDS, TrainConfig, as_flags, check_names, differences
 from meshseg.errors import InputError
 from meshseg.io import atomic_path, make_folder, write_csv
+from meshseg.training.config import MACHINE_FIELDS, TrainConfig, as_flags, check_names, differences
 
 if TYPE_CHECKING:
     import optuna
 
-    from meshseg.data import Pair
-    from meshseg.splits import Splits
+    from meshseg.benchmark.splits import Splits
+    from meshseg.training.data import Pair
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +250,8 @@ def join_study(study: optuna.Study, identity: dict[str, Any]) -> None:
 def inner_folds(settings: TuneSettings) -> tuple[Splits, list[tuple[list[Pair], list[Pair]]]]:
     """The splits (`splits.folder_splits`: from `settings.splits`, OUT/splits.json or the
     seed) and the (train, val) pairs of each inner fold of their first outer fold."""
-    from meshseg.data import load_dataset
-    from meshseg.splits import SPLITS_FILE, fold_pairs, folder_splits
+    from meshseg.benchmark.splits import SPLITS_FILE, fold_pairs, folder_splits
+    from meshseg.training.data import load_dataset
 
     pairs = load_dataset(settings.data)
     splits = folder_splits(pairs, settings.out / SPLITS_FILE, settings.splits,
@@ -276,8 +276,8 @@ class Objective:
     folds: list[tuple[list[Pair], list[Pair]]]
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from meshseg.data import write_manifest
-        from meshseg.train import fit
+        from meshseg.training.data import write_manifest
+        from meshseg.training.train import fit
 
         tuned = suggest(trial, tunes_channels(self.settings.fixed))
         folder = trial_dir(self.settings, trial.number)
@@ -391,7 +391,7 @@ def tune(settings: TuneSettings,
             started with other settings; OutputError: the output folder cannot be written;
             errors of `train.fit` (a CUDA out-of-memory error only fails that trial).
     """
-    from meshseg.splits import SPLITS_FILE, save_splits
+    from meshseg.benchmark.splits import SPLITS_FILE, save_splits
 
     settings.check()
     import_optuna()

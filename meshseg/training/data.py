@@ -24,17 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from meshseg.catalog import home
-from meshseg.conform import (
-    CONFORMED_SHAPE,
-    CONFORMED_VOXEL_MM,
-    F_HIGH,
-    HISTOGRAM_BINS,
-    ConformRecord,
-    conform,
-    to_conformed,
-    to_unit_range,
-)
 from meshseg.errors import InputError, OutputError
 from meshseg.io import (
     GRID_ATOL_MM,
@@ -44,7 +33,18 @@ from meshseg.io import (
     load_volume,
     write_csv,
 )
-from meshseg.weights import sha256_file
+from meshseg.models.catalog import home
+from meshseg.models.weights import sha256_file
+from meshseg.pipeline.conform import (
+    CONFORMED_SHAPE,
+    CONFORMED_VOXEL_MM,
+    F_HIGH,
+    HISTOGRAM_BINS,
+    ConformRecord,
+    conform,
+    to_conformed,
+    to_unit_range,
+)
 
 logger = logging.getLogger(__name__)
 

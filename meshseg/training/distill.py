@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meshseg.catalog import LoadedModel, load
-from meshseg.conform import to_unit_range
-from meshseg.data import TEACHER_LEVELS, ConformedCache, Pair
 from meshseg.errors import InputError, WeightsError
-from meshseg.infer import lesion_probability
 from meshseg.io import atomic_path
+from meshseg.models.catalog import LoadedModel, load
+from meshseg.pipeline.conform import to_unit_range
+from meshseg.pipeline.infer import lesion_probability
+from meshseg.training.data import TEACHER_LEVELS, ConformedCache, Pair
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def teacher_entries(pairs: Sequence[Pair], cache: ConformedCache, model: LoadedM
     Raises:
         OutputError: the cache cannot be written.
     """
-    from meshseg.predict import runner  # predict imports much; only a teacher needs it
+    from meshseg.pipeline.predict import runner  # predict imports much; only a teacher needs it
 
     run, tag = None, teacher_digest(model)[:16]
     paths = []

@@ -18,9 +18,9 @@ from torch import nn
 from meshseg import archs
 from meshseg.errors import OutputError, WeightsError
 from meshseg.io import atomic_path
-from meshseg.model import FoldedLayer, count_parameters, fold
-from meshseg.tfjs import load_tfjs
-from meshseg.weights import load_network, sha256_file
+from meshseg.models.meshnet import FoldedLayer, count_parameters, fold
+from meshseg.models.tfjs import load_tfjs
+from meshseg.models.weights import load_network, sha256_file
 
 _BRAINCHOP_COMMIT = "75c1105a431ee6a604032b58d3f5b1626fb0093c"
 BRAINCHOP_URL = (f"https://raw.githubusercontent.com/neurolabusc/T2lesion/{_BRAINCHOP_COMMIT}"
@@ -92,8 +92,9 @@ def home() -> Path:
 
 
 def bundled_dir() -> Path:
-    """The weights/ folder: inside the installed package, or beside it in a source checkout."""
-    package = Path(__file__).resolve().parent
+    """The weights/ folder: inside the installed package (meshseg/weights), or beside it in a
+    source checkout."""
+    package = Path(__file__).resolve().parents[1]  # meshseg/, this file is meshseg/models/
     for candidate in (package / "weights", package.parent / "weights"):
         if candidate.is_dir():
             return candidate
@@ -224,7 +225,7 @@ def _read_model(path: Path, name: str) -> LoadedModel:
     crop to the voxels > 0 and keep the largest lesion (brainchop's defaults), and a meshseg
     checkpoint says so in its meta (`tfjs.save_as_checkpoint`)."""
     if path.suffix == ".onnx":
-        from meshseg.export import onnx_parameters, read_onnx  # onnx takes ~1 s to import
+        from meshseg.models.export import onnx_parameters, read_onnx  # onnx takes ~1 s to import
 
         graph = read_onnx(path)
         return LoadedModel(name=name, layers=[], postprocess="none", architecture="ONNX",

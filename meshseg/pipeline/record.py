@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from meshseg import html_report
 from meshseg.io import atomic_path, stem, write_csv
+from meshseg.qc import html_report
 
 KIND = "meshseg-result"  # marks a JSON file as a sidecar written by meshseg
 SETTINGS = ("model_sha256", "threshold", "postprocess", "backend", "precision")
@@ -54,7 +54,7 @@ class Result:
     error: str = ""
     warnings: str = ""  # the input's header repairs, io.WARNINGS_SEP-separated
     flags: list = field(default_factory=list)  # QC flags (qc.Flag fields: name, value...)
-    location: dict = field(default_factory=dict)  # side, territories... (qc.assess)
+    location: dict = field(default_factory=dict)  # side, territories... (checks.assess)
     picture: str = ""  # the QC picture
     kind: str = KIND
 

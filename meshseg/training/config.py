@@ -18,7 +18,7 @@ from meshseg import archs
 from meshseg.errors import InputError
 from meshseg.io import atomic_path
 
-ACTIVATION_NAMES = ("elu", "relu")  # those meshseg.model.ACTIVATIONS builds
+ACTIVATION_NAMES = ("elu", "relu")  # those meshseg.models.meshnet.ACTIVATIONS builds
 
 PATH_FIELDS = ("data", "out", "val_data", "cache", "init")
 # Settings that may differ between the machines sharing a tune study or a cv results folder,
@@ -162,7 +162,7 @@ class TrainConfig:
 
     def input_side(self) -> int:
         """Side of the cubes the network trains on: the crop, else the (downsampled) volume."""
-        from meshseg.conform import CONFORMED_SHAPE
+        from meshseg.pipeline.conform import CONFORMED_SHAPE
 
         return self.crop or CONFORMED_SHAPE[0] // self.downsample
 

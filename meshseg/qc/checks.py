@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from meshseg import location, qcpicture
 from meshseg.errors import InputError, MeshsegError
 from meshseg.io import Volume
+from meshseg.qc import location, picture
 
 if TYPE_CHECKING:
-    from meshseg.predict import Outputs
-    from meshseg.record import Result
+    from meshseg.pipeline.predict import Outputs
+    from meshseg.pipeline.record import Result
 
 # Not T2-weighted: median intensity in the ventricles over that in deep white matter (MNI
 # priors carried to the scan by the registration). T2 makes CSF bright: 1.05-3.2 on the
@@ -104,7 +104,7 @@ def write_review(assessment: Assessment, volume: Volume, mask: np.ndarray, outpu
                  result: Result) -> None:
     """Write the QC picture and the MNI-space mask where `outputs` asks for them."""
     if outputs.picture is not None:
-        qcpicture.draw(volume.data, volume.affine, mask, picture_title(result), outputs.picture)
+        picture.draw(volume.data, volume.affine, mask, picture_title(result), outputs.picture)
         result.picture = str(outputs.picture)
     if outputs.mni is not None and assessment.mni_mask is not None:
         location.write_mni_mask(assessment.mni_mask, outputs.mni)

@@ -27,11 +27,11 @@ from nibabel.processing import resample_from_to
 from rich import box
 from rich.table import Table
 
-from meshseg.cohort import PROB_SUFFIX, stem
 from meshseg.errors import InputError, MeshsegError
 from meshseg.io import GRID_ATOL_MM, Volume, is_nifti_path, load_volume, write_csv
 from meshseg.metrics import avd, dice, hd95, lesion_counts, mcc, voxel_ml
-from meshseg.synth import ARC_QUARTILES_ML
+from meshseg.pipeline.cohort import PROB_SUFFIX, stem
+from meshseg.training.synth import ARC_QUARTILES_ML
 
 logger = logging.getLogger(__name__)
 

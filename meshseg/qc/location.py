@@ -76,8 +76,8 @@ class MniSpace:
 
 
 def atlas_path(name: str = ATLAS_FILE) -> Path:
-    """A file of the arterial atlas shipped in the package (meshseg/atlas)."""
-    return Path(str(resources.files("meshseg") / "atlas" / name))
+    """A file of the arterial atlas shipped in the package (meshseg/qc/atlas)."""
+    return Path(str(resources.files("meshseg.qc") / "atlas" / name))
 
 
 def read_territories(path: Path) -> dict[int, Territory]:
@@ -104,7 +104,7 @@ def mni_space() -> MniSpace:
     except (OSError, ValueError) as err:
         raise MeshsegError(f"{atlas_path()}: arterial atlas missing or unreadable "
                            f"({err}); reinstall meshseg") from err
-    from meshseg.synth import _template as mni_map  # here: synth imports predict's chain
+    from meshseg.training.synth import _template as mni_map  # here: synth imports predict's chain
 
     labels = np.asarray(atlas.dataobj, np.int16)
     maps = {}

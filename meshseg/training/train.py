@@ -36,8 +36,14 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from meshseg import archs
-from meshseg.config import MACHINE_FIELDS, TrainConfig, load_config, save_config
-from meshseg.data import (
+from meshseg.errors import DeviceError, InputError, OutputError, WeightsError
+from meshseg.io import atomic_path, write_csv
+from meshseg.models.meshnet import MeshNet, MeshNetConfig
+from meshseg.models.weights import load_network, save_checkpoint, save_network, sha256_file
+from meshseg.pipeline.infer import resolve_device
+from meshseg.progress import track
+from meshseg.training.config import MACHINE_FIELDS, TrainConfig, load_config, save_config
+from meshseg.training.data import (
     ConformedCache,
     LesionDataset,
     Pair,
@@ -46,13 +52,7 @@ from meshseg.data import (
     load_dataset,
     split_by_subject,
 )
-from meshseg.distill import load_teacher, teacher_digest, teacher_entries
-from meshseg.errors import DeviceError, InputError, OutputError, WeightsError
-from meshseg.infer import resolve_device
-from meshseg.io import atomic_path, write_csv
-from meshseg.model import MeshNet, MeshNetConfig
-from meshseg.progress import track
-from meshseg.weights import load_network, save_checkpoint, save_network, sha256_file
+from meshseg.training.distill import load_teacher, teacher_digest, teacher_entries
 
 logger = logging.getLogger(__name__)
 

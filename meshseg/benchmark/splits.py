@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from meshseg.data import Pair
 from meshseg.errors import InputError
 from meshseg.io import atomic_path, load_volume
 from meshseg.metrics import voxel_ml
+from meshseg.training.data import Pair
 
 FORMAT = "meshseg-splits/2"  # /1 held voxel counts on each mask's own grid
 SPLITS_FILE = "splits.json"  # the splits of a cv or tune output folder

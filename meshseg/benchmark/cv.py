@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from meshseg import evaluate, splits, train
-from meshseg.cv_units import (
+from meshseg.benchmark import evaluate, splits
+from meshseg.benchmark.cv_units import (
     CvSettings,
     Unit,
     epochs,
@@ -43,10 +43,11 @@ from meshseg.cv_units import (
     train_unit,
     units,
 )
-from meshseg.data import Pair
 from meshseg.errors import InputError
 from meshseg.io import atomic_path, make_folder, write_csv
 from meshseg.progress import track
+from meshseg.training import train
+from meshseg.training.data import Pair
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +164,9 @@ def predict_test(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pa
     Raises:
         InputError: a scan fails (the message is `predict`'s one line).
     """
-    from meshseg import catalog
-    from meshseg.infer import resolve_device
-    from meshseg.predict import Outputs, runner, segment_file
+    from meshseg.models import catalog
+    from meshseg.pipeline.infer import resolve_device
+    from meshseg.pipeline.predict import Outputs, runner, segment_file
 
     device = resolve_device(settings.train.get("device", "auto"))
     model = catalog.load(str(best.checkpoint))
@@ -245,7 +246,7 @@ def table(settings: CvSettings, chosen: splits.Splits, pairs: Sequence[Pair],
     """Table 1: per model its parameters, the mean of each metric per outer fold, and
     significance of the per-subject differences to the reference model (Wilcoxon, Holm over
     models)."""
-    from meshseg import stats
+    from meshseg.benchmark import stats
 
     tested_in = {subject: k for k, f in enumerate(chosen.folds) for subject in f.test}
     ids = scan_ids(pairs)
@@ -305,7 +306,7 @@ def write_summary(settings: CvSettings, rows: Sequence[Row]) -> None:
 def write_figures(settings: CvSettings, rows: Sequence[Row],
                   scores: dict[str, list[evaluate.Score]]) -> None:
     """The DICE box plot (ranked, stars) and median DICE against 1 / parameters."""
-    from meshseg.figures import ModelPoint, box_plot, size_plot
+    from meshseg.benchmark.figures import ModelPoint, box_plot, size_plot
 
     folder = settings.out / "figures"
     make_folder(folder)

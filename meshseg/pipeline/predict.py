@@ -19,8 +19,6 @@ from torch import nn
 
 from meshseg import __version__
 from meshseg.archs import INSTALL_HINT
-from meshseg.catalog import LoadedModel
-from meshseg.conform import conform, to_unit_range, unconform
 from meshseg.errors import (
     DeviceError,
     ForeignOutputError,
@@ -29,13 +27,22 @@ from meshseg.errors import (
     OutputError,
     WeightsError,
 )
-from meshseg.infer import PRECISIONS, Box, OnLayer, Runner, lesion_probability, torch_runner
 from meshseg.io import WARNINGS_SEP, Volume, first_line, load_volume, make_folder, save_like
 from meshseg.metrics import CONNECTIVITY, largest_lesion, voxel_ml
-from meshseg.qc import Checks, review, write_review
-from meshseg.record import Result, as_skipped, read_sidecar, sidecar_path, write_sidecar
-from meshseg.validate import check_volume
-from meshseg.weights import sha256_file
+from meshseg.models.catalog import LoadedModel
+from meshseg.models.weights import sha256_file
+from meshseg.pipeline.conform import conform, to_unit_range, unconform
+from meshseg.pipeline.infer import (
+    PRECISIONS,
+    Box,
+    OnLayer,
+    Runner,
+    lesion_probability,
+    torch_runner,
+)
+from meshseg.pipeline.record import Result, as_skipped, read_sidecar, sidecar_path, write_sidecar
+from meshseg.pipeline.validate import check_volume
+from meshseg.qc.checks import Checks, review, write_review
 
 Progress = Callable[[str, float], None]
 """Called with a stage name (load, conform, layers, unconform, write) and its fraction done."""
@@ -95,7 +102,8 @@ def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
     if backend == "onnx":
         if precision != "fp32":
             raise DeviceError(f"--precision {precision}: the onnx backend runs in fp32 only")
-        from meshseg.export import onnx_runner, to_onnx  # onnx takes ~1 s to import: only here
+        # onnx takes ~1 s to import: only here
+        from meshseg.models.export import onnx_runner, to_onnx
 
         return onnx_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device)
     if not model.layers:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from meshseg.errors import WeightsError
-from meshseg.model import (
+from meshseg.models.meshnet import (
     ACTIVATIONS,
     MAX_DILATION,
     FoldedLayer,
@@ -31,7 +31,7 @@ from meshseg.model import (
     MeshNetConfig,
     fold_batch_norm,
 )
-from meshseg.weights import check_finite, save_checkpoint, sha256_file
+from meshseg.models.weights import check_finite, save_checkpoint, sha256_file
 
 FLOAT32_BYTES = 4
 KERAS_LINEAR = "linear"
