@@ -3,6 +3,8 @@
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -131,6 +133,18 @@ def test_models_list_json():
     assert result.exit_code == 0
     names = [row["name"] for row in json.loads(result.output)]
     assert "brainchop-t2-lesion" in names
+
+
+@pytest.mark.parametrize("args", [["--help"], ["predict", "--help"], ["train", "--help"]])
+def test_help_does_not_import_torch(args):
+    """Help is instant: torch (seconds to import) loads only when a command runs. Run in a fresh
+    interpreter, as this one has torch already."""
+    code = ("import sys; from meshseg.cli import main\n"
+            f"main({args!r}, standalone_mode=False)\n"
+            "sys.exit('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Usage:" in done.stdout
 
 
 def test_the_bundled_default_finds_the_example_lesion(tmp_path):
