@@ -239,6 +239,16 @@ def write_csv(path: str | Path, columns: Sequence[str],
     return Path(path)
 
 
+def save_png(figure, path: Path, dpi: int = 150) -> None:
+    """Write a matplotlib figure as PNG through its Agg canvas (no pyplot), atomically.
+    matplotlib is imported here: it is slow to import and only pictures need it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    with atomic_path(path, suffix=".part.png") as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
+
+
 def _umask() -> int:
     """The process umask (reading it requires setting it; restored at once)."""
     mask = os.umask(0o022)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meshseg.io import atomic_path
+from meshseg.io import save_png
 
 DICE_LIMITS = (0.0, 1.0)  # DICE lives in 0..1; a fixed axis keeps figures comparable
 
@@ -98,12 +98,3 @@ def _finish(axes, title: str | None, limits: tuple[float, float] | None) -> None
     if limits is not None:
         axes.set_ylim(*limits)
     axes.set_title(title or "", wrap=True)
-
-
-def save_png(figure, path: Path, dpi: int = 150) -> None:
-    """Write the figure as PNG, atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)
-    with atomic_path(path, suffix=".part.png") as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi)

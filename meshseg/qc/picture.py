@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from meshseg.benchmark.figures import save_png
+from meshseg.io import save_png
 from meshseg.metrics import CONNECTIVITY
 
 AXIAL_SLICES = 6  # panels of the axial montage
