@@ -107,8 +107,9 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     from meshseg.models import catalog
     from meshseg.pipeline import cohort
     from meshseg.pipeline.infer import resolve_device
-    from meshseg.pipeline.predict import Settings, runner
+    from meshseg.pipeline.predict import Settings, run_cohort, runner
     from meshseg.pipeline.record import REPORT_SUFFIXES
+    from meshseg.qc.checks import Checks
 
     if report is not None and report.suffix.lower() not in REPORT_SUFFIXES:
         raise click.BadParameter("must end in .json, .csv or .html", param_hint="--report")
@@ -142,9 +143,6 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     settings = Settings(postprocess=None if largest is None else
                         ("largest" if largest else "none"), threshold=threshold,
                         backend=backend, precision=precision)
-    from meshseg.progress import run_cohort
-    from meshseg.qc.checks import Checks
-
     try:
         results = run_cohort([entry.path for entry in inputs_found], plans, model, run,
                              str(torch_device), overwrite=overwrite, settings=settings,

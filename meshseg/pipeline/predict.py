@@ -1,7 +1,8 @@
 """The main job: load -> validate -> conform -> infer -> un-conform -> write.
 
 `segment` is the pure pipeline on a `Volume`; `segment_file` adds reading, writing,
-resuming and the per-input record (meshseg.record) that cohort reports are made of.
+resuming and the per-input record (pipeline.record) that cohort reports are made of;
+`run_cohort` segments each input in turn, with a progress bar and one line per input.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
+from rich.console import Console
 from scipy import ndimage
 from torch import nn
 
@@ -40,13 +43,25 @@ from meshseg.pipeline.infer import (
     lesion_probability,
     torch_runner,
 )
-from meshseg.pipeline.record import Result, as_skipped, read_sidecar, sidecar_path, write_sidecar
+from meshseg.pipeline.record import (
+    Result,
+    as_skipped,
+    read_sidecar,
+    sidecar_path,
+    write_report,
+    write_sidecar,
+)
 from meshseg.pipeline.validate import check_volume
-from meshseg.qc.checks import Checks, review, write_review
+from meshseg.progress import bars
+from meshseg.qc.checks import Checks, review, summary_line, write_review
 
 Progress = Callable[[str, float], None]
 """Called with a stage name (load, conform, layers, unconform, write) and its fraction done."""
 
+# Share of one scan's time per stage, so a scan's bar moves evenly (measured on a CPU: the
+# layers take most of it).
+STAGES = {"load": (0.0, 0.05), "conform": (0.05, 0.15), "layers": (0.15, 0.9),
+          "unconform": (0.9, 0.95), "write": (0.95, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -275,3 +290,63 @@ def _write_record(result: Result, sidecar: Path) -> None:
     except OutputError as err:
         if result.status != "failed":
             result.status, result.error = "failed", str(err)
+
+
+def run_cohort(paths: list[Path], plans: list[Outputs], model: LoadedModel, run: Runner,
+               device: str, *, overwrite: bool, settings: Settings,
+               report: Path | None, quiet: bool, checks: Checks | None = None
+               ) -> list[Result]:
+    """Segment every input in turn (with QC `checks`); the report is rewritten from the
+    records after each input, so a kill keeps it."""
+    console = Console(stderr=True)
+    live = console.is_terminal and not quiet
+    results: list[Result] = []
+    with bars(console, live) as shown:
+        cohort = shown.add_task("scans", total=len(paths))
+        stage = shown.add_task("", total=100)
+
+        for path, outputs in zip(paths, plans):
+            shown.reset(stage, description=f"{path.name}: load", total=100)
+
+            def on_stage(name: str, fraction: float, _path: Path = path) -> None:
+                low, high = STAGES.get(name, (0.0, 1.0))
+                shown.update(stage, description=f"{_path.name}: {name}",
+                             completed=round(100 * (low + (high - low) * fraction)))
+
+            result = segment_file(path, outputs, model, run, device, overwrite=overwrite,
+                                  settings=settings, progress=on_stage, checks=checks)
+            results.append(result)
+            if report is not None:
+                write_report(results, report)
+            _emit(result, shown.console if live else None, quiet)
+            shown.advance(cohort)
+    if not quiet:
+        _summary(results)
+    return results
+
+
+def _emit(result: Result, console: Console | None, quiet: bool) -> None:
+    """One line per input: errors always (stderr), the rest (and warnings) unless quiet."""
+    if result.status == "failed":
+        click.echo(f"meshseg: error: {result.error}", err=True)
+        return
+    if quiet:
+        return
+    for warning in filter(None, result.warnings.split(WARNINGS_SEP)):
+        click.echo(f"meshseg: warning: {warning}", err=True)
+    if result.status == "skipped":
+        line = (f"skipped {result.input}: {result.output} was made by the same model and "
+                "settings (--overwrite to redo)")
+    else:
+        line = (f"ok {result.input} -> {result.output}: {result.lesion_ml:.2f} mL, "
+                f"{result.components} lesion(s), {result.seconds:.1f} s{summary_line(result)}")
+    if console is not None:
+        console.print(line, markup=False, highlight=False)
+    else:
+        click.echo(line)
+
+
+def _summary(results: list[Result]) -> None:
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+    click.echo(f"{counts['ok']} segmented, {counts['skipped']} skipped, "
+               f"{counts['failed']} failed", err=True)
