@@ -67,6 +67,11 @@ def stem(path: Path) -> str:
     return name
 
 
+def bids_entities(path: Path) -> dict[str, str]:
+    """BIDS key-value entities of a file name: sub-01_ses-2_acq-x_T2w -> {sub, ses, acq}."""
+    return dict(part.split("-", 1) for part in stem(path).split("_") if "-" in part)
+
+
 def load_volume(path: str | Path) -> Volume:
     """Read a NIfTI file through the reading gate (`pipeline.validate`) into a float32 `Volume`.
 

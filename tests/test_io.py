@@ -1,15 +1,27 @@
 """Reading scans, one-line errors for bad files, and atomic writes."""
 
 import gzip
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from meshseg.errors import InputError, OutputError
-from meshseg.io import atomic_path, load_volume, save_like, write_csv
+from meshseg.io import atomic_path, bids_entities, load_volume, save_like, write_csv
 from meshseg.pipeline.validate import check_volume
 from tests.conftest import grid_affine
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sub-01_ses-2_acq-spc3p2_run-7_T2w.nii.gz", {"sub": "01", "ses": "2", "acq": "spc3p2",
+                                                  "run": "7"}),
+    ("sub-M2001_T2w.NII.GZ", {"sub": "M2001"}),  # suffixes in any case
+    ("sub-01_desc-lesion-mask.nii", {"sub": "01", "desc": "lesion-mask"}),
+    ("scan.nii.gz", {}),
+])
+def test_bids_entities_of_a_file_name(name, expected):
+    assert bids_entities(Path("ds") / name) == expected
 
 
 def test_load_applies_scaling_and_keeps_affine(write_nifti):

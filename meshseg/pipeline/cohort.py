@@ -20,10 +20,9 @@ from pathlib import Path
 
 from meshseg import __version__
 from meshseg.errors import OutputError
-from meshseg.io import atomic_path, is_nifti_path, make_folder, stem
+from meshseg.io import atomic_path, bids_entities, is_nifti_path, make_folder, stem
 from meshseg.pipeline.predict import Outputs
 from meshseg.pipeline.record import is_foreign_json
-from meshseg.training.data import bids_entities
 
 MASK_SUFFIX = "_lesion"
 PROB_SUFFIX = "_lesion_prob"

@@ -29,8 +29,10 @@ from meshseg.io import (
     GRID_ATOL_MM,
     Volume,
     atomic_path,
+    bids_entities,
     is_nifti_path,
     load_volume,
+    stem,
     write_csv,
 )
 from meshseg.models.catalog import home
@@ -77,16 +79,6 @@ class Pair:
 
 
 # ---------------------------------------------------------------------------- discovery
-
-
-def _stem(path: Path) -> str:
-    """File name without .nii/.nii.gz/.json."""
-    return re.sub(r"\.(nii(\.gz)?|json)$", "", path.name, flags=re.IGNORECASE)
-
-
-def bids_entities(path: Path) -> dict[str, str]:
-    """BIDS key-value entities of a file name: sub-01_ses-2_acq-x_T2w -> {sub, ses, acq}."""
-    return dict(part.split("-", 1) for part in _stem(path).split("_") if "-" in part)
 
 
 def read_manifest(csv_path: Path) -> list[Pair]:
@@ -138,7 +130,7 @@ def write_manifest(pairs: Sequence[Pair], path: Path) -> Path:
 
 def _subject_of(image: Path, entities: dict[str, str]) -> str:
     """sub- label when the name has one, else the name: keeps a subject's sessions together."""
-    return f"sub-{entities['sub']}" if "sub" in entities else _stem(image)
+    return f"sub-{entities['sub']}" if "sub" in entities else stem(image)
 
 
 def find_bids_pairs(root: Path) -> list[Pair]:
@@ -205,7 +197,7 @@ def sidecar_acq(scan: Path) -> str | None:
     else ProtocolName, plus ``p<R>`` for in-plane parallel acceleration R > 1 (like ARC's
     ``acq-spc3p2``). Sidecars inherited from parent folders are not read.
     """
-    sidecar = scan.with_name(_stem(scan) + ".json")
+    sidecar = scan.with_name(stem(scan) + ".json")
     try:
         fields = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):
