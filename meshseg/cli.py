@@ -552,7 +552,8 @@ def synth(folder: Path, count: int, seed: int, min_ml: float | None, max_ml: flo
 
     The manifest feeds `meshseg train --data FOLDER/manifest.csv`.
     """
-    from meshseg.training.synth import ARC_QUARTILES_ML, SynthOptions, make_dataset
+    from meshseg.metrics import ARC_QUARTILES_ML
+    from meshseg.training.synth import SynthOptions, make_dataset
 
     _log_to_console(quiet=False)
     limits = (min_ml or ARC_QUARTILES_ML[0], max_ml or ARC_QUARTILES_ML[-1])

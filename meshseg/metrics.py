@@ -21,6 +21,10 @@ from scipy import ndimage
 
 # 26-connected lesions, as brainchop counts them (predict's largest-lesion rule uses it too).
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+# ARC's chronic lesion volumes (mL): smallest, the three quartile cut points, largest; from
+# the voxel counts at 1 mm that Fedorov et al. 2025 stratify ARC by. eval reports scores per
+# quartile, synth draws its lesion sizes from them.
+ARC_QUARTILES_ML = (0.203, 33.619, 67.891, 128.314, 363.885)
 
 
 def voxel_ml(affine: np.ndarray) -> float:

@@ -6,9 +6,9 @@ import pytest
 from scipy import ndimage
 
 from meshseg.errors import MeshsegError
+from meshseg.metrics import ARC_QUARTILES_ML
 from meshseg.training.data import read_manifest
 from meshseg.training.synth import (
-    ARC_QUARTILES_ML,
     SynthOptions,
     _atlas,
     _atlas_lesion,

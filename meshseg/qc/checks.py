@@ -33,7 +33,7 @@ NOT_T2_CSF_WM = 0.75
 VENTRICLE_PRIOR = 0.6  # CSF prior above this, deeper than VENTRICLE_DEPTH_MM in the brain:
 VENTRICLE_DEPTH_MM = 15.0  # the lateral ventricles, not sulcal CSF (which partial-volumes)
 WHITE_MATTER_PRIOR = 0.9  # white-matter prior above this: deep white matter
-# Above the largest chronic lesion of ARC (363.9 mL, synth.ARC_QUARTILES_ML), rounded up.
+# Above the largest chronic lesion of ARC (363.9 mL, metrics.ARC_QUARTILES_ML), rounded up.
 LARGE_LESION_ML = 400.0
 # 26-connected lesions: ARC's chronic strokes are one territory's infarct, sometimes with an
 # older one; more than 10 pieces is speckle rather than infarcts (our choice).

@@ -13,6 +13,7 @@ mirrors the head, and the side with it.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -95,6 +96,23 @@ def read_territories(path: Path) -> dict[int, Territory]:
     return found
 
 
+def mni152_map(kind: str) -> nib.Nifti1Image:
+    """nilearn's bundled MNI152 map `kind` (gm, wm, t1; ICBM 2009a symmetric, 1 mm), opened
+    directly: importing nilearn.datasets costs over 2 s.
+
+    Raises:
+        MeshsegError: nilearn is not installed, or its installation lacks the map.
+    """
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise MeshsegError("nilearn is not installed: it holds the MNI152 maps")
+    name = f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
+    if not path.exists():
+        raise MeshsegError(f"{path}: MNI152 map missing from the nilearn installation")
+    return nib.load(path)
+
+
 @functools.lru_cache(maxsize=1)
 def mni_space() -> MniSpace:
     """Load the atlas and bring nilearn's template and tissue maps onto its grid (once)."""
@@ -104,12 +122,10 @@ def mni_space() -> MniSpace:
     except (OSError, ValueError) as err:
         raise MeshsegError(f"{atlas_path()}: arterial atlas missing or unreadable "
                            f"({err}); reinstall meshseg") from err
-    from meshseg.training.synth import _template as mni_map  # here: synth imports predict's chain
-
     labels = np.asarray(atlas.dataobj, np.int16)
     maps = {}
     for kind in ("t1", "gm", "wm"):
-        img = mni_map(kind)
+        img = mni152_map(kind)
         voxels = np.linalg.inv(img.affine) @ atlas.affine
         maps[kind] = ndimage.affine_transform(np.asarray(img.dataobj, np.float32) / 255, voxels,
                                               output_shape=labels.shape, order=1)

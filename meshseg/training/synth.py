@@ -33,7 +33,6 @@ and thresholded at one half, so mask and image share grid, affine and partial vo
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -46,14 +45,11 @@ from scipy.spatial.transform import Rotation
 
 from meshseg.errors import MeshsegError
 from meshseg.io import atomic_path, make_folder, save_array
-from meshseg.metrics import voxel_ml
+from meshseg.metrics import ARC_QUARTILES_ML, voxel_ml
 from meshseg.progress import track
+from meshseg.qc.location import mni152_map
 
 NECK_MM = 30  # the template stops at the medulla: continue cord and neck this far below it
-# ARC's lesion volume quartiles (mL; the paper's voxel-count cut points at 1 mm). Sizes are
-# drawn log-uniformly within a quartile chosen at random, so the training data has ARC's
-# spread rather than a log-uniform one dominated by tiny lesions.
-ARC_QUARTILES_ML = (0.203, 33.619, 67.891, 128.314, 363.885)
 BILATERAL_SHARE = 0.1  # heads with a second, older and smaller infarct on the other side
 LEFT_SHARE = 0.75  # ARC is an aphasia cohort: mostly left-hemisphere strokes
 # Vascular territories of the left hemisphere (x mirrored for the right): centre (MNI mm),
@@ -155,7 +151,9 @@ def make_dataset(folder: Path, n: int, seed: int, options: SynthOptions = SynthO
 
 
 def lesion_volume_ml(rng: np.random.Generator, limits: tuple[float, float]) -> float:
-    """A lesion volume with ARC's quartiles, restricted to `limits` (mL)."""
+    """A lesion volume with ARC's quartiles, restricted to `limits` (mL): drawn
+    log-uniformly within a quartile chosen at random, so the training data has ARC's spread
+    rather than a log-uniform one dominated by tiny lesions."""
     quartile = int(rng.integers(4))
     low = max(ARC_QUARTILES_ML[quartile], limits[0])
     high = min(ARC_QUARTILES_ML[quartile + 1], limits[1])
@@ -241,11 +239,11 @@ def _mm(affine: np.ndarray, shape: tuple[int, ...], axis: int,
 @functools.lru_cache(maxsize=1)
 def _atlas() -> _Atlas:
     """Load the MNI152 maps and derive what every head needs (about 5 s, once per process)."""
-    gm_img = _template("gm")
+    gm_img = mni152_map("gm")
     pad = ((0, 0), (0, 0), (NECK_MM, 0))
     gm = np.pad(_unit(gm_img), pad, mode="edge")
-    wm = np.pad(_unit(_template("wm")), pad, mode="edge")
-    mask = np.pad(_unit(_template("t1")) > 0.2, pad, mode="edge")  # nilearn's brain mask
+    wm = np.pad(_unit(mni152_map("wm")), pad, mode="edge")
+    mask = np.pad(_unit(mni152_map("t1")) > 0.2, pad, mode="edge")  # nilearn's brain mask
     affine = gm_img.affine.copy()
     affine[2, 3] -= NECK_MM
     # The envelope closes the sulci: the CSF in them comes from envelope minus tissue.
@@ -270,19 +268,6 @@ def _atlas() -> _Atlas:
     distance = ndimage.distance_transform_edt(~ventricles[box]).astype(np.float32)
     box = tuple(slice(b.start + a.start, b.start + a.stop) for a, b in zip(box, brain))
     return _Atlas(affine, gm, wm, envelope, brain, outside, deep, box, distance)
-
-
-def _template(kind: str) -> nib.Nifti1Image:
-    """nilearn's bundled MNI152 map `kind` (gm, wm, t1), opened directly: importing
-    nilearn.datasets costs over 2 s."""
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise MeshsegError("nilearn is not installed: it holds the MNI152 maps synth needs")
-    name = f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
-    if not path.exists():
-        raise MeshsegError(f"{path}: MNI152 map missing from the nilearn installation")
-    return nib.load(path)
 
 
 def _unit(img: nib.Nifti1Image) -> np.ndarray:
