@@ -20,8 +20,7 @@ from typing import Any
 from meshseg import archs
 from meshseg.benchmark import splits
 from meshseg.errors import InputError
-from meshseg.io import make_folder
-from meshseg.pipeline.cohort import stem
+from meshseg.io import make_folder, stem
 from meshseg.training import train
 from meshseg.training.config import MACHINE_FIELDS, TrainConfig, differences, load_config
 from meshseg.training.data import Pair, load_dataset, write_manifest

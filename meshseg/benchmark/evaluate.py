@@ -28,9 +28,9 @@ from rich import box
 from rich.table import Table
 
 from meshseg.errors import InputError, MeshsegError
-from meshseg.io import GRID_ATOL_MM, Volume, is_nifti_path, load_volume, write_csv
+from meshseg.io import GRID_ATOL_MM, Volume, is_nifti_path, load_volume, stem, write_csv
 from meshseg.metrics import ARC_QUARTILES_ML, avd, dice, hd95, lesion_counts, mcc, voxel_ml
-from meshseg.pipeline.cohort import PROB_SUFFIX, stem
+from meshseg.pipeline.cohort import PROB_SUFFIX
 
 logger = logging.getLogger(__name__)
 
