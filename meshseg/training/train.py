@@ -386,9 +386,8 @@ def _train_epoch(config: TrainConfig, setup: _Setup, parts: _Parts, criterion: C
                         num_workers=config.num_workers, pin_memory=device.type == "cuda")
     parts.model.train()
     if config.freeze_norms:
-        for module in parts.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()  # normalise by the kept running statistics; scale/shift still learn
+        for norm in _norms(parts.model):
+            norm.eval()  # normalise by the kept running statistics; scale/shift still learn
     total, lr = 0.0, 0.0
     for image, mask in track(loader, len(loader), "batches"):
         image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
@@ -415,11 +414,16 @@ def forward(model: nn.Module, x: torch.Tensor, checkpointing: bool = False) -> t
     return model.classifier(x)
 
 
+def _norms(module: nn.Module) -> list[nn.Module]:
+    """The batch-norm layers of `module` (any dimension)."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextmanager
 def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
     """Keep batch-norm running statistics unchanged while a checkpointed block is recomputed,
     so each batch counts once, exactly as without checkpointing (momentum 0 = no update)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = _norms(module)
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0
