@@ -439,7 +439,7 @@ def _chronic(rng: np.random.Generator, core: np.ndarray, box: tuple[slice, slice
 
 
 @functools.lru_cache(maxsize=4)
-def _lesion_atlas(folder: Path) -> tuple[tuple[Path, ...], np.ndarray]:
+def lesion_atlas(folder: Path) -> tuple[tuple[Path, ...], np.ndarray]:
     """The NIfTI masks of a lesion folder, sorted (a seed always draws the same), and their
     volumes (mL); reading 1,449 masks takes about 50 s, once per process."""
     try:
@@ -451,12 +451,12 @@ def _lesion_atlas(folder: Path) -> tuple[tuple[Path, ...], np.ndarray]:
         raise MeshsegError(f"{folder}: no lesion masks (.nii or .nii.gz files) in it")
     volumes = []
     for path in files:
-        drawn, affine = _read_mask(path)
+        drawn, affine = read_mask(path)
         volumes.append(np.count_nonzero(drawn) * voxel_ml(affine))
     return files, np.array(volumes)
 
 
-def _read_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A 3-D lesion mask (bool, nonzero = lesion) and its affine."""
     try:
         img = nib.load(path)
@@ -477,10 +477,10 @@ def _atlas_lesion(rng: np.random.Generator, atlas: _Atlas, folder: Path,
     those nearest in volume to a size drawn as for made-up lesions (ARC's quartiles within
     `limits`), mirrored to the left in LEFT_SHARE of the heads, on the template grid. None if
     it misses the brain."""
-    files, volumes = _lesion_atlas(folder)
+    files, volumes = lesion_atlas(folder)
     distance = np.abs(np.log(volumes) - math.log(lesion_volume_ml(rng, limits)))
     nearest = np.argsort(distance, kind="stable")[:ATLAS_NEAREST]
-    drawn, affine = _read_mask(files[int(nearest[rng.integers(len(nearest))])])
+    drawn, affine = read_mask(files[int(nearest[rng.integers(len(nearest))])])
     found = np.argwhere(drawn)
     if found.size == 0:
         return None
