@@ -718,10 +718,18 @@ def cv_command(data: Path, results: Path, models: tuple[str, ...], splits_file: 
 @click.option("--mask", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the true lesion mask here.")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the synthetic head.")
-def example(output: Path, mask: Path | None, seed: int) -> None:
-    """Write a synthetic T2-weighted head with a chronic stroke lesion (for trying predict)."""
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT or the --mask file if it exists.")
+def example(output: Path, mask: Path | None, seed: int, overwrite: bool) -> None:
+    """Write a synthetic T2-weighted head with a chronic stroke lesion (for trying predict).
+
+    Refuses (exit 2) to replace an existing file unless --overwrite: the name may be a scan.
+    """
     from meshseg.training.synth import write_pair
 
+    for path in (output, mask):
+        if path is not None and not overwrite and (path.exists() or path.is_symlink()):
+            fail(f"{path}: exists; meshseg example does not replace files (--overwrite does)",
+                 EXIT_USAGE)
     try:
         volume_ml = write_pair(seed, output, mask)
     except MeshsegError as err:

@@ -164,3 +164,19 @@ def test_the_bundled_default_finds_the_example_lesion(tmp_path):
     mask, true = nib.load(tmp_path / "example_t2_lesion.nii.gz"), nib.load(truth)
     assert np.allclose(mask.affine, true.affine) and mask.shape == true.shape
     assert dice(np.asarray(mask.dataobj) > 0, np.asarray(true.dataobj) > 0) > 0.35
+
+
+def test_example_never_replaces_an_existing_file(tmp_path):
+    """A user's scan under the example's name (or --mask's) is kept unless --overwrite."""
+    victim, truth = tmp_path / "victim.nii.gz", tmp_path / "truth.nii.gz"
+    victim.write_bytes(b"a real scan")
+    truth.write_bytes(b"a manual mask")
+    runner = CliRunner()
+    refused = runner.invoke(main, ["example", str(victim)])
+    assert refused.exit_code == 2 and "victim.nii.gz: exists" in refused.output
+    fresh = tmp_path / "new.nii.gz"
+    refused = runner.invoke(main, ["example", str(fresh), "--mask", str(truth)])
+    assert refused.exit_code == 2 and not fresh.exists()
+    assert victim.read_bytes() == b"a real scan" and truth.read_bytes() == b"a manual mask"
+    made = runner.invoke(main, ["example", str(victim), "--overwrite"])
+    assert made.exit_code == 0 and victim.read_bytes() != b"a real scan"
