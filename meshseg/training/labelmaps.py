@@ -7,7 +7,7 @@ it and the painted lesion is the truth:
 
 1. Lesion shape from a folder of MNI-space masks (a lesion atlas), carried into the map's
    head by an affine estimated from the brain's moments (`mni_affine`), mirrored so that
-   LEFT_SHARE of the strokes are left-sided, kept inside brain tissue.
+   synth.LEFT_SHARE of the strokes are left-sided, kept inside brain tissue.
 2. Chronic appearance: a fluid cavity lined by a gliotic rim (or gliosis only), and ex-vacuo
    widening of the ventricle on the lesion's side.
 3. Labels and lesion deformed together (random affine and a smooth elastic field).
@@ -32,17 +32,11 @@ from scipy.spatial.transform import Rotation
 
 from meshseg.errors import MeshsegError
 from meshseg.io import atomic_path, make_folder, save_array
-from meshseg.metrics import ARC_QUARTILES_ML
+from meshseg.metrics import ARC_QUARTILES_ML, voxel_ml
 from meshseg.progress import track
 from meshseg.qc.location import mni152_map
 from meshseg.training import appearance
-from meshseg.training.synth import (
-    ATLAS_NEAREST,
-    LEFT_SHARE,
-    lesion_atlas,
-    lesion_volume_ml,
-    read_mask,
-)
+from meshseg.training.synth import draw_atlas_mask, place_mni_mask
 
 PARENCHYMA = appearance.GREY + appearance.DEEP_GREY + appearance.WHITE
 LATERAL_VENTRICLE = {-1.0: 4, 1.0: 43}  # aseg's left and right lateral ventricles, by side
@@ -122,32 +116,14 @@ def mni_affine(labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def _place_lesion(rng: np.random.Generator, labels: np.ndarray, affine: np.ndarray,
-                  options: LabelMapOptions) -> np.ndarray | None:
+                  to_mni: np.ndarray, options: LabelMapOptions) -> np.ndarray | None:
     """A real lesion mask (bool, on the label map's grid) drawn from the lesion folder, or
     None where it misses the brain tissue."""
-    files, volumes = lesion_atlas(options.lesions)
-    distance = np.abs(np.log(volumes) - math.log(lesion_volume_ml(rng, options.lesion_ml)))
-    nearest = np.argsort(distance, kind="stable")[:ATLAS_NEAREST]
-    drawn, mask_affine = read_mask(files[int(nearest[rng.integers(len(nearest))])])
-    found = np.argwhere(drawn)
-    if found.size == 0:
+    drawn, mask_affine = draw_atlas_mask(rng, options.lesions, options.lesion_ml)
+    placed = place_mni_mask(rng, drawn, mask_affine, to_mni @ affine, labels.shape)
+    if placed is None:
         return None
-    centre_x = nib.affines.apply_affine(mask_affine, found.mean(0))[0]
-    want_left = rng.random() < LEFT_SHARE
-    mirror = np.diag([-1.0 if (centre_x < 0) != want_left else 1.0, 1.0, 1.0, 1.0])
-    # map voxel -> map mm -> MNI mm (mirrored) -> lesion-mask voxel
-    to_mask = np.linalg.inv(mask_affine) @ mirror @ mni_affine(labels, affine) @ affine
-    corners = np.array([[(found.min(0) - 1, found.max(0) + 1)[bit][k] for k, bit in
-                         enumerate(bits)] for bits in np.ndindex(2, 2, 2)], float)
-    inside = nib.affines.apply_affine(np.linalg.inv(to_mask), corners)
-    lo = np.maximum(np.floor(inside.min(0)) - 1, 0).astype(int)
-    hi = np.minimum(np.ceil(inside.max(0)) + 2, labels.shape).astype(int)
-    if np.any(hi <= lo):
-        return None
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    fraction = ndimage.affine_transform(drawn.astype(np.float32), to_mask[:3, :3],
-                                        to_mask[:3, :3] @ lo + to_mask[:3, 3],
-                                        output_shape=tuple(hi - lo), order=1)
+    box, fraction = placed
     core = np.zeros(labels.shape, bool)
     core[box] = (fraction >= 0.5) & np.isin(labels[box], PARENCHYMA)
     return core if core.any() else None
@@ -196,8 +172,9 @@ def draw_label_head(seed: int, map_path: Path, options: LabelMapOptions
     labels, affine = read_label_map(Path(map_path))
     labels = labels.copy()
     lesion = None
+    to_mni = mni_affine(labels, affine) if options.lesions is not None else None
     for _ in range(5 if options.lesions is not None else 0):  # retry shapes that miss
-        lesion = _place_lesion(rng, labels, affine, options)
+        lesion = _place_lesion(rng, labels, affine, to_mni, options)
         if lesion is not None:
             break
     if lesion is not None:
@@ -217,7 +194,7 @@ def _write_head(seed: int, map_path: Path, image_path: Path, mask_path: Path,
     image, mask, affine, contrast = draw_label_head(seed, map_path, options)
     save_array(np.round(image * 255).astype(np.uint8), affine, image_path)
     save_array(mask, affine, mask_path)
-    return float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000), contrast
+    return float(mask.sum() * voxel_ml(affine)), contrast
 
 
 def make_label_dataset(folder: Path, maps: Path, n: int, seed: int,
@@ -232,7 +209,7 @@ def make_label_dataset(folder: Path, maps: Path, n: int, seed: int,
     found = label_maps(maps)
     seeds = [seed + k for k in range(n)]
     subjects = [f"lmap{s:05d}" for s in seeds]
-    args = ([s for s in seeds], [found[s % len(found)] for s in seeds],
+    args = (seeds, [found[s % len(found)] for s in seeds],
             [folder / f"{sub}_image.nii.gz" for sub in subjects],
             [folder / f"{sub}_lesion.nii.gz" for sub in subjects], [options] * n)
     if jobs > 1:

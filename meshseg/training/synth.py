@@ -477,34 +477,54 @@ def _atlas_lesion(rng: np.random.Generator, atlas: _Atlas, folder: Path,
     those nearest in volume to a size drawn as for made-up lesions (ARC's quartiles within
     `limits`), mirrored to the left in LEFT_SHARE of the heads, on the template grid. None if
     it misses the brain."""
+    drawn, affine = draw_atlas_mask(rng, folder, limits)
+    placed = place_mni_mask(rng, drawn, affine, atlas.affine, atlas.gm.shape)
+    if placed is None:
+        return None
+    box, fraction = placed
+    core = (fraction >= 0.5) & atlas.envelope[box] & (atlas.ventricle_distance(box) > 1.0)
+    if not core.any():
+        return None
+    side = -1.0 if atlas.mm(0, box)[np.nonzero(core)[0]].mean() < 0 else 1.0
+    return _chronic(rng, core, box, side)
+
+
+def draw_atlas_mask(rng: np.random.Generator, folder: Path, limits: tuple[float, float]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, affine) of a lesion of `folder`, among the ATLAS_NEAREST nearest in volume to a
+    size drawn with ARC's quartiles within `limits` (mL)."""
     files, volumes = lesion_atlas(folder)
     distance = np.abs(np.log(volumes) - math.log(lesion_volume_ml(rng, limits)))
     nearest = np.argsort(distance, kind="stable")[:ATLAS_NEAREST]
-    drawn, affine = read_mask(files[int(nearest[rng.integers(len(nearest))])])
+    return read_mask(files[int(nearest[rng.integers(len(nearest))])])
+
+
+def place_mni_mask(rng: np.random.Generator, drawn: np.ndarray, mask_affine: np.ndarray,
+                   grid_to_mni: np.ndarray, shape: tuple[int, ...]
+                   ) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+    """An MNI lesion mask resampled (linear, as a lesion fraction) onto a grid whose voxels
+    `grid_to_mni` maps to MNI mm, mirrored so that LEFT_SHARE of the lesions lie on the left:
+    (the grid's box around it, the fraction in that box), or None if it misses the grid.
+    Only the mask's box is resampled, which keeps a 1,449-mask atlas cheap to draw from."""
     found = np.argwhere(drawn)
     if found.size == 0:
         return None
-    centre_x = (affine[:3, :3] @ found.mean(0) + affine[:3, 3])[0]
+    centre_x = nib.affines.apply_affine(mask_affine, found.mean(0))[0]
     want_left = rng.random() < LEFT_SHARE
     mirror = np.diag([-1.0 if (centre_x < 0) != want_left else 1.0, 1.0, 1.0, 1.0])
-    # Template voxel -> MNI mm (mirrored) -> mask voxel; resampled on the mask's box only.
-    to_mask = np.linalg.inv(affine) @ mirror @ atlas.affine
+    to_mask = np.linalg.inv(mask_affine) @ mirror @ grid_to_mni  # grid voxel -> mask voxel
     corners = np.array([[(found.min(0) - 1, found.max(0) + 1)[bit][k] for k, bit in
-                         enumerate(bits)] + [1] for bits in np.ndindex(2, 2, 2)], float)
-    inside = (np.linalg.inv(to_mask) @ corners.T)[:3].T
+                         enumerate(bits)] for bits in np.ndindex(2, 2, 2)], float)
+    inside = nib.affines.apply_affine(np.linalg.inv(to_mask), corners)
     lo = np.maximum(np.floor(inside.min(0)) - 1, 0).astype(int)
-    hi = np.minimum(np.ceil(inside.max(0)) + 2, atlas.gm.shape).astype(int)
+    hi = np.minimum(np.ceil(inside.max(0)) + 2, shape).astype(int)
     if np.any(hi <= lo):
         return None
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     fraction = ndimage.affine_transform(drawn.astype(np.float32), to_mask[:3, :3],
                                         to_mask[:3, :3] @ lo + to_mask[:3, 3],
                                         output_shape=tuple(hi - lo), order=1)
-    core = (fraction >= 0.5) & atlas.envelope[box] & (atlas.ventricle_distance(box) > 1.0)
-    if not core.any():
-        return None
-    side = -1.0 if atlas.mm(0, box)[np.nonzero(core)[0]].mean() < 0 else 1.0
-    return _chronic(rng, core, box, side)
+    return box, fraction
 
 
 def _box_around(atlas: _Atlas, centre: np.ndarray, half_mm: float, side: float
