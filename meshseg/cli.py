@@ -544,29 +544,64 @@ def export_safetensors_command(model_json: Path, output: Path) -> None:
                    "real lesion shapes, sizes and places from it instead of made-up ones.")
 @click.option("--skull-stripped", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of the heads that are brain-extracted (zero outside the brain).")
+@click.option("--label-maps", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of whole-head anatomical label maps (aseg numbering, e.g. "
+                   "SynthSeg's 20): draw each head from one of them (SynthSeg-style) instead "
+                   "of the MNI152 template; needs --lesions unless --no-lesion.")
+@click.option("--contrast", type=click.Choice(["any", "t2", "flair", "t1"]), default="any",
+              show_default=True,
+              help="With --label-maps: the look of the heads (any: a random look per head).")
 @click.option("-j", "--jobs", default=1, show_default=True, help="Worker processes.")
 def synth(folder: Path, count: int, seed: int, min_ml: float | None, max_ml: float | None,
           no_lesion: bool, conformed_grid: bool, lesions: Path | None, skull_stripped: float,
-          jobs: int) -> None:
-    """Write synthetic T2 heads with chronic stroke lesions, their masks and a manifest.csv.
+          label_maps: Path | None, contrast: str, jobs: int) -> None:
+    """Write synthetic heads with chronic stroke lesions, their masks and a manifest.csv.
 
-    The manifest feeds `meshseg train --data FOLDER/manifest.csv`.
+    Without --label-maps the heads are T2-weighted, drawn from nilearn's MNI152 tissue maps;
+    with it they come from real label maps in any contrast, the painted lesion being the
+    truth. The manifest feeds `meshseg train --data FOLDER/manifest.csv`.
     """
     from meshseg.metrics import ARC_QUARTILES_ML
-    from meshseg.training.synth import SynthOptions, make_dataset
 
     _log_to_console(quiet=False)
     limits = (min_ml or ARC_QUARTILES_ML[0], max_ml or ARC_QUARTILES_ML[-1])
     if not 0 < limits[0] < limits[1]:
         raise click.BadParameter("need 0 < --min-ml < --max-ml")
-    options = SynthOptions(lesion=not no_lesion, lesion_ml=limits,
-                           native_grid=not conformed_grid, lesions=lesions,
-                           skull_stripped=skull_stripped)
     try:
-        manifest = make_dataset(folder, count, seed, options, jobs=jobs)
+        if label_maps is not None:
+            manifest = _synth_from_label_maps(folder, label_maps, count, seed, limits,
+                                              lesions, no_lesion, contrast, jobs,
+                                              conformed_grid or skull_stripped > 0)
+        else:
+            from meshseg.training.synth import SynthOptions, make_dataset
+
+            options = SynthOptions(lesion=not no_lesion, lesion_ml=limits,
+                                   native_grid=not conformed_grid, lesions=lesions,
+                                   skull_stripped=skull_stripped)
+            manifest = make_dataset(folder, count, seed, options, jobs=jobs)
     except MeshsegError as err:
         fail(str(err))
     click.echo(f"{manifest}: {count} synthetic scans")
+
+
+def _synth_from_label_maps(folder: Path, maps: Path, count: int, seed: int,
+                           limits: tuple[float, float], lesions: Path | None,
+                           no_lesion: bool, contrast: str, jobs: int,
+                           template_options: bool) -> Path:
+    """`meshseg synth --label-maps`: checks the options that only the template generator
+    has, then writes the label-map heads."""
+    from meshseg.training.labelmaps import LabelMapOptions, make_label_dataset
+
+    if template_options:
+        raise click.UsageError("--conformed-grid and --skull-stripped belong to the template "
+                               "generator; label-map heads are always on the maps' grid")
+    if lesions is None and not no_lesion:
+        raise click.UsageError("--label-maps needs --lesions FOLDER (MNI lesion masks, e.g. "
+                               "a lesion atlas) or --no-lesion")
+    return make_label_dataset(folder, maps, count, seed,
+                              LabelMapOptions(lesions=None if no_lesion else lesions,
+                                              contrast=contrast,
+                                              lesion_ml=limits), jobs=jobs)
 
 
 @main.command("eval")
