@@ -56,3 +56,26 @@ def test_dataset_manifest_and_no_lesion(tmp_path):
     assert rows[0] == "image,mask,subject,lesion_ml,contrast" and len(rows) == 3
     assert all(r.split(",")[3] == "0.000" for r in rows[1:])
     assert {r.split(",")[4] for r in rows[1:]} <= set(appearance.CONTRASTS)
+
+
+def test_synth_command_with_label_maps(tmp_path):
+    from click.testing import CliRunner
+
+    from meshseg.cli import main
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    _toy_map(maps / "m.nii.gz")
+    lesions = _toy_lesions(tmp_path / "les")
+    runner = CliRunner()
+    done = runner.invoke(main, ["synth", str(tmp_path / "out"), "-n", "1", "--label-maps",
+                                str(maps), "--lesions", str(lesions), "--contrast", "flair"])
+    assert done.exit_code == 0, done.output
+    row = (tmp_path / "out" / "manifest.csv").read_text().splitlines()[1].split(",")
+    assert row[4] == "flair" and float(row[3]) > 0
+    missing = runner.invoke(main, ["synth", str(tmp_path / "o2"), "--label-maps", str(maps)])
+    assert missing.exit_code == 2 and "--lesions" in missing.output
+    mixed = runner.invoke(main, ["synth", str(tmp_path / "o3"), "--label-maps", str(maps),
+                                 "--no-lesion", "--skull-stripped", "0.5"])
+    assert mixed.exit_code == 2 and "template generator" in mixed.output
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -291,9 +291,11 @@ def test_resume_refuses_an_init_checkpoint_changed_since_the_start(config, tmp_p
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"channels": 4}, "best.safetensors: a meshnet {'channels': 3, 'activation': 'relu'} "
-                      "checkpoint cannot start a meshnet {'channels': 4"),
-    ({"activation": "elu"}, "cannot start a meshnet {'channels': 3, 'activation': 'elu'}"),
+    ({"channels": 4}, "best.safetensors: a meshnet {'channels': 3, 'activation': 'relu', "
+                      "'batchnorm': True} checkpoint cannot start a meshnet {'channels': 4"),
+    ({"activation": "elu"}, "cannot start a meshnet {'channels': 3, 'activation': 'elu'"),
+    ({"batchnorm": False}, "cannot start a meshnet {'channels': 3, 'activation': 'relu', "
+                           "'batchnorm': False}"),
 ])
 def test_init_must_fit_the_network(config, tmp_path, change, message):
     start = fit(config) / "best.safetensors"
@@ -303,6 +305,21 @@ def test_init_must_fit_the_network(config, tmp_path, change, message):
     assert not other.out.exists()
     with pytest.raises(InputError, match="training setting init: .*nothing.pt: no such "):
         fit(replace(other, init=tmp_path / "nothing.pt"))
+
+
+def test_norm_folded_init_fine_tunes(config, tmp_path):
+    """A brainchop-style MeshNet (no batch norms, e.g. arc-t2-lesion) starts a run built
+    without them, and training moves its weights."""
+    from meshseg.models.weights import save_checkpoint
+
+    start = tmp_path / "folded.safetensors"
+    save_checkpoint(start, MeshNet(MeshNetConfig(channels=3, activation="elu",
+                                                 batchnorm=False)))
+    best = fit(replace(config, init=start, batchnorm=False, activation="elu")) / "best.safetensors"
+    before = load_network(start).model.state_dict()
+    after = load_network(best).model.state_dict()
+    assert before.keys() == after.keys() and not any("running_mean" in k for k in after)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_init_refuses_a_meshnet_of_other_dilations(config, tmp_path):

@@ -61,7 +61,7 @@ class Architecture:
 _MONAI = ("monai",)
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture(MESHNET, "MeshNet", "meshseg (meshseg.models.meshnet.MeshNet)", "meshnet:meshnet",
-                 options=("channels", "activation")),
+                 options=("channels", "activation", "batchnorm")),
     Architecture("segresnet", "SegResNet", "MONAI SegResNet (defaults)",
                  "monai_nets:segresnet", 8, needs=_MONAI),
     Architecture("swinunetr", "Swin-UNETR", "MONAI SwinUNETR (feature_size 24, use_v2)",
@@ -136,9 +136,11 @@ def settings(name: str) -> dict[str, Any]:
     return {"architecture": get(name).name}
 
 
-def options_for(name: str, channels: int, activation: str, size: int) -> dict[str, Any]:
+def options_for(name: str, channels: int, activation: str, size: int,
+                batchnorm: bool = True) -> dict[str, Any]:
     """The build options of `name` taken from training settings (others do not apply)."""
-    given = {"channels": channels, "activation": activation, "size": size}
+    given = {"channels": channels, "activation": activation, "size": size,
+             "batchnorm": batchnorm}
     return {key: given[key] for key in get(name).options}
 
 

@@ -48,6 +48,9 @@ class TrainConfig:
     channels: int = _help("MeshNet channels per layer (paper: 26; 16 and 5 are smaller).", 26)
     activation: str = _help("MeshNet activation after each batch norm: relu (paper) or elu.",
                             "relu")
+    batchnorm: bool = _help("MeshNet with batch norm after each convolution (paper); false "
+                            "builds the norm-folded form of brainchop's models, e.g. to "
+                            "fine-tune arc-t2-lesion with init.", True)
     init: Path | None = _help("Start every restart from this meshseg checkpoint's weights "
                               "(fine-tuning) instead of random ones; it must have this run's "
                               "architecture, channels and activation.")
@@ -169,7 +172,7 @@ class TrainConfig:
     def network_options(self) -> dict[str, Any]:
         """What `archs.build` needs besides the name; saved with the checkpoint."""
         return archs.options_for(self.architecture, self.channels, self.activation,
-                                 self.input_side())
+                                 self.input_side(), self.batchnorm)
 
 
 def check_names(names: Iterable[str]) -> None:
@@ -246,6 +249,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("restarts", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("seed", lambda v: _int(v) and v >= 0, "an integer >= 0"),
     ("amp", lambda v: v is None or isinstance(v, bool), "true, false or unset"),
+    ("batchnorm", lambda v: isinstance(v, bool), "true or false"),
     ("checkpointing", lambda v: isinstance(v, bool), "true or false"),
     ("freeze_norms", lambda v: isinstance(v, bool), "true or false"),
     ("crop", lambda v: v is None or (_int(v) and v >= 1), "unset or an integer >= 1"),
