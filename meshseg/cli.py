@@ -570,8 +570,8 @@ def synth(folder: Path, count: int, seed: int, min_ml: float | None, max_ml: flo
     try:
         if label_maps is not None:
             manifest = _synth_from_label_maps(folder, label_maps, count, seed, limits,
-                                              lesions, no_lesion, contrast, jobs,
-                                              conformed_grid or skull_stripped > 0)
+                                              lesions, no_lesion, contrast, skull_stripped,
+                                              jobs, conformed_grid)
         else:
             from meshseg.training.synth import SynthOptions, make_dataset
 
@@ -586,22 +586,22 @@ def synth(folder: Path, count: int, seed: int, min_ml: float | None, max_ml: flo
 
 def _synth_from_label_maps(folder: Path, maps: Path, count: int, seed: int,
                            limits: tuple[float, float], lesions: Path | None,
-                           no_lesion: bool, contrast: str, jobs: int,
-                           template_options: bool) -> Path:
+                           no_lesion: bool, contrast: str, skull_stripped: float, jobs: int,
+                           conformed_grid: bool) -> Path:
     """`meshseg synth --label-maps`: checks the options that only the template generator
     has, then writes the label-map heads."""
     from meshseg.training.labelmaps import LabelMapOptions, make_label_dataset
 
-    if template_options:
-        raise click.UsageError("--conformed-grid and --skull-stripped belong to the template "
-                               "generator; label-map heads are always on the maps' grid")
+    if conformed_grid:
+        raise click.UsageError("--conformed-grid belongs to the template generator; "
+                               "label-map heads are always on the maps' grid")
     if lesions is None and not no_lesion:
         raise click.UsageError("--label-maps needs --lesions FOLDER (MNI lesion masks, e.g. "
                                "a lesion atlas) or --no-lesion")
     return make_label_dataset(folder, maps, count, seed,
                               LabelMapOptions(lesions=None if no_lesion else lesions,
-                                              contrast=contrast,
-                                              lesion_ml=limits), jobs=jobs)
+                                              contrast=contrast, lesion_ml=limits,
+                                              skull_stripped=skull_stripped), jobs=jobs)
 
 
 @main.command("eval")

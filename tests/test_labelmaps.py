@@ -58,6 +58,15 @@ def test_dataset_manifest_and_no_lesion(tmp_path):
     assert {r.split(",")[4] for r in rows[1:]} <= set(appearance.CONTRASTS)
 
 
+def test_skull_stripped_heads_are_zero_outside_the_brain(tmp_path):
+    maps = _toy_map(tmp_path / "map.nii.gz")
+    whole = draw_label_head(3, maps, LabelMapOptions(lesions=None, contrast="t1"))[0]
+    stripped = draw_label_head(3, maps, LabelMapOptions(lesions=None, contrast="t1",
+                                                        skull_stripped=1.0))[0]
+    # the same head (same seed) without its scalp shell: far fewer bright voxels
+    assert (stripped > 0.1).sum() < 0.8 * (whole > 0.1).sum()
+
+
 def test_synth_command_with_label_maps(tmp_path):
     from click.testing import CliRunner
 
@@ -76,6 +85,6 @@ def test_synth_command_with_label_maps(tmp_path):
     missing = runner.invoke(main, ["synth", str(tmp_path / "o2"), "--label-maps", str(maps)])
     assert missing.exit_code == 2 and "--lesions" in missing.output
     mixed = runner.invoke(main, ["synth", str(tmp_path / "o3"), "--label-maps", str(maps),
-                                 "--no-lesion", "--skull-stripped", "0.5"])
+                                 "--no-lesion", "--conformed-grid"])
     assert mixed.exit_code == 2 and "template generator" in mixed.output
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -39,6 +39,8 @@ from meshseg.training import appearance
 from meshseg.training.synth import draw_atlas_mask, place_mni_mask
 
 PARENCHYMA = appearance.GREY + appearance.DEEP_GREY + appearance.WHITE
+# What a brain extraction keeps: parenchyma, the CSF spaces and the painted lesion
+BRAIN = PARENCHYMA + appearance.CSF + (appearance.LESION_CAVITY, appearance.LESION_RIM)
 LATERAL_VENTRICLE = {-1.0: 4, 1.0: 43}  # aseg's left and right lateral ventricles, by side
 
 
@@ -50,6 +52,8 @@ class LabelMapOptions:
     contrast: str = "any"  # t2, flair, t1, or any (a random look per head)
     lesion_ml: tuple[float, float] = (ARC_QUARTILES_ML[0], ARC_QUARTILES_ML[-1])
     cavity_share: float = 0.8  # share of lesions with a fluid cavity (the rest: gliosis only)
+    skull_stripped: float = 0.0  # share of heads brain-extracted (zero outside BRAIN), as
+    # many public and research scans are
 
 
 @functools.lru_cache(maxsize=2)
@@ -180,6 +184,8 @@ def draw_label_head(seed: int, map_path: Path, options: LabelMapOptions
     if lesion is not None:
         _paint_chronic(rng, labels, affine, lesion, options.cavity_share)
     labels = _deform(rng, labels)
+    if rng.random() < options.skull_stripped:
+        labels[~np.isin(labels, BRAIN)] = 0
     contrast = options.contrast
     if contrast == "any":
         contrast = str(rng.choice(appearance.CONTRASTS))
@@ -204,6 +210,8 @@ def make_label_dataset(folder: Path, maps: Path, n: int, seed: int,
     if options.contrast not in appearance.CONTRASTS:
         raise MeshsegError(f"contrast {options.contrast!r}: one of "
                            f"{', '.join(appearance.CONTRASTS)}")
+    if not 0 <= options.skull_stripped <= 1:
+        raise MeshsegError(f"skull_stripped {options.skull_stripped}: need a share in 0..1")
     folder = Path(folder)
     make_folder(folder)
     found = label_maps(maps)
