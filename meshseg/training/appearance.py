@@ -34,6 +34,11 @@ _CLASS_MEANS = {
     "t1": {"csf": (10, 45), "grey": (80, 120), "deep": (100, 140), "white": (140, 200),
            "cavity": (10, 50), "rim": (50, 100)},
 }
+# Labels outside the brain classes (scalp, muscle, bone, fat, eyes...) are drawn freely, as
+# SynthSeg does, except on T2, where the realism check (benchmarks/synth_realism.py) saw the
+# ARC-trained model call fluid-bright face and neck tissue lesion: real T2 soft tissue is
+# darker than CSF, so there they stay below the CSF range.
+_OTHER_MEANS = {"t2": (20, 150), "flair": (25, 225), "t1": (25, 225), "any": (25, 225)}
 
 
 def _class_of(label: int) -> str | None:
@@ -59,7 +64,7 @@ def draw_intensities(rng: np.random.Generator, labels: np.ndarray, contrast: str
         if value == 0:
             means[k], stds[k] = rng.uniform(0, 10), rng.uniform(0, 5)
         elif kind is None:
-            means[k], stds[k] = rng.uniform(25, 225), rng.uniform(5, 25)
+            means[k], stds[k] = rng.uniform(*_OTHER_MEANS[contrast]), rng.uniform(5, 25)
         else:
             means[k], stds[k] = rng.uniform(*_CLASS_MEANS[contrast][kind]), rng.uniform(3, 15)
     index = np.searchsorted(values, labels)
