@@ -25,10 +25,12 @@ LESION_CAVITY = 1001  # painted labels of a chronic stroke (not in the aseg numb
 LESION_RIM = 1002
 
 # Mean intensity ranges (0..255) of each class by look: the order of tissues each sequence
-# shows, wide enough that a head's contrast varies as scanners and protocols do.
+# shows, wide enough that a head's contrast varies as scanners and protocols do. T2's are
+# set from real conformed T2s (../shared/real-scans: brain tissue at 0.25-0.35 of the CSF
+# level, CSF near the top of the 0..1 range after min-max scaling).
 _CLASS_MEANS = {
-    "t2": {"csf": (170, 240), "grey": (95, 145), "deep": (70, 115), "white": (50, 95),
-           "cavity": (170, 245), "rim": (120, 200)},
+    "t2": {"csf": (180, 240), "grey": (65, 105), "deep": (55, 90), "white": (45, 75),
+           "cavity": (170, 245), "rim": (100, 170)},
     "flair": {"csf": (10, 45), "grey": (95, 140), "deep": (80, 120), "white": (65, 105),
               "cavity": (10, 60), "rim": (150, 230)},
     "t1": {"csf": (10, 45), "grey": (80, 120), "deep": (100, 140), "white": (140, 200),
@@ -38,7 +40,7 @@ _CLASS_MEANS = {
 # SynthSeg does, except on T2, where the realism check (benchmarks/synth_realism.py) saw the
 # ARC-trained model call fluid-bright face and neck tissue lesion: real T2 soft tissue is
 # darker than CSF, so there they stay below the CSF range.
-_OTHER_MEANS = {"t2": (20, 150), "flair": (25, 225), "t1": (25, 225), "any": (25, 225)}
+_OTHER_MEANS = {"t2": (15, 130), "flair": (25, 225), "t1": (25, 225), "any": (25, 225)}
 
 
 def _class_of(label: int) -> str | None:
