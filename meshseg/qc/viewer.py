@@ -51,6 +51,7 @@ footer { padding: 2px 10px; font-size: 11px; color: #999; }
 SCRIPT = """
 (async function () {
   var nv = new niivue.Niivue({ backColor: [0, 0, 0, 1], show3Dcrosshair: true,
+                               crosshairColor: [0.3, 0.7, 1, 1],
                                dragAndDropEnabled: false,
                                multiplanarShowRender: niivue.SHOW_RENDER.ALWAYS,
                                multiplanarLayout: niivue.MULTIPLANAR_TYPE.GRID });
