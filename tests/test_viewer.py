@@ -62,6 +62,9 @@ def test_pages_embed_volumes_and_are_kept_while_fresh(tmp_path, write_nifti, mon
     before = page_path.stat().st_mtime_ns
     viewer.write_pages([row], tmp_path / "report.html")  # fresh: kept
     assert page_path.stat().st_mtime_ns == before
+    page_path.write_text(page.replace(viewer.MAKER, "older-viewer"))  # other code: made again
+    viewer.write_pages([row], tmp_path / "report.html")
+    assert viewer.MAKER_TAG in page_path.read_text()
 
     monkeypatch.setattr(viewer, "MAX_VOXELS", 1000)  # a large scan is halved
     volumes, _ = viewer._volumes(*(tmp_path / n for n in ("scan.nii.gz", "scan_lesion.nii.gz")),

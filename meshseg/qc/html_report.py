@@ -242,7 +242,8 @@ def _files(row: dict, folder: Path, viewer_link: str) -> str:
         ("record", "record"))]
     if viewer_link:
         links.insert(0, (quote(viewer_link), "3-D viewer"))
-    return "".join(f"<a href=\"{href}\">{text}</a>" for href, text in links if href)
+    return "<div class=\"files\">" + "".join(
+        f"<a href=\"{href}\">{text}</a>" for href, text in links if href) + "</div>"
 
 
 def _link(path: str, folder: Path) -> str:

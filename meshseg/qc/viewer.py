@@ -75,6 +75,11 @@ SCRIPT = """
 """
 
 
+# Marks the page's code: a page made by another version of STYLE and SCRIPT is made again.
+MAKER = hashlib.sha1((STYLE + SCRIPT).encode()).hexdigest()[:12]
+MAKER_TAG = f"<meta name=\"meshseg-viewer\" content=\"{MAKER}\">"
+
+
 def write_pages(rows: list[dict], page: Path) -> list[str]:
     """Write (or keep, when newer than its inputs) the viewer page of each row and return
     each row's link relative to the cohort page `page` ("" for a row without a viewer: a
@@ -107,7 +112,7 @@ def _write_page(row: dict, target: Path, page: Path) -> bool:
                                  row.get("prob", "")) if p]
     if len(sources) < 2 or not all(p.is_file() for p in sources):
         return False
-    if target.is_file() and target.stat().st_mtime >= max(p.stat().st_mtime for p in sources):
+    if _fresh(target, sources):
         return True
     volumes, centre = _volumes(Path(row["input"]), Path(row["output"]),
                                Path(row["prob"]) if row.get("prob") else None)
@@ -116,6 +121,14 @@ def _write_page(row: dict, target: Path, page: Path) -> bool:
         tmp.write_text(render(row, volumes, centre, os.path.relpath(page, target.parent)),
                        encoding="utf-8")
     return True
+
+
+def _fresh(target: Path, sources: list[Path]) -> bool:
+    """True when the page is newer than its sources and made by this code."""
+    if not target.is_file() or target.stat().st_mtime < max(p.stat().st_mtime for p in sources):
+        return False
+    with target.open(encoding="utf-8", errors="replace") as page:
+        return MAKER_TAG in page.read(1000)
 
 
 def _volumes(scan: Path, mask: Path, prob: Path | None) -> tuple[list[dict], list | None]:
@@ -175,7 +188,7 @@ def render(row: dict, volumes: list[dict], centre: list | None, back: str) -> st
                     for i, v in enumerate(volumes) if i > 0)
     data = json.dumps(volumes, separators=(",", ":")).replace("</", "<\\/")
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n{MAKER_TAG}\n"
         f"<title>{escape(name)}: meshseg viewer</title>\n<style>{STYLE}</style>\n</head>\n"
         f"<body>\n<header><a href=\"{escape(back)}\">&larr; cohort page</a> "
         f"<b>{escape(name)}</b>{'' if ml is None else f' {ml:.2f} mL'}{boxes} "
