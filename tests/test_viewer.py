@@ -90,14 +90,14 @@ def grey_pixels(path) -> int:
 
 def test_viewer_in_headless_chromium_from_a_copied_folder(tmp_path, write_nifti,
                                                           threshold_model):
-    """predict --prob --report page.html; the output folder copied elsewhere and the
-    original removed; the cohort page's 3-D link opens NiiVue with no console errors, and the
+    """predict --prob --mni --report page.html; the output folder copied elsewhere and the
+    original removed; the cohort page links every output, and its 3-D link opens NiiVue with no console errors, and the
     screenshot shows the scan and the overlays (which their checkboxes turn off)."""
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     binary = chromium()
     scan = write_nifti(head()[0], name="s0.nii.gz")
     result = run("predict", scan, "-o", tmp_path / "out", "-m", threshold_model, "--prob",
-                 "--report", tmp_path / "out" / "report.html", "-q")
+                 "--mni", "--report", tmp_path / "out" / "report.html", "-q")
     assert result.exit_code == 0
     copy = shutil.copytree(tmp_path / "out", tmp_path / "elsewhere" / "out")
     shutil.rmtree(tmp_path / "out")
@@ -111,6 +111,8 @@ def test_viewer_in_headless_chromium_from_a_copied_folder(tmp_path, write_nifti,
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("requestfailed", lambda r: errors.append(f"failed {r.url}"))
         page.goto((copy / "report.html").as_uri())
+        links = page.eval_on_selector_all(".files a", "links => links.map(a => a.textContent)")
+        assert links == ["3-D viewer", "mask", "probability", "MNI mask", "record"]
         page.click("a:has-text('3-D viewer')")
         page.wait_for_selector("body[data-ready]", timeout=120_000)
         page.wait_for_timeout(500)
@@ -124,3 +126,19 @@ def test_viewer_in_headless_chromium_from_a_copied_folder(tmp_path, write_nifti,
     assert grey_pixels(tmp_path / "viewer.png") > 20_000  # the scan, in four views
     shown, hidden = (overlay_pixels(tmp_path / n) for n in ("viewer.png", "scan_only.png"))
     assert shown > 20_000 and hidden < 100
+
+
+@pytest.mark.slow
+def test_wheel_ships_niivue(tmp_path):
+    """The vendored NiiVue bundle, its license and its origin are inside the built wheel."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "-q",
+                    "-w", str(tmp_path)], check=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("meshseg-*.whl"))).namelist()
+    for name in (viewer.BUNDLE, "LICENSE", "README.md"):
+        assert f"meshseg/qc/niivue/{name}" in names
