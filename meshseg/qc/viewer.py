@@ -19,6 +19,7 @@ import os
 import shutil
 from html import escape
 from pathlib import Path
+from urllib.parse import quote
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +27,7 @@ from nibabel.filebasedimages import ImageFileError
 from scipy import ndimage
 
 from meshseg.io import atomic_path, stem
+from meshseg.qc.checks import UNCERTAIN
 
 NIIVUE = Path(__file__).with_name("niivue")
 BUNDLE = "niivue.umd.js"
@@ -35,7 +37,7 @@ FOLDER_SUFFIX = "_viewer"  # report.html -> report_viewer/
 # a page stays a few MB: 256^3 at 8 bits gzips to about 5-8 MB before base64.
 MAX_VOXELS = 256 ** 3
 SCAN_PERCENTILES = (0.5, 99.5)  # the scan's intensities mapped onto 0..255
-PROB_SHOWN_FROM = 0.2  # probabilities below this are transparent (checks.UNCERTAIN's low end)
+PROB_SHOWN_FROM = UNCERTAIN[0]  # lower probabilities are transparent
 
 STYLE = """
 html, body { margin: 0; height: 100%; background: #111; color: #eee;
@@ -118,8 +120,8 @@ def _write_page(row: dict, target: Path, page: Path) -> bool:
                                Path(row["prob"]) if row.get("prob") else None)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target, suffix=".part.html") as tmp:
-        tmp.write_text(render(row, volumes, centre, os.path.relpath(page, target.parent)),
-                       encoding="utf-8")
+        back = quote(Path(os.path.relpath(page, target.parent)).as_posix())
+        tmp.write_text(render(row, volumes, centre, back), encoding="utf-8")
     return True
 
 
@@ -180,7 +182,7 @@ def _volume(name: str, data: np.ndarray, affine: np.ndarray, slope: float, color
 
 
 def render(row: dict, volumes: list[dict], centre: list | None, back: str) -> str:
-    """The viewer page's HTML; `back` is the cohort page's path relative to it."""
+    """The viewer page's HTML; `back` links the cohort page (relative, URL-quoted)."""
     name = Path(row.get("input", "")).name
     ml = row.get("lesion_ml")
     boxes = "".join(f"<label><input type=\"checkbox\" checked data-volume=\"{i}\"> "
