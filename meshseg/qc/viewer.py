@@ -110,14 +110,13 @@ def page_name(row: dict) -> str:
 
 def _write_page(row: dict, target: Path, page: Path) -> bool:
     """Write one viewer page unless it is newer than the scan, mask and probability map."""
-    sources = [Path(p) for p in (row.get("input", ""), row.get("output", ""),
-                                 row.get("prob", "")) if p]
-    if len(sources) < 2 or not all(p.is_file() for p in sources):
+    scan, mask, prob = (Path(row[k]) if row.get(k) else None for k in ("input", "output", "prob"))
+    sources = [p for p in (scan, mask, prob) if p is not None]
+    if scan is None or mask is None or not all(p.is_file() for p in sources):
         return False
     if _fresh(target, sources):
         return True
-    volumes, centre = _volumes(Path(row["input"]), Path(row["output"]),
-                               Path(row["prob"]) if row.get("prob") else None)
+    volumes, centre = _volumes(scan, mask, prob)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target, suffix=".part.html") as tmp:
         back = quote(Path(os.path.relpath(page, target.parent)).as_posix())
