@@ -46,13 +46,70 @@ def test_summary_counts_and_escaping(tmp_path):
     rows = records(5)
     rows[0]["input"] = "/data/<script>alert(1)</script>.nii.gz"
     rows[3]["warnings"] = "qform and sform disagree; sform used"
+    rows[4]["flags"] = [{"name": "no_lesion", "value": 0.0, "threshold": 0.0,
+                         "message": "no lesion found"}]
     page = html_report.render(rows, tmp_path)
     assert "<script>alert(1)" not in page
-    assert page.count("<tr>") == 1 + 5  # header + rows
+    assert page.count("<tr data-flags") == 5
     assert "qform and sform disagree; sform used</div>" in page
-    assert "<b>failed</b>: 1" in page and "<b>flagged</b>: 1" in page
+    assert "<b>failed</b>: 1" in page
+    assert "<b>flagged</b>: 1" in page  # not_t2; no_lesion is a finding, not a problem
     assert "<b>median lesion volume</b>: 2.0 mL" in page  # of 4, 3, 1, 0
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched from the network
+    assert 'class="flag contrast"' in page and 'class="flag finding"' in page
+    assert '<option value="not_t2">' in page and '<option value="no_lesion">' in page
+
+
+def test_header_names_what_made_the_results(tmp_path):
+    rows = records(3)
+    for i, row in enumerate(rows):
+        row.update(model="arc-t2-lesion", model_sha256="ab12", meshseg_version="0.1.0",
+                   threshold=0.5, device="cpu", date=f"2026-12-0{i + 1}T10:00:00Z")
+    rows[2].update(status="failed", date="", model="other")  # a failure made nothing
+    page = html_report.render(rows, tmp_path)
+    for text in ("<b>model</b>: <code>arc-t2-lesion</code>", "<code>ab12</code>",
+                 "<b>meshseg</b>: <code>0.1.0</code>", "<b>threshold</b>: <code>0.5</code>",
+                 "<b>device</b>: <code>cpu</code>",
+                 "<code>2026-12-01T10:00:00Z to 2026-12-02T10:00:00Z</code>"):
+        assert text in page
+
+
+def test_resumed_rows_show_their_result_and_outputs_are_linked(tmp_path):
+    """A row kept by resume shows the earlier result (ok or flagged), not "skipped"; every
+    output that exists is linked by a path relative to the page."""
+    rows = records(3)[:2]
+    outputs = {}
+    for key, name in (("output", "a_lesion.nii.gz"), ("prob", "a_lesion_prob.nii.gz"),
+                      ("mni", "a_lesion_mni.nii.gz"), ("record", "a_lesion.json")):
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / name).write_bytes(b"x")
+        outputs[key] = str(tmp_path / "out" / name)
+    rows[0].update(status="skipped", **outputs)
+    rows[1].update(status="skipped")
+    page = html_report.render(rows, tmp_path / "page", ["v/a.html", ""])
+    assert ">skipped<" not in page
+    assert page.count("<div class=\"note\">from an earlier run</div>") == 2
+    assert '<span class="ok">ok</span>' in page and '<span class="flagged">flagged</span>' in page
+    for name, text in (("a_lesion.nii.gz", "mask"), ("a_lesion_prob.nii.gz", "probability"),
+                       ("a_lesion_mni.nii.gz", "MNI mask"), ("a_lesion.json", "record")):
+        assert f'<a href="../out/{name}">{text}</a>' in page
+    assert '<a href="v/a.html">3-D viewer</a>' in page
+
+
+def test_per_lesion_table_folds_out(tmp_path):
+    rows = records(3)[:1]
+    rows[0]["components"] = 2
+    rows[0]["location"]["lesions"] = [
+        {"ml": 30.5, "side": "left", "centroid_mni": [-40.2, -10.0, 12.7], "territories": [
+            {"abbreviation": "MCAFL", "name": "MCA frontal", "lesion_pct": 70.0,
+             "territory_pct": 5.0}]},
+        {"ml": 1.25, "side": "right", "centroid_mni": [20.0, 5.0, -3.0], "territories": []}]
+    page = html_report.render(rows, tmp_path)
+    assert "<details><summary>2</summary>" in page
+    assert "<td class=\"num\">30.50</td><td>left</td><td>-40, -10, 13</td><td>MCAFL 70%</td>" \
+        in page
+    assert "<td>2</td><td class=\"num\">1.25</td><td>right</td>" in page
+    assert "<details>" not in html_report.render(records(3)[:1], tmp_path)  # no lesions: a count
 
 
 def test_report_in_headless_chromium(tmp_path, write_nifti, threshold_model):
@@ -93,6 +150,11 @@ def test_report_in_headless_chromium(tmp_path, write_nifti, threshold_model):
         assert page.evaluate(volumes)[-1] == ""  # the failed input (no volume) sorts last
         page.click("th:has-text('status')")
         assert page.locator("tbody tr").first.inner_text().count("failed") == 1
+        page.select_option("#filter", "failed")
+        assert page.locator("tbody tr:visible").count() == 1
+        assert page.inner_text("#shown") == "1"
+        page.select_option("#filter", "")
+        assert page.locator("tbody tr:visible").count() == 4
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     assert errors == []

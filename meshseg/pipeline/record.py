@@ -56,6 +56,7 @@ class Result:
     flags: list = field(default_factory=list)  # QC flags (qc.Flag fields: name, value...)
     location: dict = field(default_factory=dict)  # side, territories... (checks.assess)
     picture: str = ""  # the QC picture
+    mni: str = ""  # the mask on the MNI grid, when written (--mni)
     kind: str = KIND
 
     def same_settings(self, other: Result) -> bool:
@@ -140,8 +141,9 @@ REPORT_SUFFIXES = (".json", ".csv", ".html")
 def write_report(results: list[Result], path: Path) -> None:
     """Write records as a .json list, a .csv table (`flat_row`) or the .html cohort page
     (html_report), atomically."""
-    if path.suffix.lower() == ".html":
-        html_report.write([asdict(r) for r in results], path)
+    if path.suffix.lower() == ".html":  # each row also names its record, for the page's link
+        html_report.write([dict(asdict(r), record=str(sidecar_path(Path(r.output))))
+                           for r in results], path)
         return
     if path.suffix.lower() == ".json":
         with atomic_path(path, suffix=".part.json") as tmp:

@@ -108,6 +108,7 @@ def write_review(assessment: Assessment, volume: Volume, mask: np.ndarray, outpu
         result.picture = str(outputs.picture)
     if outputs.mni is not None and assessment.mni_mask is not None:
         location.write_mni_mask(assessment.mni_mask, outputs.mni)
+        result.mni = str(outputs.mni)
 
 
 def summary_line(result: Result) -> str:
