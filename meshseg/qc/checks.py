@@ -138,8 +138,7 @@ def assess(volume: Volume, prob: np.ndarray, mask: np.ndarray, lesion_ml: float,
     except MeshsegError as err:  # the mask is still good: flag it, do not fail the input
         flags.append(Flag("poor_registration", 0.0, POOR_REGISTRATION, str(err)))
         return Assessment(flags)
-    image = location.to_mni(volume.data, volume.affine, registration.scan_from_mni)
-    ratio = csf_to_white_matter(image)
+    ratio = csf_to_white_matter(volume, registration.scan_from_mni)
     if ratio < NOT_T2_CSF_WM:
         flags.insert(0, Flag("not_t2", ratio, NOT_T2_CSF_WM,
                              f"CSF/white matter {ratio:.2f} < {NOT_T2_CSF_WM}: "
@@ -154,13 +153,15 @@ def assess(volume: Volume, prob: np.ndarray, mask: np.ndarray, lesion_ml: float,
     return Assessment(flags, where, mni_mask)
 
 
-def csf_to_white_matter(image_mni: np.ndarray) -> float:
-    """Median intensity of the registered scan in the ventricles over that in white matter."""
-    ventricles, white = _tissue_masks()
-    white_level = float(np.median(image_mni[white]))
+def csf_to_white_matter(volume: Volume, scan_from_mni: np.ndarray) -> float:
+    """Median intensity of the registered scan in the ventricles over that in white matter
+    (read at those MNI voxels only)."""
+    ventricles, white = (location.sample_mni(volume.data, volume.affine, scan_from_mni, where)
+                         for where in _tissue_masks())
+    white_level = float(np.median(white))
     if white_level <= 0:
         return 0.0
-    return round(float(np.median(image_mni[ventricles])) / white_level, 3)
+    return round(float(np.median(ventricles)) / white_level, 3)
 
 
 @functools.lru_cache(maxsize=1)
