@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from meshseg.errors import MeshsegError
 from meshseg.io import Volume, save_array
-from meshseg.metrics import CONNECTIVITY
+from meshseg.metrics import largest_lesion_centre
 
 ATLAS_FILE = "ArterialAtlas136.nii.gz"
 LABELS_FILE = "ArterialAtlas136.txt"
@@ -459,12 +459,9 @@ def largest_centroid(mask: np.ndarray, affine: np.ndarray,
                      scan_from_mni: np.ndarray) -> list[float] | None:
     """MNI mm of the centre of the largest 26-connected lesion, found on the scan's own
     grid (where lesions are what the model drew) and carried through the registration."""
-    labels, count = ndimage.label(mask, structure=CONNECTIVITY)
-    if count == 0:
+    centre = largest_lesion_centre(mask)
+    if centre is None:
         return None
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    centre = ndimage.center_of_mass(labels == sizes.argmax())
     world = affine @ np.array([*centre, 1.0])
     mni = np.linalg.inv(scan_from_mni) @ world
     return [round(float(v), 1) for v in mni[:3]]
