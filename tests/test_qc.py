@@ -83,9 +83,9 @@ def test_picture_is_written_fast_for_any_orientation(tmp_path):
     image = np.where(blob(shape, (30, 35, 15), 25), 300.0, 0.0).astype(np.float32)
     lesion = blob(shape, (18, 35, 15), 5)
     affine = np.diag([-1.0, 1.0, 2.5, 1.0])
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a shared machine's load does not count
     picture.draw(image, affine, lesion, "scan.nii.gz | model | 1.0 mL", tmp_path / "a.png")
-    assert time.perf_counter() - start < 3.0  # under 1 s on an idle machine
+    assert time.process_time() - start < 3.0  # under 1 s on an idle machine
     picture.draw(image, affine, lesion * 0, "empty", tmp_path / "b.png")
     for name in ("a.png", "b.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
