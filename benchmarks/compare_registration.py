@@ -68,7 +68,7 @@ def main(paths: list[str]) -> None:
         volume = load_volume(path)
         ours = location.register(volume)
         theirs, seconds = dipy_register(volume)
-        nmi = location.fit_quality(volume, theirs, location.mni_space())[1]
+        nmi = location.fit_quality(volume, theirs)[1]
         distance = np.linalg.norm((ours.scan_from_mni @ points - theirs @ points)[:3], axis=0)
         empty = np.zeros(volume.data.shape, np.uint8)
         start = time.perf_counter()

@@ -44,8 +44,8 @@ def largest_lesion(mask: np.ndarray) -> np.ndarray:
 
 def largest_lesion_centre(mask: np.ndarray) -> np.ndarray | None:
     """Voxel coordinates of the centre of mass of the largest 26-connected lesion (None when
-    there is none), labelled only inside the mask's bounding box: a whole 1 mm head costs
-    ten times more to label than a lesion's box."""
+    there is none), labelled only inside the mask's bounding box, which is a small part of a
+    head for a stroke lesion."""
     found = ndimage.find_objects((np.asarray(mask) > 0).astype(np.uint8))
     if not found:
         return None

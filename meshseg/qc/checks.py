@@ -47,10 +47,11 @@ UNCERTAIN = (0.2, 0.8)  # probabilities the model is unsure of (the issue's rang
 # (no voxel above 0.69). 0.75 flags the second and not the first.
 LOW_CONFIDENCE_SHARE = 0.75
 # Sharpness of the registration metric's peak at the fit (location.fit_quality), measured on
-# the five real scans and synthetic heads seeds 1-2 (docs/location.md): fits that look right
-# 2.06-8.39 (healthy_T2w 2.29); fits that were visibly wrong (healthy_T2w and synthetic head 2
-# before the rough brain extraction) 1.19 and 1.33; good fits moved 15 mm or turned 20 degrees
-# 0.96-1.54. A size error of 12% scores 1.40-1.95 and is not always caught.
+# the five real scans and synthetic heads seeds 1-2 (docs/location.md; re-measured 2026-12-02
+# with the NMI read at 1/8 of the brain voxels): fits that look right 1.98-8.39 (lesion_FLAIR
+# 1.98); good fits moved 15 mm or turned 20 degrees 0.96-1.69 (healthy_T1w moved along z);
+# visibly wrong fits of an older pipeline scored 1.19 and 1.33. A size error of 12% scores
+# 1.03-1.92 and is not always caught.
 POOR_REGISTRATION = 1.8
 
 

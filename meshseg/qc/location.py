@@ -136,8 +136,8 @@ def mni_space() -> MniSpace:
 def _on_grid(img: nib.Nifti1Image, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """A 0..1 map of nilearn's on the atlas grid. Both are 1 mm MNI grids whose voxels
     coincide (the atlas' x axis runs the other way), so this is a flipped slice of the map:
-    what linear resampling would give, at a fraction of its cost (a resampling made each
-    scan's QC load wait seconds).
+    what linear resampling would give (resampling the three cost about a second of CPU in
+    every process that runs QC).
 
     Raises:
         MeshsegError: the map's grid does not line up with the atlas' (another nilearn).
@@ -219,7 +219,7 @@ def register(volume: Volume) -> Registration:
         why = lines[0].split(": ", 2)[-1].strip()
         raise MeshsegError(f"{volume.name}: registration to MNI failed ({why})") from err
     scan_from_mni = LPS @ _matrix(fit) @ LPS
-    quality, nmi = fit_quality(volume, scan_from_mni, space)
+    quality, nmi = fit_quality(volume, scan_from_mni)
     return Registration(scan_from_mni, quality, nmi, round(time.perf_counter() - start, 3))
 
 
@@ -249,8 +249,7 @@ def _brain_sample() -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     return index, space.t1[index]
 
 
-def fit_quality(volume: Volume, scan_from_mni: np.ndarray,
-                space: MniSpace) -> tuple[float, float]:
+def fit_quality(volume: Volume, scan_from_mni: np.ndarray) -> tuple[float, float]:
     """The fit's sharpness and NMI. Sharpness is (NMI - 1) over (the median NMI of the fit
     moved PEAK_SHIFT_MM both ways along each axis - 1): how far the fit stands above its
     own neighbourhood. A scan's NMI also depends on its contrast, noise and slice thickness,
