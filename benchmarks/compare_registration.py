@@ -5,7 +5,7 @@ rigid then 12-dof affine, two resolution levels, the template's brain mask as th
 region. SimpleITK runs meshseg's location.register (which adds a third, brain-masked affine
 stage); dipy runs the rigid and affine stages of its AffineRegistration. For each scan it
 prints the seconds, the normalised mutual information meshseg reports (registration_nmi, in
-the template's brain, location.normalised_mi), and the mean distance in mm between the two
+the template's brain, location.fit_quality), and the mean distance in mm between the two
 results at brain points. Also the timing of QC as a whole: picture and the rest of checks.assess.
 
 Usage: python benchmarks/compare_registration.py ../shared/real-scans/*.nii.gz
@@ -68,8 +68,7 @@ def main(paths: list[str]) -> None:
         volume = load_volume(path)
         ours = location.register(volume)
         theirs, seconds = dipy_register(volume)
-        nmi = location.normalised_mi(
-            location.to_mni(volume.data, volume.affine, theirs), location.mni_space())
+        nmi = location.fit_quality(volume, theirs)[1]
         distance = np.linalg.norm((ours.scan_from_mni @ points - theirs @ points)[:3], axis=0)
         empty = np.zeros(volume.data.shape, np.uint8)
         start = time.perf_counter()

@@ -42,6 +42,18 @@ def largest_lesion(mask: np.ndarray) -> np.ndarray:
     return labels == int(sizes.argmax())
 
 
+def largest_lesion_centre(mask: np.ndarray) -> np.ndarray | None:
+    """Voxel coordinates of the centre of mass of the largest 26-connected lesion (None when
+    there is none), labelled only inside the mask's bounding box, which is a small part of a
+    head for a stroke lesion."""
+    found = ndimage.find_objects((np.asarray(mask) > 0).astype(np.uint8))
+    if not found:
+        return None
+    box = found[0]
+    return np.add(ndimage.center_of_mass(largest_lesion(np.asarray(mask)[box])),
+                  [s.start for s in box])
+
+
 def largest_lesion_side(mask: np.ndarray, affine: np.ndarray) -> str:
     """"left", "right" or "" (no lesion): the side of the largest lesion, by the sign of its
     centroid's world x (RAS: x < 0 is the subject's left). Needs no registration, so it is

@@ -11,6 +11,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from meshseg.errors import MeshsegError
 from meshseg.io import Volume, load_volume
 from meshseg.qc import checks, location
 from tests.conftest import SHARED
@@ -137,7 +138,7 @@ def test_whole_head_scan_registers_well():
     assert registration.quality >= checks.POOR_REGISTRATION, registration
     moved = registration.scan_from_mni.copy()
     moved[0, 3] += 15
-    assert location.fit_quality(volume, moved, location.mni_space())[0] < checks.POOR_REGISTRATION
+    assert location.fit_quality(volume, moved)[0] < checks.POOR_REGISTRATION
 
 
 @pytest.mark.slow
@@ -191,3 +192,35 @@ def test_location_holds_plain_json_types():
         return type(value) in (str, int, float, bool, type(None))
 
     assert plain(found)
+
+
+def test_mni_resampling_in_a_box_and_at_voxels_matches_the_whole_grid():
+    """to_mni resamples only the box a mask's voxels reach and sample_mni reads single
+    voxels: both give exactly what resampling the whole MNI grid gives."""
+    volume, lesion = synthetic_head(territory_ball("MCATL"))
+    scan_from_mni = pose_matrix() @ np.diag([1.05, 0.97, 1.02, 1.0])
+    space = location.mni_space()
+
+    def whole(data: np.ndarray) -> np.ndarray:
+        return location._resample(data, volume.affine, space.affine, scan_from_mni,
+                                  space.shape)
+
+    np.testing.assert_allclose(location.to_mni(lesion, volume.affine, scan_from_mni),
+                               whole(lesion), atol=1e-6)
+    assert not location.to_mni(lesion * 0, volume.affine, scan_from_mni).any()
+    ventricles = checks._tissue_masks()[0]
+    np.testing.assert_allclose(location.sample_mni(volume.data, volume.affine, scan_from_mni,
+                                                   ventricles),
+                               whole(volume.data)[ventricles], rtol=1e-5)
+
+
+def test_template_maps_are_sliced_exactly_onto_the_atlas_grid():
+    space = location.mni_space()
+    img = location.mni152_map("t1")
+    resampled = ndimage.affine_transform(np.asarray(img.dataobj, np.float32) / 255,
+                                         np.linalg.inv(img.affine) @ space.affine,
+                                         output_shape=space.shape, order=1)
+    np.testing.assert_array_equal(space.t1, resampled)
+    shifted = nib.Nifti1Image(np.asarray(img.dataobj), img.affine @ np.diag([1, 1, 1.5, 1]))
+    with pytest.raises(MeshsegError, match="not on the atlas' 1 mm grid"):
+        location._on_grid(shifted, space.affine, space.shape)

@@ -56,12 +56,13 @@ from meshseg.progress import bars
 from meshseg.qc.checks import Checks, review, summary_line, write_review
 
 Progress = Callable[[str, float], None]
-"""Called with a stage name (load, conform, layers, unconform, write) and its fraction done."""
+"""Called with a stage name (load, conform, layers, unconform, qc, write) and its fraction
+done."""
 
 # Share of one scan's time per stage, so a scan's bar moves evenly (measured on a CPU: the
-# layers take most of it).
-STAGES = {"load": (0.0, 0.05), "conform": (0.05, 0.15), "layers": (0.15, 0.9),
-          "unconform": (0.9, 0.95), "write": (0.95, 1.0)}
+# layers take most of it; QC, on by default, about a quarter: docs/qc.md).
+STAGES = {"load": (0.0, 0.05), "conform": (0.05, 0.12), "layers": (0.12, 0.70),
+          "unconform": (0.70, 0.74), "qc": (0.74, 0.97), "write": (0.97, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -214,13 +215,14 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         prob = segment(volume, model, run, progress=report)
         mask = to_mask(prob, result.postprocess, result.threshold)
         result.lesion_ml, result.voxels, result.components = lesion_stats(mask, volume.affine)
-        assessment = review(volume, prob, mask, result, checks) if checks else None
+        if checks:
+            report("qc", 0.0)
+            quality_check(volume, prob, mask, outputs, result, checks)
+            report("qc", 1.0)
         report("write", 0.0)
         make_folder(outputs.mask.parent)
         if outputs.prob is not None:
             save_like(prob, volume, outputs.prob, np.float32)
-        if assessment is not None:  # the QC picture and MNI mask, before the mask
-            write_review(assessment, volume, mask, outputs, result)
         save_like(mask, volume, outputs.mask, np.uint8)
         report("write", 1.0)
     except ForeignOutputError as err:
@@ -237,6 +239,22 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
     result.date = datetime.now(UTC).isoformat(timespec="seconds")
     _write_record(result, outputs.sidecar)
     return result
+
+
+def quality_check(volume: Volume, prob: np.ndarray, mask: np.ndarray, outputs: Outputs,
+                  result: Result, checks: Checks) -> None:
+    """QC of one result: its flags and location into the record, then the QC picture and MNI
+    mask written (before the mask, always an input's last file); the time it all took into
+    `result.qc_seconds`, since QC can cost as much as the segmentation.
+
+    Raises:
+        InputError: `checks.strict_contrast` and the scan does not look T2-weighted.
+    """
+    start = time.perf_counter()
+    assessment = review(volume, prob, mask, result, checks)
+    make_folder(outputs.mask.parent)
+    write_review(assessment, volume, mask, outputs, result)
+    result.qc_seconds = round(time.perf_counter() - start, 3)
 
 
 def new_record(path: Path, outputs: Outputs, model: LoadedModel, device: str,

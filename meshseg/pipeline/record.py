@@ -48,6 +48,7 @@ class Result:
     voxels: int | None = None
     components: int | None = None  # the number of 26-connected lesions
     seconds: float = 0.0
+    qc_seconds: float = 0.0  # of `seconds`: QC (registration, checks, picture); 0 without QC
     date: str = ""  # when the mask was written, ISO 8601 UTC
     meshseg_version: str = ""
     torch_version: str = ""

@@ -47,10 +47,11 @@ UNCERTAIN = (0.2, 0.8)  # probabilities the model is unsure of (the issue's rang
 # (no voxel above 0.69). 0.75 flags the second and not the first.
 LOW_CONFIDENCE_SHARE = 0.75
 # Sharpness of the registration metric's peak at the fit (location.fit_quality), measured on
-# the five real scans and synthetic heads seeds 1-2 (docs/location.md): fits that look right
-# 2.06-8.39 (healthy_T2w 2.29); fits that were visibly wrong (healthy_T2w and synthetic head 2
-# before the rough brain extraction) 1.19 and 1.33; good fits moved 15 mm or turned 20 degrees
-# 0.96-1.54. A size error of 12% scores 1.40-1.95 and is not always caught.
+# the five real scans and synthetic heads seeds 1-2 (docs/location.md; re-measured 2026-12-02
+# with the NMI read at 1/8 of the brain voxels): fits that look right 1.98-8.39 (lesion_FLAIR
+# 1.98); good fits moved 15 mm or turned 20 degrees 0.96-1.69 (healthy_T1w moved along z);
+# visibly wrong fits of an older pipeline scored 1.19 and 1.33. A size error of 12% scores
+# 1.03-1.92 and is not always caught.
 POOR_REGISTRATION = 1.8
 
 
@@ -139,8 +140,7 @@ def assess(volume: Volume, prob: np.ndarray, mask: np.ndarray, lesion_ml: float,
     except MeshsegError as err:  # the mask is still good: flag it, do not fail the input
         flags.append(Flag("poor_registration", 0.0, POOR_REGISTRATION, str(err)))
         return Assessment(flags)
-    image = location.to_mni(volume.data, volume.affine, registration.scan_from_mni)
-    ratio = csf_to_white_matter(image)
+    ratio = csf_to_white_matter(volume, registration.scan_from_mni)
     if ratio < NOT_T2_CSF_WM:
         flags.insert(0, Flag("not_t2", ratio, NOT_T2_CSF_WM,
                              f"CSF/white matter {ratio:.2f} < {NOT_T2_CSF_WM}: "
@@ -155,13 +155,15 @@ def assess(volume: Volume, prob: np.ndarray, mask: np.ndarray, lesion_ml: float,
     return Assessment(flags, where, mni_mask)
 
 
-def csf_to_white_matter(image_mni: np.ndarray) -> float:
-    """Median intensity of the registered scan in the ventricles over that in white matter."""
-    ventricles, white = _tissue_masks()
-    white_level = float(np.median(image_mni[white]))
+def csf_to_white_matter(volume: Volume, scan_from_mni: np.ndarray) -> float:
+    """Median intensity of the registered scan in the ventricles over that in white matter
+    (read at those MNI voxels only)."""
+    ventricles, white = (location.sample_mni(volume.data, volume.affine, scan_from_mni, where)
+                         for where in _tissue_masks())
+    white_level = float(np.median(white))
     if white_level <= 0:
         return 0.0
-    return round(float(np.median(image_mni[ventricles])) / white_level, 3)
+    return round(float(np.median(ventricles)) / white_level, 3)
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from meshseg.io import save_png
-from meshseg.metrics import CONNECTIVITY
+from meshseg.metrics import largest_lesion_centre
 
 AXIAL_SLICES = 6  # panels of the axial montage
 OUTLINE = "#ff3030"
@@ -69,14 +69,8 @@ def _window(image: np.ndarray) -> tuple[float, float]:
 
 def _centre(image: np.ndarray, lesion: np.ndarray) -> tuple[int, int, int]:
     """Voxel at the centre of the largest lesion, or of the head when there is none."""
-    if lesion.any():
-        box = ndimage.find_objects(lesion.astype(np.uint8))[0]  # label only around the lesion
-        labels, _ = ndimage.label(lesion[box], structure=CONNECTIVITY)
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        point = np.add(ndimage.center_of_mass(labels == sizes.argmax()),
-                       [s.start for s in box])
-    else:
+    point = largest_lesion_centre(lesion)
+    if point is None:
         point = ndimage.center_of_mass(image > np.percentile(image, 50))
     return tuple(int(round(p)) for p in point)  # type: ignore[return-value]
 
