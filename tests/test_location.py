@@ -91,6 +91,30 @@ def test_lesion_painted_in_a_known_territory_is_found_there(tmp_path):
     assert (written & ball).sum() / ball.sum() > 0.7
 
 
+def test_each_lesion_has_its_volume_side_and_territories():
+    """Two lesions, a big right MCA one and a small left ACA one: largest first, each on
+    its own side and in its own territory, the mL adding up to the scan's."""
+    from meshseg.metrics import voxel_ml
+
+    volume, mask = synthetic_head(territory_ball("MCAFR", 9.0) | territory_ball("ACAL", 5.0))
+    found = locate(volume, mask)["lesions"]
+    assert [row["side"] for row in found] == ["right", "left"]
+    assert found[0]["ml"] > found[1]["ml"] > 0
+    assert found[0]["territories"][0]["abbreviation"] == "MCAFR"
+    assert found[1]["territories"][0]["abbreviation"] == "ACAL"
+    assert found[1]["centroid_mni"][0] < -2 < 2 < found[0]["centroid_mni"][0]
+    assert sum(row["ml"] for row in found) == pytest.approx(mask.sum() * voxel_ml(volume.affine),
+                                                            abs=0.005)
+    assert set(found[0]) == {"ml", "side", "centroid_mni", "territories"}
+    assert locate(volume, np.zeros_like(mask))["lesions"] == []
+
+
+def test_rounded_lesion_volumes_still_add_up():
+    values = np.array([1.001, 2.002, 3.004])  # each rounds down; the total rounds to 6.01
+    rounded = location.split_rounded(values, 2)
+    assert sum(rounded) == pytest.approx(6.01) and rounded == [1.0, 2.0, 3.01]
+
+
 def test_the_affine_is_the_truth_about_left_and_right():
     """Voxels flipped with an affine that says so: same side. The affine alone flipped
     (the voxels as before): the head is mirrored in the world, and so is the lesion."""
@@ -181,7 +205,8 @@ def test_location_holds_plain_json_types():
     space = location.mni_space()
     mask = np.zeros(space.shape, bool)
     mask[60:70, 90:100, 60:70] = True
-    found = {**location.hemispheres(mask, space.affine), "t": location.territories(mask, space)}
+    found = {**location.hemispheres(mask, space.affine), "t": location.territories(mask, space),
+             "l": location.lesions(mask, space.affine, np.eye(4))}
 
     def plain(value) -> bool:
         if isinstance(value, dict):

@@ -1,5 +1,5 @@
 """Where a lesion is: the scan registered to MNI152, its mask carried to MNI space, and the
-lesion's side, largest-lesion centroid and arterial territories read there.
+lesion's side, arterial territories and per-lesion figures read there.
 
 Registration is affine (12 degrees of freedom) with SimpleITK's Mattes mutual information, so
 that any contrast (T2, FLAIR, T1) registers to nilearn's T1 template; docs/location.md says
@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from meshseg.errors import MeshsegError
 from meshseg.io import Volume, save_array
-from meshseg.metrics import CONNECTIVITY
+from meshseg.metrics import CONNECTIVITY, voxel_ml
 
 ATLAS_FILE = "ArterialAtlas136.nii.gz"
 LABELS_FILE = "ArterialAtlas136.txt"
@@ -346,19 +346,60 @@ def normalised_mi(image: np.ndarray, space: MniSpace, seen: np.ndarray | None = 
 
 
 def locate(mask: np.ndarray, volume: Volume, registration: Registration) -> dict:
-    """Side, largest-lesion MNI centroid and territories of a scan-space 0/1 mask, with the
-    mask on the MNI grid under key "mni_mask" (the caller pops it to write --mni)."""
+    """Side, territories and per-lesion figures (`lesions`, largest first) of a scan-space 0/1
+    mask, with the mask on the MNI grid under key "mni_mask" (the caller pops it to write
+    --mni)."""
     space = mni_space()
     mni_mask = to_mni(mask, volume.affine, registration.scan_from_mni, order=1) >= 0.5
     report: dict = {"registration_quality": registration.quality,
                     "registration_nmi": registration.nmi,
                     "registration_seconds": registration.seconds}
     report.update(hemispheres(mni_mask, space.affine))
-    report["largest_centroid_mni"] = largest_centroid(mask, volume.affine,
-                                                      registration.scan_from_mni)
+    report["lesions"] = lesions(mask, volume.affine, registration.scan_from_mni)
+    report["largest_centroid_mni"] = (report["lesions"][0]["centroid_mni"]
+                                      if report["lesions"] else None)
     report["territories"] = territories(mni_mask, space)
     report["mni_mask"] = mni_mask.astype(np.uint8)
     return report
+
+
+def lesions(mask: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray) -> list[dict]:
+    """One row per 26-connected lesion, largest first: its mL, side, MNI centroid and
+    territories. Lesions are found on the scan's own grid (where they are what the model
+    drew), so their mL add up to the scan's; each is carried to MNI as the label it gives
+    its nearest voxels (one resampling for all of them). A lesion too small to keep an MNI
+    voxel takes its side from its centroid and has no territory rows."""
+    labels, count = ndimage.label(mask, structure=CONNECTIVITY)
+    if count == 0:
+        return []
+    space = mni_space()
+    index = np.arange(1, count + 1)
+    sizes = np.bincount(labels.ravel())[1:]
+    centres = ndimage.center_of_mass(np.ones(mask.shape), labels, index)
+    mni_labels = np.rint(to_mni(labels, affine, scan_from_mni, order=0)).astype(np.int32)
+    volumes = split_rounded(sizes * voxel_ml(affine), 2)
+    rows = []
+    for i in np.argsort(-sizes, kind="stable"):
+        centroid = [round(float(v), 1)
+                    for v in (np.linalg.inv(scan_from_mni) @ affine @ [*centres[i], 1.0])[:3]]
+        region = mni_labels == index[i]
+        side = hemispheres(region, space.affine)["side"]
+        if side == "none":
+            side = "left" if centroid[0] < 0 else "right"
+        rows.append({"ml": volumes[i], "side": side, "centroid_mni": centroid,
+                     "territories": territories(region, space)})
+    return rows
+
+
+def split_rounded(values: np.ndarray, decimals: int) -> list[float]:
+    """`values` rounded to `decimals` so that they still add up to their rounded total
+    (largest remainders get the leftover steps), as a per-lesion table must."""
+    step = 10.0 ** -decimals
+    scaled = np.asarray(values, float) / step
+    floors = np.floor(scaled)
+    short = int(round(round(float(scaled.sum())) - floors.sum()))
+    floors[np.argsort(floors - scaled, kind="stable")[:short]] += 1
+    return [round(float(v) * step, decimals) for v in floors]
 
 
 def hemispheres(mni_mask: np.ndarray, affine: np.ndarray) -> dict:
@@ -374,21 +415,6 @@ def hemispheres(mni_mask: np.ndarray, affine: np.ndarray) -> dict:
             else "left" if left > 0.5 else "right")
     return {"left_pct": round(100 * left, 1), "right_pct": round(100 * (1 - left), 1),
             "side": side}
-
-
-def largest_centroid(mask: np.ndarray, affine: np.ndarray,
-                     scan_from_mni: np.ndarray) -> list[float] | None:
-    """MNI mm of the centre of the largest 26-connected lesion, found on the scan's own
-    grid (where lesions are what the model drew) and carried through the registration."""
-    labels, count = ndimage.label(mask, structure=CONNECTIVITY)
-    if count == 0:
-        return None
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    centre = ndimage.center_of_mass(labels == sizes.argmax())
-    world = affine @ np.array([*centre, 1.0])
-    mni = np.linalg.inv(scan_from_mni) @ world
-    return [round(float(v), 1) for v in mni[:3]]
 
 
 def territories(mni_mask: np.ndarray, space: MniSpace) -> list[dict]:
