@@ -220,7 +220,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         if outputs.prob is not None:
             save_like(prob, volume, outputs.prob, np.float32)
         if assessment is not None:  # the QC picture and MNI mask, before the mask
-            write_review(assessment, volume, mask, outputs, result)
+            write_review(assessment, volume, prob, mask, outputs, result)
         save_like(mask, volume, outputs.mask, np.uint8)
         report("write", 1.0)
     except ForeignOutputError as err:

@@ -9,6 +9,7 @@ constants below, each with where its value comes from (docs/qc.md gives the meas
 from __future__ import annotations
 
 import functools
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +53,7 @@ LOW_CONFIDENCE_SHARE = 0.75
 # before the rough brain extraction) 1.19 and 1.33; good fits moved 15 mm or turned 20 degrees
 # 0.96-1.54. A size error of 12% scores 1.40-1.95 and is not always caught.
 POOR_REGISTRATION = 1.8
+TITLE_WIDTH = 140  # characters of a QC picture's title line (the picture is 960 px wide)
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,13 @@ def review(volume: Volume, prob: np.ndarray, mask: np.ndarray, result: Result,
     return assessment
 
 
-def write_review(assessment: Assessment, volume: Volume, mask: np.ndarray, outputs: Outputs,
-                 result: Result) -> None:
-    """Write the QC picture and the MNI-space mask where `outputs` asks for them."""
+def write_review(assessment: Assessment, volume: Volume, prob: np.ndarray, mask: np.ndarray,
+                 outputs: Outputs, result: Result) -> None:
+    """Write the QC picture (with the model's low-confidence band of `prob`) and the
+    MNI-space mask where `outputs` asks for them."""
     if outputs.picture is not None:
-        picture.draw(volume.data, volume.affine, mask, picture_title(result), outputs.picture)
+        picture.draw(volume.data, volume.affine, mask, picture_title(result), outputs.picture,
+                     prob=prob, low=UNCERTAIN[0], threshold=result.threshold)
         result.picture = str(outputs.picture)
     if outputs.mni is not None and assessment.mni_mask is not None:
         location.write_mni_mask(assessment.mni_mask, outputs.mni)
@@ -120,13 +124,15 @@ def summary_line(result: Result) -> str:
 
 
 def picture_title(result: Result) -> str:
-    """File, model, lesion volume, side and flags, for the QC picture."""
+    """File, model, lesion volume and side on the first line, then each QC flag's message
+    in words, for the QC picture."""
     side = result.location.get("side")
-    flags = ", ".join(f["name"] for f in result.flags) or "none"
     model = Path(result.model)  # a path (a checkpoint, a model.json) shows its last two parts
     model_name = result.model if len(model.parts) <= 2 else str(Path(*model.parts[-2:]))
-    return (f"{Path(result.input).name}  |  {model_name}  |  {result.lesion_ml or 0:.1f} mL"
-            f"{f'  |  {side}' if side and side != 'none' else ''}  |  flags: {flags}")
+    head = (f"{Path(result.input).name}  |  {model_name}  |  {result.lesion_ml or 0:.1f} mL"
+            f"{f'  |  {side}' if side and side != 'none' else ''}")
+    flags = "; ".join(f["message"] for f in result.flags) or "none"
+    return head + "\n" + textwrap.fill(f"QC: {flags}", TITLE_WIDTH)
 
 
 def assess(volume: Volume, prob: np.ndarray, mask: np.ndarray, lesion_ml: float,
