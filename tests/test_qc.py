@@ -154,3 +154,22 @@ def test_no_qc_writes_no_picture(write_nifti, tmp_path, threshold_model):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "a_lesion.nii.gz").exists() and not (tmp_path / "a_lesion_qc.png").exists()
     assert "QC:" not in result.output
+
+
+def test_a_bright_one_sided_region_outside_the_mask_is_a_missed_lesion_hint():
+    """On the MNI grid: a symmetric T2-like head has no hint; a 14 mL fluid-bright ball in
+    one hemisphere gets it (left, outside the empty mask); a mask touching it silences it."""
+    from meshseg.qc import location
+    from tests.test_location import territory_ball
+
+    space = location.mni_space()
+    grey = np.clip(space.brain - space.wm - space.csf, 0, 1)
+    image = (0.25 * space.wm + 0.55 * grey + 1.0 * space.csf).astype(np.float32)
+    empty = np.zeros(space.shape, bool)
+    assert checks.missed_lesion(image, empty) is None
+    ball = territory_ball("MCAFL", 15.0)
+    image[ball] = 1.0
+    hint = checks.missed_lesion(image, empty)
+    assert hint is not None and hint.name == "asymmetry" and hint.value > checks.ASYMMETRY_ML
+    assert "left" in hint.message
+    assert checks.missed_lesion(image, ball & (np.cumsum(ball) < 50).reshape(ball.shape)) is None

@@ -53,6 +53,18 @@ LOW_CONFIDENCE_SHARE = 0.75
 # before the rough brain extraction) 1.19 and 1.33; good fits moved 15 mm or turned 20 degrees
 # 0.96-1.54. A size error of 12% scores 1.40-1.95 and is not always caught.
 POOR_REGISTRATION = 1.8
+# A missed lesion (issue 21 item 5): chronic T2 (and FLAIR) infarcts are brighter than the
+# same place in the other hemisphere. The registered scan, over the median of the template's
+# brain, smoothed by ASYMMETRY_SIGMA_MM, minus its mirror image across x = 0; the largest
+# region brighter by ASYMMETRY_CONTRAST, ASYMMETRY_DEPTH_MM inside the brain, not touching
+# the mask. Measured on ../shared/real-scans (docs/qc.md): M2208_T2w (a stroke the model
+# misses) 37.5 mL; healthy_T2w 2.3-2.7 mL (two runs), healthy_T1w none; lesion_FLAIR 4.4 mL
+# and stroke_T2w_mni 1.1 mL outside their masks. ASYMMETRY_ML lies between the healthy heads
+# and M2208 (about 4x from each); five scans are thin evidence: docs/qc.md says so.
+ASYMMETRY_SIGMA_MM = 3.0
+ASYMMETRY_CONTRAST = 0.5
+ASYMMETRY_DEPTH_MM = 5
+ASYMMETRY_ML = 10.0
 TITLE_WIDTH = 140  # characters of a QC picture's title line (the picture is 960 px wide)
 
 
@@ -157,7 +169,38 @@ def assess(volume: Volume, prob: np.ndarray, mask: np.ndarray, lesion_ml: float,
     where = location.locate(mask, volume, registration)
     mni_mask = where.pop("mni_mask")
     where["csf_wm_ratio"] = ratio
+    hint = missed_lesion(image, mni_mask.astype(bool))
+    if hint is not None:
+        flags.append(hint)
     return Assessment(flags, where, mni_mask)
+
+
+def missed_lesion(image_mni: np.ndarray, mni_mask: np.ndarray) -> Flag | None:
+    """The `asymmetry` flag: a region of the registered scan brighter than its mirror image
+    (see ASYMMETRY_ML) that the mask does not touch, or None. Cheap and crude: it sees
+    bright one-sided lesions (chronic T2/FLAIR infarcts), not dark ones (T1) nor
+    symmetric ones, and a registration error can mimic one."""
+    space = location.mni_space()
+    brain = ndimage.binary_erosion(space.brain, iterations=ASYMMETRY_DEPTH_MM)
+    level = float(np.median(image_mni[brain]))
+    if level <= 0:
+        return None
+    smooth = ndimage.gaussian_filter(image_mni / level, ASYMMETRY_SIGMA_MM)
+    labels, count = ndimage.label((smooth - smooth[::-1] > ASYMMETRY_CONTRAST) & brain)
+    if count == 0:  # axis 0 of the atlas grid runs from x = +78 to -78 mm: [::-1] mirrors
+        return None
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    sizes[np.unique(labels[mni_mask])] = 0  # regions the mask reaches: the lesion it found
+    biggest = int(sizes.argmax())
+    ml = float(sizes[biggest]) / 1000  # 1 mm grid
+    if ml <= ASYMMETRY_ML:
+        return None
+    x, y, z = (space.affine @ [*ndimage.center_of_mass(labels == biggest), 1.0])[:3]
+    side = "left" if x < 0 else "right"
+    return Flag("asymmetry", round(ml, 1), ASYMMETRY_ML,
+                f"a {ml:.0f} mL {side} region (MNI {x:.0f}, {y:.0f}, {z:.0f}) is brighter "
+                "than the other side and outside the mask: look for a missed lesion")
 
 
 def csf_to_white_matter(image_mni: np.ndarray) -> float:
