@@ -70,6 +70,7 @@ class MniSpace:
     brain: np.ndarray  # bool: template brain mask
     wm: np.ndarray  # white-matter prior, 0..1
     csf: np.ndarray  # cerebrospinal-fluid prior (brain minus grey and white matter), 0..1
+    territory_voxels: np.ndarray  # voxels per label (index 0 = none), counted once
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -131,7 +132,8 @@ def mni_space() -> MniSpace:
                                               output_shape=labels.shape, order=1)
     brain = maps["t1"] > 0.2  # nilearn's own threshold for its brain mask
     csf = np.clip(brain - maps["gm"] - maps["wm"], 0.0, 1.0)
-    return MniSpace(atlas.affine, labels, territories, maps["t1"], brain, maps["wm"], csf)
+    sizes = np.bincount(labels.ravel(), minlength=len(territories) + 1)
+    return MniSpace(atlas.affine, labels, territories, maps["t1"], brain, maps["wm"], csf, sizes)
 
 
 # --- registration ------------------------------------------------------------------------
@@ -377,17 +379,23 @@ def lesions(mask: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray) -> 
     sizes = np.bincount(labels.ravel())[1:]
     centres = ndimage.center_of_mass(np.ones(mask.shape), labels, index)
     mni_labels = np.rint(to_mni(labels, affine, scan_from_mni, order=0)).astype(np.int32)
+    boxes = ndimage.find_objects(mni_labels, max_label=count)  # each lesion's part of MNI
     volumes = split_rounded(sizes * voxel_ml(affine), 2)
     rows = []
     for i in np.argsort(-sizes, kind="stable"):
         centroid = [round(float(v), 1)
                     for v in (np.linalg.inv(scan_from_mni) @ affine @ [*centres[i], 1.0])[:3]]
-        region = mni_labels == index[i]
-        side = hemispheres(region, space.affine)["side"]
+        side, where = "none", []
+        if boxes[i] is not None:
+            region = mni_labels[boxes[i]] == index[i]
+            corner = np.eye(4)
+            corner[:3, 3] = [s.start for s in boxes[i]]
+            side = hemispheres(region, space.affine @ corner)["side"]
+            where = territories(region, space, boxes[i])
         if side == "none":
             side = "left" if centroid[0] < 0 else "right"
         rows.append({"ml": volumes[i], "side": side, "centroid_mni": centroid,
-                     "territories": territories(region, space)})
+                     "territories": where})
     return rows
 
 
@@ -417,14 +425,17 @@ def hemispheres(mni_mask: np.ndarray, affine: np.ndarray) -> dict:
             "side": side}
 
 
-def territories(mni_mask: np.ndarray, space: MniSpace) -> list[dict]:
+def territories(mni_mask: np.ndarray, space: MniSpace,
+                box: tuple[slice, ...] | None = None) -> list[dict]:
     """Each territory the lesion touches, largest share first: percent of the lesion in it
-    and percent of the territory damaged; the lesion outside every territory as index 0."""
+    and percent of the territory damaged; the lesion outside every territory as index 0.
+    `mni_mask` covers the MNI grid, or only its part `box` when given."""
     total = int(mni_mask.sum())
     if total == 0:
         return []
-    hit = np.bincount(space.labels[mni_mask].ravel(), minlength=len(space.territories) + 1)
-    size = np.bincount(space.labels.ravel(), minlength=len(hit))
+    labels = space.labels if box is None else space.labels[box]
+    hit = np.bincount(labels[mni_mask].ravel(), minlength=len(space.territories) + 1)
+    size = space.territory_voxels
     rows = []
     outside = Territory(0, "outside", "outside every territory")
     for index in np.flatnonzero(hit):
