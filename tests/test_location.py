@@ -177,8 +177,13 @@ def test_stroke_scan_lesion_is_left_with_its_territories(tmp_path):
         pytest.skip(f"shared real scans not found at {path}")
     result = run("predict", path, "-o", tmp_path, "--mni", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
-    where = json.loads((tmp_path / "r.json").read_text())[0]["location"]
+    record = json.loads((tmp_path / "r.json").read_text())[0]
+    where = record["location"]
     assert where["side"] == "left" and where["left_pct"] > 95
+    assert sum(row["ml"] for row in where["lesions"]) == pytest.approx(record["lesion_ml"],
+                                                                       abs=0.005)
+    assert where["lesions"][0]["centroid_mni"] == where["largest_centroid_mni"]
+    assert (tmp_path / "r_lesions.csv").read_text().count("\n") == len(where["lesions"]) + 1
     assert {t["abbreviation"] for t in where["territories"][:3]} <= {
         "MCATL", "MCAOL", "MCAPL", "PCAOL", "PCATL"}
     assert (tmp_path / "stroke_T2w_mni_lesion_mni.nii.gz").exists()
