@@ -189,11 +189,13 @@ def report_command(folder: Path, output: Path | None) -> None:
         click.echo(f"{output}: {len(results)} inputs")
         return
     table = Table()
-    for column in ("input", "status", "lesion mL", "lesions", "model", "error"):
+    for column in ("input", "status", "lesion mL", "lesions", "side", "flags", "model", "error"):
         table.add_column(column, overflow="fold")  # whole paths: the input names the subject
     for r in results:
         table.add_row(r.input, r.status, "" if r.lesion_ml is None else f"{r.lesion_ml:.2f}",
-                      "" if r.components is None else str(r.components), r.model, r.error)
+                      "" if r.components is None else str(r.components),
+                      r.location.get("side", ""), ", ".join(f["name"] for f in r.flags),
+                      r.model, r.error)
     Console().print(table)
 
 

@@ -276,3 +276,33 @@ def test_csv_rule_for_nested_fields(tmp_path):
     assert "location.centroid.x" in (tmp_path / "r.csv").read_text().splitlines()[0]
     write_report([qc], tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())[0]["location"]["centroid"]["x"] == 1.0
+
+
+def test_reports_carry_the_per_lesion_table_and_the_terminal_its_flags(tmp_path):
+    """A .csv/.json report gets <name>_lesions.csv (one row per lesion, largest first);
+    `meshseg report`'s table shows side and flags."""
+    from meshseg.pipeline.record import LESION_COLUMNS, write_sidecar
+
+    territory = {"abbreviation": "MCAFL", "name": "x", "lesion_pct": 80.0,
+                 "territory_pct": 3.0}
+    lesions = [{"ml": 3.5, "side": "left", "centroid_mni": [-30.0, 10.0, 5.5],
+                "territories": [territory]},
+               {"ml": 0.25, "side": "right", "centroid_mni": [20.0, -4.0, 1.0],
+                "territories": []}]
+    record = Result(input="a.nii.gz", output=str(tmp_path / "a_lesion.nii.gz"), status="ok",
+                    model="m", device="cpu", lesion_ml=3.75, components=2,
+                    flags=[{"name": "not_t2", "value": 0.3, "threshold": 0.75, "message": "x"}],
+                    location={"side": "bilateral", "lesions": lesions})
+    empty = Result(input="b.nii.gz", output="b", status="ok", model="m", device="cpu")
+    for name in ("r.csv", "r.json"):
+        write_report([record, empty], tmp_path / name)
+        rows = list(csv.DictReader((tmp_path / "r_lesions.csv").open()))
+        assert tuple(rows[0]) == LESION_COLUMNS and len(rows) == 2
+        assert rows[0]["territory"] == "MCAFL" and rows[0]["centroid_z_mni"] == "5.5"
+        assert [r["lesion"] for r in rows] == ["1", "2"] and rows[1]["territory"] == ""
+    assert sum(float(r["ml"]) for r in rows) == record.lesion_ml
+    write_sidecar(record, tmp_path / "a_lesion.json")
+    table = run("report", tmp_path)
+    assert table.exit_code == 0, table.output
+    assert "side" in table.output and "flags" in table.output
+    assert "bilateral" in table.output and "not_t2" in table.output

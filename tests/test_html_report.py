@@ -137,11 +137,11 @@ def test_report_in_headless_chromium(tmp_path, write_nifti, threshold_model):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("requestfailed", lambda r: errors.append(f"failed {r.url}"))
         page.goto(page_path.as_uri())
-        assert page.locator("tbody tr").count() == same_rows == 4
+        assert page.locator("#results > tbody > tr").count() == same_rows == 4
         assert page.locator("img").count() == 3  # the QC thumbnails of the 3 scans
         assert all(page.evaluate("Array.from(document.images).map(i => i.naturalWidth > 0)"))
-        volumes = "Array.from(document.querySelectorAll('tbody tr')).map(r => r.cells[3]" \
-                  ".getAttribute('data-key'))"
+        volumes = ("Array.from(document.querySelectorAll('#results > tbody > tr'))"
+                   ".map(r => r.cells[3].getAttribute('data-key'))")
         page.click("th:has-text('lesion mL')")
         up = [float(v) for v in page.evaluate(volumes) if v]
         page.click("th:has-text('lesion mL')")
@@ -149,12 +149,12 @@ def test_report_in_headless_chromium(tmp_path, write_nifti, threshold_model):
         assert up == sorted(up) and down == sorted(up, reverse=True) and len(up) == 3
         assert page.evaluate(volumes)[-1] == ""  # the failed input (no volume) sorts last
         page.click("th:has-text('status')")
-        assert page.locator("tbody tr").first.inner_text().count("failed") == 1
+        assert page.locator("#results > tbody > tr").first.inner_text().count("failed") == 1
         page.select_option("#filter", "failed")
-        assert page.locator("tbody tr:visible").count() == 1
+        assert page.locator("#results > tbody > tr:visible").count() == 1
         assert page.inner_text("#shown") == "1"
         page.select_option("#filter", "")
-        assert page.locator("tbody tr:visible").count() == 4
+        assert page.locator("#results > tbody > tr:visible").count() == 4
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     assert errors == []

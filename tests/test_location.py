@@ -92,6 +92,30 @@ def test_lesion_painted_in_a_known_territory_is_found_there(tmp_path):
     assert (written & ball).sum() / ball.sum() > 0.7
 
 
+def test_each_lesion_has_its_volume_side_and_territories():
+    """Two lesions, a big right MCA one and a small left ACA one: largest first, each on
+    its own side and in its own territory, the mL adding up to the scan's."""
+    from meshseg.metrics import voxel_ml
+
+    volume, mask = synthetic_head(territory_ball("MCAFR", 9.0) | territory_ball("ACAL", 5.0))
+    found = locate(volume, mask)["lesions"]
+    assert [row["side"] for row in found] == ["right", "left"]
+    assert found[0]["ml"] > found[1]["ml"] > 0
+    assert found[0]["territories"][0]["abbreviation"] == "MCAFR"
+    assert found[1]["territories"][0]["abbreviation"] == "ACAL"
+    assert found[1]["centroid_mni"][0] < -2 < 2 < found[0]["centroid_mni"][0]
+    assert sum(row["ml"] for row in found) == pytest.approx(mask.sum() * voxel_ml(volume.affine),
+                                                            abs=0.005)
+    assert set(found[0]) == {"ml", "side", "centroid_mni", "territories"}
+    assert locate(volume, np.zeros_like(mask))["lesions"] == []
+
+
+def test_rounded_lesion_volumes_still_add_up():
+    values = np.array([1.001, 2.002, 3.004])  # each rounds down; the total rounds to 6.01
+    rounded = location.split_rounded(values, 2)
+    assert sum(rounded) == pytest.approx(6.01) and rounded == [1.0, 2.0, 3.01]
+
+
 def test_the_affine_is_the_truth_about_left_and_right():
     """Voxels flipped with an affine that says so: same side. The affine alone flipped
     (the voxels as before): the head is mirrored in the world, and so is the lesion."""
@@ -154,8 +178,13 @@ def test_stroke_scan_lesion_is_left_with_its_territories(tmp_path):
         pytest.skip(f"shared real scans not found at {path}")
     result = run("predict", path, "-o", tmp_path, "--mni", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
-    where = json.loads((tmp_path / "r.json").read_text())[0]["location"]
+    record = json.loads((tmp_path / "r.json").read_text())[0]
+    where = record["location"]
     assert where["side"] == "left" and where["left_pct"] > 95
+    assert sum(row["ml"] for row in where["lesions"]) == pytest.approx(record["lesion_ml"],
+                                                                       abs=0.005)
+    assert where["lesions"][0]["centroid_mni"] == where["largest_centroid_mni"]
+    assert (tmp_path / "r_lesions.csv").read_text().count("\n") == len(where["lesions"]) + 1
     assert {t["abbreviation"] for t in where["territories"][:3]} <= {
         "MCATL", "MCAOL", "MCAPL", "PCAOL", "PCATL"}
     assert (tmp_path / "stroke_T2w_mni_lesion_mni.nii.gz").exists()
@@ -182,7 +211,8 @@ def test_location_holds_plain_json_types():
     space = location.mni_space()
     mask = np.zeros(space.shape, bool)
     mask[60:70, 90:100, 60:70] = True
-    found = {**location.hemispheres(mask, space.affine), "t": location.territories(mask, space)}
+    found = {**location.hemispheres(mask, space.affine), "t": location.territories(mask, space),
+             "l": location.lesions(mask, space.affine, np.eye(4))}
 
     def plain(value) -> bool:
         if isinstance(value, dict):
@@ -194,9 +224,9 @@ def test_location_holds_plain_json_types():
     assert plain(found)
 
 
-def test_mni_resampling_in_a_box_and_at_voxels_matches_the_whole_grid():
-    """to_mni resamples only the box a mask's voxels reach and sample_mni reads single
-    voxels: both give exactly what resampling the whole MNI grid gives."""
+def test_mni_resampling_in_a_box_matches_the_whole_grid():
+    """to_mni resamples only the box a mask's voxels reach: exactly what resampling the
+    whole MNI grid gives."""
     volume, lesion = synthetic_head(territory_ball("MCATL"))
     scan_from_mni = pose_matrix() @ np.diag([1.05, 0.97, 1.02, 1.0])
     space = location.mni_space()
@@ -208,10 +238,6 @@ def test_mni_resampling_in_a_box_and_at_voxels_matches_the_whole_grid():
     np.testing.assert_allclose(location.to_mni(lesion, volume.affine, scan_from_mni),
                                whole(lesion), atol=1e-6)
     assert not location.to_mni(lesion * 0, volume.affine, scan_from_mni).any()
-    ventricles = checks._tissue_masks()[0]
-    np.testing.assert_allclose(location.sample_mni(volume.data, volume.affine, scan_from_mni,
-                                                   ventricles),
-                               whole(volume.data)[ventricles], rtol=1e-5)
 
 
 def test_template_maps_are_sliced_exactly_onto_the_atlas_grid():

@@ -83,12 +83,41 @@ def test_picture_is_written_fast_for_any_orientation(tmp_path):
     image = np.where(blob(shape, (30, 35, 15), 25), 300.0, 0.0).astype(np.float32)
     lesion = blob(shape, (18, 35, 15), 5)
     affine = np.diag([-1.0, 1.0, 2.5, 1.0])
+    picture.draw(image, affine, lesion * 0, "empty", tmp_path / "b.png")  # imports matplotlib
     start = time.process_time()  # CPU time: a shared machine's load does not count
-    picture.draw(image, affine, lesion, "scan.nii.gz | model | 1.0 mL", tmp_path / "a.png")
+    unsure = np.where(blob(shape, (40, 35, 15), 4), 0.3, 0.01).astype(np.float32)
+    picture.draw(image, affine, lesion, "scan.nii.gz | model | 1.0 mL\nQC: none",
+                 tmp_path / "a.png", prob=np.maximum(unsure, lesion * 0.9))
     assert time.process_time() - start < 3.0  # under 1 s on an idle machine
-    picture.draw(image, affine, lesion * 0, "empty", tmp_path / "b.png")
     for name in ("a.png", "b.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_empty_mask_slices_go_through_the_middle_of_the_brain():
+    """A head on a tall field of view (neck below, noise around): an empty mask's slices lie
+    in the middle of the brain, not of the array."""
+    shape, zooms = (60, 60, 120), np.full(3, 3.0)  # a 132 mm brain at 3 mm
+    brain = blob(shape, (30, 30, 85), 22)
+    image = np.where(brain, 300.0, 0.0).astype(np.float32)
+    image[25:35, 25:35, :60] = 250.0  # a neck
+    image += np.random.default_rng(0).uniform(0, 20, shape).astype(np.float32)  # noise
+    head = picture._head(image, picture._window(image)[1])
+    assert not head[:, :, 110:].any()  # the noise above the head is not head
+    middle = picture._brain_middle(head, zooms)
+    assert abs(middle[2] - 85) <= 3 and picture._centre(np.zeros(shape, bool), middle) == middle
+    slices = picture._axial_slices(np.zeros(shape, bool), middle, zooms)
+    assert 63 < min(slices) < max(slices) < 107
+
+
+def test_picture_title_says_the_flags_in_words():
+    from meshseg.pipeline.record import Result
+
+    result = Result(input="/d/scan.nii.gz", output="o", status="ok", model="m", device="cpu",
+                    lesion_ml=2.0, flags=[{"name": "not_t2", "value": 0.3, "threshold": 0.75,
+                                           "message": "does not look T2-weighted"}])
+    title = checks.picture_title(result)
+    assert title.splitlines()[0].startswith("scan.nii.gz")
+    assert "does not look T2-weighted" in title and "not_t2" not in title
 
 
 def test_picture_puts_the_patients_left_on_the_left():
@@ -163,3 +192,22 @@ def test_records_written_before_qc_seconds_still_read(tmp_path):
     path = tmp_path / "b.json"
     path.write_text(json.dumps(data))
     assert read_sidecar(path) == record
+
+
+def test_a_bright_one_sided_region_outside_the_mask_is_a_missed_lesion_hint():
+    """On the MNI grid: a symmetric T2-like head has no hint; a 14 mL fluid-bright ball in
+    one hemisphere gets it (left, outside the empty mask); a mask touching it silences it."""
+    from meshseg.qc import location
+    from tests.test_location import territory_ball
+
+    space = location.mni_space()
+    grey = np.clip(space.brain - space.wm - space.csf, 0, 1)
+    image = (0.25 * space.wm + 0.55 * grey + 1.0 * space.csf).astype(np.float32)
+    empty = np.zeros(space.shape, bool)
+    assert checks.missed_lesion(image, empty) is None
+    ball = territory_ball("MCAFL", 15.0)
+    image[ball] = 1.0
+    hint = checks.missed_lesion(image, empty)
+    assert hint is not None and hint.name == "asymmetry" and hint.value > checks.ASYMMETRY_ML
+    assert "left" in hint.message
+    assert checks.missed_lesion(image, ball & (np.cumsum(ball) < 50).reshape(ball.shape)) is None

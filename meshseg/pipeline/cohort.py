@@ -22,7 +22,7 @@ from meshseg import __version__
 from meshseg.errors import OutputError
 from meshseg.io import atomic_path, bids_entities, is_nifti_path, make_folder, stem
 from meshseg.pipeline.predict import Outputs
-from meshseg.pipeline.record import is_foreign_json
+from meshseg.pipeline.record import is_foreign_json, lesions_path
 
 MASK_SUFFIX = "_lesion"
 PROB_SUFFIX = "_lesion_prob"
@@ -224,7 +224,7 @@ def remove_leftovers(plans: list[Outputs], report: Path | None = None) -> list[P
     (`LEFTOVER` names whose target is one of them, older than `LEFTOVER_AGE_S`, so another
     process's write in flight is left alone); returns what was removed."""
     targets = {path for plan in plans for path in (*plan.images(), plan.sidecar)}
-    targets |= {report} if report is not None else set()
+    targets |= {report, lesions_path(report)} if report is not None else set()
     removed = []
     now = time.time()
     for folder in sorted({t.parent for t in targets if t.parent.is_dir()}):

@@ -253,7 +253,7 @@ def quality_check(volume: Volume, prob: np.ndarray, mask: np.ndarray, outputs: O
     start = time.perf_counter()
     assessment = review(volume, prob, mask, result, checks)
     make_folder(outputs.mask.parent)
-    write_review(assessment, volume, mask, outputs, result)
+    write_review(assessment, volume, prob, mask, outputs, result)
     result.qc_seconds = round(time.perf_counter() - start, 3)
 
 

@@ -137,15 +137,21 @@ def flat_row(result: Result) -> dict[str, Any]:
 
 
 REPORT_SUFFIXES = (".json", ".csv", ".html")
+LESION_COLUMNS = ("input", "lesion", "ml", "side", "centroid_x_mni", "centroid_y_mni",
+                  "centroid_z_mni", "territory", "territory_lesion_pct")
+"""The per-lesion table: one row per 26-connected lesion (1 = the largest), its main
+arterial territory and the share of the lesion in it."""
 
 
 def write_report(results: list[Result], path: Path) -> None:
     """Write records as a .json list, a .csv table (`flat_row`) or the .html cohort page
-    (html_report), atomically."""
+    (html_report), atomically; a .json or .csv report gets its per-lesion table beside it
+    (`lesions_path`)."""
     if path.suffix.lower() == ".html":  # each row also names its record, for the page's link
         html_report.write([dict(asdict(r), record=str(sidecar_path(Path(r.output))))
                            for r in results], path)
         return
+    write_csv(lesions_path(path), LESION_COLUMNS, lesion_rows(results))
     if path.suffix.lower() == ".json":
         with atomic_path(path, suffix=".part.json") as tmp:
             rows = [asdict(r) for r in results]
@@ -155,3 +161,23 @@ def write_report(results: list[Result], path: Path) -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row)) or \
         [f.name for f in fields(Result)]
     write_csv(path, columns, rows)
+
+
+def lesions_path(report: Path) -> Path:
+    """The per-lesion table beside a report: report.csv -> report_lesions.csv."""
+    return report.with_name(report.stem + "_lesions.csv")
+
+
+def lesion_rows(results: list[Result]) -> list[dict[str, Any]]:
+    """`LESION_COLUMNS` rows of every record's location["lesions"] (records made without
+    QC have none)."""
+    rows = []
+    for result in results:
+        for number, lesion in enumerate(result.location.get("lesions", []), start=1):
+            main = lesion["territories"][0] if lesion["territories"] else {}
+            x, y, z = lesion["centroid_mni"]
+            rows.append({"input": result.input, "lesion": number, "ml": lesion["ml"],
+                         "side": lesion["side"], "centroid_x_mni": x, "centroid_y_mni": y,
+                         "centroid_z_mni": z, "territory": main.get("abbreviation", ""),
+                         "territory_lesion_pct": main.get("lesion_pct", "")})
+    return rows

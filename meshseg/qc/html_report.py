@@ -55,15 +55,17 @@ details table { font-size: 12px; width: auto; }
 details th { background: none; cursor: default; position: static; }
 """
 
+# The results table is #results; the per-lesion fold-out tables inside its rows are not
+# sorted or filtered with it.
 # Sorting: click a header to sort by its column (numbers by value, empty cells last);
 # click again to reverse. Each cell's data-key holds the value it sorts by.
 # Filtering: the select shows only rows whose data-flags (space-separated) hold the chosen
 # word ("problem" for any problem flag, "failed" for failed inputs).
 SCRIPT = """
-var headers = document.querySelectorAll("thead th");
+var headers = document.querySelectorAll("#results > thead th");
 headers.forEach(function (th, column) {
   th.addEventListener("click", function () {
-    var body = document.querySelector("tbody");
+    var body = document.querySelector("#results > tbody");
     var up = th.getAttribute("aria-sort") !== "ascending";
     headers.forEach(function (h) { h.removeAttribute("aria-sort"); });
     th.setAttribute("aria-sort", up ? "ascending" : "descending");
@@ -81,7 +83,7 @@ headers.forEach(function (th, column) {
 });
 document.getElementById("filter").addEventListener("change", function (event) {
   var wanted = event.target.value, shown = 0;
-  document.querySelectorAll("tbody tr").forEach(function (row) {
+  document.querySelectorAll("#results > tbody > tr").forEach(function (row) {
     var show = !wanted || row.getAttribute("data-flags").split(" ").indexOf(wanted) >= 0;
     row.hidden = !show;
     shown += show;
@@ -115,7 +117,8 @@ def render(rows: list[dict], folder: Path, viewers: list[str] | None = None) -> 
         "<title>meshseg report</title>\n"
         f"<style>{STYLE}</style>\n</head>\n<body>\n<h1>meshseg report</h1>\n"
         f"{_made_by(rows)}\n{_summary(rows)}\n{_filter(rows)}\n"
-        f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n"
+        f"<table id=\"results\">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>"
+        "\n</table>\n"
         "<p class=\"note\">Research use, not a medical device.</p>\n"
         f"<script>{SCRIPT}</script>\n</body>\n</html>\n")
 

@@ -1,5 +1,5 @@
 """Where a lesion is: the scan registered to MNI152, its mask carried to MNI space, and the
-lesion's side, largest-lesion centroid and arterial territories read there.
+lesion's side, arterial territories and per-lesion figures read there.
 
 Registration is affine (12 degrees of freedom) with SimpleITK's Mattes mutual information, so
 that any contrast (T2, FLAIR, T1) registers to nilearn's T1 template; docs/location.md says
@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from meshseg.errors import MeshsegError
 from meshseg.io import Volume, save_array
-from meshseg.metrics import largest_lesion_centre
+from meshseg.metrics import CONNECTIVITY, voxel_ml
 
 ATLAS_FILE = "ArterialAtlas136.nii.gz"
 LABELS_FILE = "ArterialAtlas136.txt"
@@ -73,6 +73,7 @@ class MniSpace:
     brain: np.ndarray  # bool: template brain mask
     wm: np.ndarray  # white-matter prior, 0..1
     csf: np.ndarray  # cerebrospinal-fluid prior (brain minus grey and white matter), 0..1
+    territory_voxels: np.ndarray  # voxels per label (index 0 = none), counted once
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -130,7 +131,8 @@ def mni_space() -> MniSpace:
             for kind in ("t1", "gm", "wm")}
     brain = maps["t1"] > 0.2  # nilearn's own threshold for its brain mask
     csf = np.clip(brain - maps["gm"] - maps["wm"], 0.0, 1.0)
-    return MniSpace(atlas.affine, labels, territories, maps["t1"], brain, maps["wm"], csf)
+    sizes = np.bincount(labels.ravel(), minlength=len(territories) + 1)
+    return MniSpace(atlas.affine, labels, territories, maps["t1"], brain, maps["wm"], csf, sizes)
 
 
 def _on_grid(img: nib.Nifti1Image, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -380,14 +382,6 @@ def to_mni(data: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray,
     return out
 
 
-def sample_mni(data: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray,
-               where: np.ndarray) -> np.ndarray:
-    """A scan-space array read (linearly) at the MNI voxels where `where` is True: what
-    to_mni(...)[where] holds, without resampling the rest of the grid."""
-    voxels = _scan_voxels(affine, scan_from_mni, np.nonzero(where))
-    return ndimage.map_coordinates(np.asarray(data, np.float32), voxels, order=1)
-
-
 def _scan_voxels(affine: np.ndarray, scan_from_mni: np.ndarray,
                  index: tuple[np.ndarray, ...]) -> np.ndarray:
     """Scan voxel coordinates (3xN) of MNI grid voxels `index` (as np.nonzero gives)."""
@@ -424,19 +418,66 @@ def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
 
 
 def locate(mask: np.ndarray, volume: Volume, registration: Registration) -> dict:
-    """Side, largest-lesion MNI centroid and territories of a scan-space 0/1 mask, with the
-    mask on the MNI grid under key "mni_mask" (the caller pops it to write --mni)."""
+    """Side, territories and per-lesion figures (`lesions`, largest first) of a scan-space 0/1
+    mask, with the mask on the MNI grid under key "mni_mask" (the caller pops it to write
+    --mni)."""
     space = mni_space()
     mni_mask = to_mni(mask, volume.affine, registration.scan_from_mni, order=1) >= 0.5
     report: dict = {"registration_quality": registration.quality,
                     "registration_nmi": registration.nmi,
                     "registration_seconds": registration.seconds}
     report.update(hemispheres(mni_mask, space.affine))
-    report["largest_centroid_mni"] = largest_centroid(mask, volume.affine,
-                                                      registration.scan_from_mni)
+    report["lesions"] = lesions(mask, volume.affine, registration.scan_from_mni)
+    report["largest_centroid_mni"] = (report["lesions"][0]["centroid_mni"]
+                                      if report["lesions"] else None)
     report["territories"] = territories(mni_mask, space)
     report["mni_mask"] = mni_mask.astype(np.uint8)
     return report
+
+
+def lesions(mask: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray) -> list[dict]:
+    """One row per 26-connected lesion, largest first: its mL, side, MNI centroid and
+    territories. Lesions are found on the scan's own grid (where they are what the model
+    drew), so their mL add up to the scan's; each is carried to MNI as the label it gives
+    its nearest voxels (one resampling for all of them). A lesion too small to keep an MNI
+    voxel takes its side from its centroid and has no territory rows."""
+    labels, count = ndimage.label(mask, structure=CONNECTIVITY)
+    if count == 0:
+        return []
+    space = mni_space()
+    index = np.arange(1, count + 1)
+    sizes = np.bincount(labels.ravel())[1:]
+    centres = ndimage.center_of_mass(np.ones(mask.shape), labels, index)
+    mni_labels = np.rint(to_mni(labels, affine, scan_from_mni, order=0)).astype(np.int32)
+    boxes = ndimage.find_objects(mni_labels, max_label=count)  # each lesion's part of MNI
+    volumes = split_rounded(sizes * voxel_ml(affine), 2)
+    rows = []
+    for i in np.argsort(-sizes, kind="stable"):
+        centroid = [round(float(v), 1)
+                    for v in (np.linalg.inv(scan_from_mni) @ affine @ [*centres[i], 1.0])[:3]]
+        side, where = "none", []
+        if boxes[i] is not None:
+            region = mni_labels[boxes[i]] == index[i]
+            corner = np.eye(4)
+            corner[:3, 3] = [s.start for s in boxes[i]]
+            side = hemispheres(region, space.affine @ corner)["side"]
+            where = territories(region, space, boxes[i])
+        if side == "none":
+            side = "left" if centroid[0] < 0 else "right"
+        rows.append({"ml": volumes[i], "side": side, "centroid_mni": centroid,
+                     "territories": where})
+    return rows
+
+
+def split_rounded(values: np.ndarray, decimals: int) -> list[float]:
+    """`values` rounded to `decimals` so that they still add up to their rounded total
+    (largest remainders get the leftover steps), as a per-lesion table must."""
+    step = 10.0 ** -decimals
+    scaled = np.asarray(values, float) / step
+    floors = np.floor(scaled)
+    short = int(round(round(float(scaled.sum())) - floors.sum()))
+    floors[np.argsort(floors - scaled, kind="stable")[:short]] += 1
+    return [round(float(v) * step, decimals) for v in floors]
 
 
 def hemispheres(mni_mask: np.ndarray, affine: np.ndarray) -> dict:
@@ -454,26 +495,17 @@ def hemispheres(mni_mask: np.ndarray, affine: np.ndarray) -> dict:
             "side": side}
 
 
-def largest_centroid(mask: np.ndarray, affine: np.ndarray,
-                     scan_from_mni: np.ndarray) -> list[float] | None:
-    """MNI mm of the centre of the largest 26-connected lesion, found on the scan's own
-    grid (where lesions are what the model drew) and carried through the registration."""
-    centre = largest_lesion_centre(mask)
-    if centre is None:
-        return None
-    world = affine @ np.array([*centre, 1.0])
-    mni = np.linalg.inv(scan_from_mni) @ world
-    return [round(float(v), 1) for v in mni[:3]]
-
-
-def territories(mni_mask: np.ndarray, space: MniSpace) -> list[dict]:
+def territories(mni_mask: np.ndarray, space: MniSpace,
+                box: tuple[slice, ...] | None = None) -> list[dict]:
     """Each territory the lesion touches, largest share first: percent of the lesion in it
-    and percent of the territory damaged; the lesion outside every territory as index 0."""
+    and percent of the territory damaged; the lesion outside every territory as index 0.
+    `mni_mask` covers the MNI grid, or only its part `box` when given."""
     total = int(mni_mask.sum())
     if total == 0:
         return []
-    hit = np.bincount(space.labels[mni_mask].ravel(), minlength=len(space.territories) + 1)
-    size = np.bincount(space.labels.ravel(), minlength=len(hit))
+    labels = space.labels if box is None else space.labels[box]
+    hit = np.bincount(labels[mni_mask].ravel(), minlength=len(space.territories) + 1)
+    size = space.territory_voxels
     rows = []
     outside = Territory(0, "outside", "outside every territory")
     for index in np.flatnonzero(hit):
