@@ -91,7 +91,8 @@ def grey_pixels(path) -> int:
 def test_viewer_in_headless_chromium_from_a_copied_folder(tmp_path, write_nifti,
                                                           threshold_model):
     """predict --prob --mni --report page.html; the output folder copied elsewhere and the
-    original removed; the cohort page links every output, and its 3-D link opens NiiVue with no console errors, and the
+    original removed; the cohort page links every output, and its 3-D link opens NiiVue with
+    no console errors, and the
     screenshot shows the scan and the overlays (which their checkboxes turn off)."""
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     binary = chromium()
