@@ -39,6 +39,22 @@ def test_predict_writes_native_grid_mask(write_nifti, tmp_path, threshold_model)
     prob = nib.load(out.parent / "mask_lesion_prob.nii.gz")
     assert prob.get_data_dtype() == np.float32
     np.testing.assert_array_equal(np.asarray(prob.dataobj) > 0.5, mask)
+    assert json.loads((out.parent / "mask.json").read_text())["threads"] == torch.get_num_threads()
+
+
+def test_threads_limits_torch_and_is_recorded(write_nifti, tmp_path, threshold_model,
+                                              restore_threads):
+    """--threads N (shared nodes, SLURM): torch and SimpleITK use N threads; the record says N."""
+    src = write_nifti(head()[0])
+    out = tmp_path / "mask.nii.gz"
+    result = run("predict", src, "-o", out, "-m", threshold_model, "--device", "cpu",
+                 "--no-qc", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "mask.json").read_text())["threads"] == 1
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "1"
+    zero = run("predict", src, "-o", out, "-m", threshold_model, "--threads", "0")
+    assert zero.exit_code == 2 and "--threads" in zero.output
 
 
 def test_cohort_report_resume_and_bad_inputs(write_nifti, tmp_path, threshold_model):

@@ -19,7 +19,9 @@ fastest on; a slab's input rows are then a dense view of a window, without copie
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -456,3 +458,30 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"--device {name}: this machine has {count} CUDA device(s) "
                           f"(cuda:0 to cuda:{count - 1})")
     return device
+
+
+ITK_THREADS_VARIABLE = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+
+
+def set_threads(threads: int | None) -> int:
+    """Use at most `threads` CPU threads (None: leave torch's own choice, one per core), and
+    return the count torch now uses.
+
+    Users on shared nodes or SLURM allocations need meshseg to stay within their cores:
+    torch's intra-op pool sizes itself to the whole machine. The same count goes to
+    SimpleITK (QC registration; through ITK's environment variable when it is not imported
+    yet, so that nothing is imported here) and to OMP_NUM_THREADS for OpenMP libraries
+    started later (OpenVINO, data-loading workers).
+
+    Raises:
+        ValueError: threads < 1.
+    """
+    if threads is None:
+        return torch.get_num_threads()
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ[ITK_THREADS_VARIABLE] = str(threads)
+    if "SimpleITK" in sys.modules:
+        sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    return torch.get_num_threads()

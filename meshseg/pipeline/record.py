@@ -44,6 +44,7 @@ class Result:
     postprocess: str = "none"
     backend: str = "torch"
     precision: str = "fp32"
+    threads: int | None = None  # CPU threads torch used (None: written before --threads)
     lesion_ml: float | None = None
     voxels: int | None = None
     components: int | None = None  # the number of 26-connected lesions
