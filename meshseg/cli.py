@@ -80,9 +80,10 @@ def main() -> None:
 @click.option("--largest/--all-lesions", "largest", default=None,
               help="Keep only the largest connected lesion, or all. Default: the model's "
                    "own choice (brainchop models keep the largest).")
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), default=None,
-              help="torch (layer by layer) or onnx (onnxruntime). Default: onnx for an .onnx "
-                   "model, else torch.")
+@click.option("--backend", type=click.Choice(["torch", "openvino", "onnx"]), default=None,
+              help="torch (layer by layer, least memory), openvino (OpenVINO on the CPU, "
+                   "fastest; the openvino extra) or onnx (onnxruntime). Default: onnx for an "
+                   ".onnx model, else openvino on the CPU when installed, else torch.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
               show_default=True,
               help="Arithmetic of the torch backend: bf16 halves activation memory and may be "
@@ -110,7 +111,7 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     from meshseg.models import catalog
     from meshseg.pipeline import cohort
     from meshseg.pipeline.infer import resolve_device, set_threads
-    from meshseg.pipeline.predict import Settings, run_cohort, runner
+    from meshseg.pipeline.predict import Settings, default_backend, run_cohort, runner
     from meshseg.pipeline.record import REPORT_SUFFIXES
     from meshseg.qc.checks import Checks
 
@@ -136,7 +137,7 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     cohort.remove_leftovers(plans, report)
     try:
         model = catalog.load(model_spec)
-        backend = backend or ("onnx" if model.onnx else "torch")
+        backend = backend or default_backend(model, torch_device)
         run = runner(model, torch_device, backend, slab, precision)
         if bids:
             cohort.write_description(output, model.name, model.sha256)

@@ -42,6 +42,27 @@ def test_predict_writes_native_grid_mask(write_nifti, tmp_path, threshold_model)
     assert json.loads((out.parent / "mask.json").read_text())["threads"] == torch.get_num_threads()
 
 
+@pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has bf16")
+def test_bf16_on_a_cpu_without_bf16_is_one_line(write_nifti, threshold_model):
+    result = run("predict", write_nifti(head()[0]), "-m", threshold_model, "--device", "cpu",
+                 "--precision", "bf16")
+    assert result.exit_code == 2 and "no bf16 instructions" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_default_backend_is_openvino_only_where_installed(monkeypatch, threshold_model):
+    """The default must work without the openvino extra: then it is torch."""
+    from meshseg.models import catalog
+    from meshseg.pipeline import predict
+
+    model, cpu = catalog.load(threshold_model), torch.device("cpu")
+    monkeypatch.setattr(predict, "find_spec", lambda name: None)
+    assert predict.default_backend(model, cpu) == "torch"
+    monkeypatch.setattr(predict, "find_spec", lambda name: object())
+    assert predict.default_backend(model, cpu) == "openvino"
+    assert predict.default_backend(model, torch.device("cuda")) == "torch"
+
+
 def test_threads_limits_torch_and_is_recorded(write_nifti, tmp_path, threshold_model,
                                               restore_threads):
     """--threads N (shared nodes, SLURM): torch and SimpleITK use N threads; the record says N."""

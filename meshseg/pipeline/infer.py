@@ -359,15 +359,30 @@ logits inside the box (n_classes, d, h, w) on the CPU; on_layer(done, total) rep
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse, before any scan is read, a precision this device cannot compute.
+
+    Raises:
+        DeviceError: fp16 on the CPU (PyTorch's CPU convolutions have no fast float16 path),
+            or bf16 on a CPU without bf16 instructions (oneDNN refuses its convolutions).
+    """
+    if device.type == "cuda":
+        return
+    if precision == "fp16":
+        raise DeviceError("--precision fp16 needs CUDA; use bf16 on the CPU")
+    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise DeviceError("--precision bf16: this CPU has no bf16 instructions (AVX-512 BF16 "
+                          "or AMX); use fp32")
+
+
 def torch_runner(layers: list[FoldedLayer], device: torch.device,
                  slab: int | None = None, precision: str = "fp32") -> Runner:
     """The layer-by-layer PyTorch backend as a `Runner`.
 
     Raises:
-        DeviceError: fp16 on the CPU (PyTorch's CPU convolutions have no fast float16 path).
+        DeviceError: see `check_precision`.
     """
-    if precision == "fp16" and device.type != "cuda":
-        raise DeviceError("--precision fp16 needs CUDA; use bf16 on the CPU")
+    check_precision(precision, device)
     dtype = PRECISIONS[precision]
     return lambda x, on_layer, keep: run_layers(x, layers, device, slab=slab,
                                                 on_layer=on_layer, keep=keep, dtype=dtype)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib.util import find_spec
 from pathlib import Path
 
 import click
@@ -40,6 +41,7 @@ from meshseg.pipeline.infer import (
     Box,
     OnLayer,
     Runner,
+    check_precision,
     lesion_probability,
     torch_runner,
 )
@@ -100,20 +102,38 @@ class Settings:
     precision: str = "fp32"
 
 
+def default_backend(model: LoadedModel, device: torch.device) -> str:
+    """onnx for an ONNX-only model; else openvino for a MeshNet on the CPU where OpenVINO is
+    installed (the fastest CPU runtime whose masks match torch's, docs/benchmarks.md); else
+    torch. Without the openvino extra the default is torch."""
+    if model.onnx and not model.layers:
+        return "onnx"
+    if model.network is None and device.type == "cpu" and find_spec("openvino") is not None:
+        return "openvino"
+    return "torch"
+
+
 def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
            slab: int | None = None, precision: str = "fp32") -> Runner:
-    """The network on the chosen backend: layer-by-layer torch, or onnxruntime; a non-MeshNet
-    architecture runs whole on torch, in tiles (`window_runner`; `slab` does not apply).
+    """The network on the chosen backend: layer-by-layer torch, OpenVINO or onnxruntime; a
+    non-MeshNet architecture runs whole on torch, in tiles (`window_runner`; `slab` does not
+    apply).
 
     Raises:
-        WeightsError: an ONNX-only model asked to run on the torch backend, or a non-MeshNet
-            model on the onnx backend.
+        WeightsError: an ONNX-only model asked to run on the torch backend, a non-MeshNet
+            model on the onnx or openvino backend, or OpenVINO not installed.
+        DeviceError: a precision or device the backend cannot run.
     """
     if model.network is not None:
-        if backend == "onnx":
-            raise WeightsError(f"{model.name}: the onnx backend runs MeshNet models only "
+        if backend != "torch":
+            raise WeightsError(f"{model.name}: the {backend} backend runs MeshNet models only "
                                f"({model.architecture})")
         return window_runner(model.network, model.window, device, precision)
+    if backend == "openvino":
+        from meshseg.models.export import openvino_runner, to_onnx
+
+        return openvino_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device,
+                               precision)
     if backend == "onnx":
         if precision != "fp32":
             raise DeviceError(f"--precision {precision}: the onnx backend runs in fp32 only")
@@ -133,11 +153,10 @@ def window_runner(network: nn.Module, window: int, device: torch.device,
     networks tied to their training size (UNETR, U-Mamba-Enc) and crops of any shape work.
 
     Raises:
-        DeviceError: fp16 on the CPU.
+        DeviceError: see `infer.check_precision`.
         WeightsError: MONAI is not installed.
     """
-    if precision == "fp16" and device.type != "cuda":
-        raise DeviceError("--precision fp16 needs CUDA; use bf16 on the CPU")
+    check_precision(precision, device)
     try:
         from monai.inferers import sliding_window_inference
     except ImportError as err:
