@@ -10,6 +10,7 @@ import csv
 import logging
 import re
 from dataclasses import replace
+import random
 from pathlib import Path
 
 import numpy as np
@@ -496,3 +497,22 @@ def test_teacher_settings_are_checked(config):
     with pytest.raises(InputError, match="not with downsample=2"):
         fit(replace(config, teacher="brainchop-t2-lesion", downsample=2, crop=None))
     assert not config.out.exists()
+
+
+def test_a_run_saved_without_amp_resumes_with_amp():
+    """A CPU run (no amp: an empty GradScaler state) may resume on a GPU, where amp is on
+    by default: the scaler starts afresh instead of refusing the empty state."""
+    from meshseg.training.train import _Parts, _restore
+
+    model = MeshNet(MeshNetConfig(channels=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=4)
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(),
+             "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+             "rng": {"torch": torch.get_rng_state(),
+                     "numpy": np.random.default_rng(0).bit_generator.state,
+                     "python": list(random.getstate())}}
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    _restore(_Parts(model, optimizer, scheduler, scaler, np.random.default_rng(1)), saved)
+    assert scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()

@@ -495,11 +495,16 @@ def _load_state(path: Path) -> dict:
 
 
 def _restore(parts: _Parts, state: dict) -> None:
-    """Put a restart back where last.pt left it."""
+    """Put a restart back where last.pt left it.
+
+    A run saved without amp (on the CPU) has an empty scaler state; resumed with amp (on a
+    GPU) its scaler starts afresh, as GradScaler refuses to load an empty state.
+    """
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
-    parts.scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:
+        parts.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     parts.rng.bit_generator.state = state["rng"]["numpy"]
     version, internal, gauss = state["rng"]["python"]
