@@ -58,12 +58,38 @@ from meshseg.progress import bars
 from meshseg.qc.checks import Checks, review, summary_line, write_review
 
 Progress = Callable[[str, float], None]
-"""Called with a stage name (load, conform, layers, unconform, write) and its fraction done."""
+"""Called with a stage name (load, conform, layers, unconform, qc, write) and its fraction
+done."""
 
 # Share of one scan's time per stage, so a scan's bar moves evenly (measured on a CPU: the
 # layers take most of it).
-STAGES = {"load": (0.0, 0.05), "conform": (0.05, 0.15), "layers": (0.15, 0.9),
-          "unconform": (0.9, 0.95), "write": (0.95, 1.0)}
+STAGES = {"load": (0.0, 0.05), "conform": (0.05, 0.15), "layers": (0.15, 0.75),
+          "unconform": (0.75, 0.8), "qc": (0.8, 0.95), "write": (0.95, 1.0)}
+
+
+class StageClock:
+    """A `Progress` that passes reports on and times each stage: the record's per-stage
+    seconds (where a scan's time goes).
+
+    A stage starts where the previous report left off, not at its own first report: a
+    runner may report only when it is done (OpenVINO, onnxruntime), and the work between
+    two stages then counts in the next one, so the stages add up to the whole scan.
+    """
+
+    def __init__(self, progress: Progress | None = None) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.perf_counter()
+        self._started.setdefault(stage, self._last)
+        self._last = now
+        if fraction >= 1.0:
+            self.seconds[stage] = round(now - self._started[stage], 3)
+        if self.progress is not None:
+            self.progress(stage, fraction)
 
 
 @dataclass(frozen=True)
@@ -187,6 +213,7 @@ def segment(volume: Volume, model: LoadedModel, run: Runner,
     report("conform", 1.0)
     prob = lesion_probability(to_unit_range(conformed), run, crop=model.crop,
                               on_layer=lambda i, n: report("layers", i / n))
+    report("layers", 1.0)  # with the softmax
     report("unconform", 0.0)
     native = unconform(prob, record)
     report("unconform", 1.0)
@@ -220,7 +247,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
     """
     start = time.perf_counter()
     result = new_record(path, outputs, model, device, settings)
-    report = progress or (lambda stage, fraction: None)
+    report = StageClock(progress)
     try:
         if not overwrite:
             kept = kept_record(outputs, result)
@@ -233,7 +260,11 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         prob = segment(volume, model, run, progress=report)
         mask = to_mask(prob, result.postprocess, result.threshold)
         result.lesion_ml, result.voxels, result.components = lesion_stats(mask, volume.affine)
-        assessment = review(volume, prob, mask, result, checks) if checks else None
+        assessment = None
+        if checks:
+            report("qc", 0.0)
+            assessment = review(volume, prob, mask, result, checks)
+            report("qc", 1.0)
         report("write", 0.0)
         make_folder(outputs.mask.parent)
         if outputs.prob is not None:
@@ -253,6 +284,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         result.status, result.error = "failed", (f"{path}: unexpected {type(err).__name__} "
                                                  f"({first_line(err)}); please report it")
     result.seconds = round(time.perf_counter() - start, 3)
+    result.stage_seconds = report.seconds
     result.date = datetime.now(UTC).isoformat(timespec="seconds")
     _write_record(result, outputs.sidecar)
     return result

@@ -49,6 +49,7 @@ class Result:
     voxels: int | None = None
     components: int | None = None  # the number of 26-connected lesions
     seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)  # load, conform, layers, unconform, qc, write
     date: str = ""  # when the mask was written, ISO 8601 UTC
     meshseg_version: str = ""
     torch_version: str = ""
