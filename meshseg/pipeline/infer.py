@@ -359,6 +359,11 @@ logits inside the box (n_classes, d, h, w) on the CPU; on_layer(done, total) rep
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN can run bf16 convolutions on this CPU (AVX-512 BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def check_precision(precision: str, device: torch.device) -> None:
     """Refuse, before any scan is read, a precision this device cannot compute.
 
@@ -370,7 +375,7 @@ def check_precision(precision: str, device: torch.device) -> None:
         return
     if precision == "fp16":
         raise DeviceError("--precision fp16 needs CUDA; use bf16 on the CPU")
-    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision == "bf16" and not cpu_has_bf16():
         raise DeviceError("--precision bf16: this CPU has no bf16 instructions (AVX-512 BF16 "
                           "or AMX); use fp32")
 
