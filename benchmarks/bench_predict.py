@@ -8,21 +8,26 @@ Every measurement runs in a fresh Python process so that its peak resident memor
   ratio;
 - model: meshseg's inference on the same conformed volume (crop, layers, softmax);
 - e2e: the whole `meshseg predict` command on the scan as given (start-up, load, conform,
-  infer, resample, write), timed from outside;
+  infer, un-conform, QC, write), timed from outside, with each step's share of it: start-up
+  is the wall time outside the record's `seconds` (Python, imports, model loading), the other
+  steps are the record's `stage_seconds`;
+- noqc: the same command with --no-qc;
 - matmul: a 4096^2 float32 (and bfloat16) matrix product, the rate the convolutions could at
   best reach on this machine. Each network row states the FLOPs it computed (meshseg skips
   the background and the outer shell) and its GFLOP/s, against that limit.
 
-Each repeat measures plain, model and e2e one after the other, so that a ratio compares runs
-under about the same background load; the tables give medians over the repeats (of the
+Each repeat measures plain, model, e2e and noqc one after the other, so that a ratio compares
+runs under about the same background load; the tables give medians over the repeats (of the
 seconds, and of the per-repeat ratios). Models: `default` (the bundled default), a catalogue
 name or a checkpoint path, or meshnet5/16/26 (random weights: speed ignores their values).
 Scans: the real scans in ../shared/real-scans when present, else the example scan.
 
 Results are printed; `--out DIR` also writes DIR/latest.{json,md} (benchmarks/results holds the
 run quoted in docs/benchmarks.md).
+Backends: default (predict's own choice, no --backend), torch, openvino, bf16 (torch in
+bfloat16), onnx, cuda.
 Usage: python benchmarks/bench_predict.py [--repeat 3] [--scans ...] [--models ...]
-       [--backends torch,bf16,onnx,cuda] [--threads N] [--out DIR]
+       [--backends default,torch,openvino,bf16,onnx,cuda] [--threads N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ sys.path.insert(0, str(ROOT))  # this checkout's meshseg (`-m meshseg` runs with
 REAL_SCANS = ROOT.parent / "shared" / "real-scans"
 DEFAULT_SCANS = ("stroke_T2w_mni.nii.gz", "M2208_T2w.nii.gz")
 RANDOM_MODELS = {"meshnet5": 5, "meshnet16": 16, "meshnet26": 26}
+# `meshseg predict` flags per benchmark backend (default: none, predict's own choice).
+PREDICT_FLAGS = {"default": [], "torch": ["--backend", "torch"],
+                 "openvino": ["--backend", "openvino"], "onnx": ["--backend", "onnx"],
+                 "bf16": ["--backend", "torch", "--precision", "bf16"],
+                 "cuda": ["--device", "cuda", "--backend", "torch"]}
+STEPS = ("start-up", "load", "conform", "layers", "unconform", "qc", "write")
+STEP_NAMES = {"layers": "inference", "unconform": "un-conform", "qc": "QC", "write": "writing"}
 
 
 def child(kind: str, model: str, backend: str, scan: str) -> dict:
@@ -61,7 +73,7 @@ def child(kind: str, model: str, backend: str, scan: str) -> dict:
     from meshseg.models.meshnet import ACTIVATIONS
     from meshseg.pipeline.conform import conform, to_unit_range
     from meshseg.pipeline.infer import lesion_probability, resolve_device
-    from meshseg.pipeline.predict import runner
+    from meshseg.pipeline.predict import default_backend, runner
 
     loaded = catalog.load(None if model == "default" else model)
     device = resolve_device("cuda" if backend == "cuda" else "cpu")
@@ -82,7 +94,9 @@ def child(kind: str, model: str, backend: str, scan: str) -> dict:
             net(x).softmax(1).cpu()
         flops = sum(layer_flops(loaded.layers)) * volume01.size
     else:
-        engine, precision = {"onnx": ("onnx", "fp32"), "bf16": ("torch", "bf16")}.get(
+        engine, precision = {"onnx": ("onnx", "fp32"), "bf16": ("torch", "bf16"),
+                             "openvino": ("openvino", "fp32"),
+                             "default": (default_backend(loaded, device), "fp32")}.get(
             backend, ("torch", "fp32"))
         network, seen = runner(loaded, device, engine, precision=precision), {}
 
@@ -92,7 +106,7 @@ def child(kind: str, model: str, backend: str, scan: str) -> dict:
 
         lesion_probability(volume01, run, crop=loaded.crop)
         flops = computed_flops(loaded.layers, seen["shape"],
-                               None if engine == "onnx" else seen["keep"])
+                               seen["keep"] if engine == "torch" else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -138,20 +152,23 @@ def measure(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def end_to_end(model: str, backend: str, scan: Path, folder: Path) -> dict:
-    """`meshseg predict` as a user runs it, timed from outside, peak RSS from wait4."""
+def end_to_end(model: str, backend: str, scan: Path, folder: Path, qc: bool = True) -> dict:
+    """`meshseg predict` as a user runs it, timed from outside, peak RSS from wait4; each
+    step's seconds from the record (start-up: the wall time the record does not cover)."""
     cmd = [sys.executable, "-m", "meshseg", "predict", str(scan), "-q", "--overwrite",
-           "-o", str(folder / "mask.nii.gz"),
-           "--device", "cuda" if backend == "cuda" else "cpu",
-           "--backend", "onnx" if backend == "onnx" else "torch",
-           "--precision", "bf16" if backend == "bf16" else "fp32"]
+           "-o", str(folder / "mask.nii.gz"), *PREDICT_FLAGS[backend],
+           *([] if qc else ["--no-qc"])]
     cmd += [] if model == "default" else ["-m", model]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
     if status != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with status {status}")
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024}
+    record = json.loads((folder / "mask.json").read_text())
+    steps = {"start-up": seconds - record["seconds"], **record.get("stage_seconds", {})}
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "backend": record["backend"], **{f"step_{k}": v for k, v in steps.items()}}
 
 
 def make_models(folder: Path, wanted: list[str]) -> dict[str, str]:
@@ -184,22 +201,27 @@ def default_scans(folder: Path) -> list[Path]:
 
 
 def median(runs: list[dict]) -> dict:
-    """Medians, per key, of a list of measurements."""
-    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    """Medians, per numeric key, of a list of measurements (other keys: the first run's)."""
+    return {key: statistics.median(r[key] for r in runs)
+            if isinstance(runs[0][key], (int, float)) else runs[0][key] for key in runs[0]}
 
 
 def bench(scan: Path, name: str, model: str, backend: str, repeat: int,
           folder: Path) -> dict:
-    """`repeat` rounds of plain, model and e2e, each round close in time; medians."""
+    """`repeat` rounds of plain, model, e2e and noqc, each round close in time; medians."""
     plain_backend = "cuda" if backend == "cuda" else "torch"
     rounds = [(measure(["plain", model, plain_backend, str(scan)]),
                measure(["model", model, backend, str(scan)]),
-               end_to_end(model, backend, scan, folder)) for _ in range(repeat)]
-    plain, mine, e2e = (median([r[i] for r in rounds]) for i in range(3))
+               end_to_end(model, backend, scan, folder),
+               end_to_end(model, backend, scan, folder, qc=False)) for _ in range(repeat)]
+    plain, mine, e2e, noqc = (median([r[i] for r in rounds]) for i in range(4))
+
+    def ratio(i: int) -> float:
+        return statistics.median(r[i]["seconds"] / r[0]["seconds"] for r in rounds)
+
     return {"scan": scan.name.split(".")[0], "model": name, "backend": backend,
-            "plain": plain, "model_only": mine, "e2e": e2e,
-            "ratio_model": statistics.median(m["seconds"] / p["seconds"] for p, m, _ in rounds),
-            "ratio_e2e": statistics.median(e["seconds"] / p["seconds"] for p, _, e in rounds)}
+            "plain": plain, "model_only": mine, "e2e": e2e, "noqc": noqc,
+            "ratio_model": ratio(1), "ratio_e2e": ratio(2), "ratio_noqc": ratio(3)}
 
 
 def main() -> None:
@@ -209,8 +231,9 @@ def main() -> None:
                                         "in ../shared/real-scans, else the example scan)")
     parser.add_argument("--models", default="default",
                         help="default, a catalogue name or path, meshnet5, meshnet16, meshnet26")
-    parser.add_argument("--backends", default="torch",
-                        help="torch (fp32), bf16 (torch in bfloat16), onnx, cuda")
+    parser.add_argument("--backends", default="default",
+                        help="default (predict's choice), torch (fp32), openvino, bf16 (torch "
+                             "in bfloat16), onnx, cuda")
     parser.add_argument("--threads", type=int,
                         help="OMP_NUM_THREADS for every measurement (default: torch's choice)")
     parser.add_argument("--out", type=Path,
@@ -253,18 +276,29 @@ def report(rows: list[dict], limits: dict, args: argparse.Namespace) -> None:
              f"{meta['threads']} threads, torch {meta['torch']}, median of {meta['repeat']} "
              f"runs. A float32 matrix product reached {limits['fp32_gflops']:.0f} GFLOP/s "
              f"(bfloat16: {limits['bf16_gflops']:.0f}).", "",
+             "e2e is `meshseg predict` as run by default (QC on); noqc adds --no-qc.", "",
              "| scan | model | backend | plain s | plain MB | plain GFLOP/s | model s | model MB | "
-             "model GFLOP | model GFLOP/s | model/plain | e2e s | e2e MB | e2e/plain |",
-             "|" + " --- |" * 14]
+             "model GFLOP | model GFLOP/s | model/plain | e2e s | e2e MB | e2e/plain | "
+             "noqc s | noqc MB | noqc/plain |",
+             "|" + " --- |" * 17]
     for r in rows:
-        plain, mine = r["plain"], r["model_only"]
+        plain, mine, e2e, noqc = r["plain"], r["model_only"], r["e2e"], r["noqc"]
         lines.append(
-            f"| {r['scan']} | {r['model']} | {r['backend']} | {plain['seconds']:.1f} | "
-            f"{plain['peak_rss_mb']:.0f} | {plain['gflop'] / plain['seconds']:.0f} | "
-            f"{mine['seconds']:.1f} | {mine['peak_rss_mb']:.0f} | {mine['gflop']:.0f} | "
+            f"| {r['scan']} | {r['model']} | {r['backend']} ({e2e['backend']}) | "
+            f"{plain['seconds']:.1f} | {plain['peak_rss_mb']:.0f} | "
+            f"{plain['gflop'] / plain['seconds']:.0f} | {mine['seconds']:.1f} | "
+            f"{mine['peak_rss_mb']:.0f} | {mine['gflop']:.0f} | "
             f"{mine['gflop'] / mine['seconds']:.0f} | {r['ratio_model']:.2f} | "
-            f"{r['e2e']['seconds']:.1f} | {r['e2e']['peak_rss_mb']:.0f} | "
-            f"{r['ratio_e2e']:.2f} |")
+            f"{e2e['seconds']:.1f} | {e2e['peak_rss_mb']:.0f} | {r['ratio_e2e']:.2f} | "
+            f"{noqc['seconds']:.1f} | {noqc['peak_rss_mb']:.0f} | {r['ratio_noqc']:.2f} |")
+    lines += ["", "Each step's share of the default command's time (median seconds):", "",
+              "| scan | model | backend | " + " | ".join(STEP_NAMES.get(s, s) for s in STEPS)
+              + " |", "|" + " --- |" * (3 + len(STEPS))]
+    for r in rows:
+        e2e = r["e2e"]
+        lines.append(f"| {r['scan']} | {r['model']} | {r['backend']} | " + " | ".join(
+            f"{100 * e2e.get('step_' + s, 0) / e2e['seconds']:.0f}% "
+            f"({e2e.get('step_' + s, 0):.1f} s)" for s in STEPS) + " |")
     print("\n".join(lines))
     if args.out:
         from meshseg.io import atomic_path

@@ -80,9 +80,10 @@ def main() -> None:
 @click.option("--largest/--all-lesions", "largest", default=None,
               help="Keep only the largest connected lesion, or all. Default: the model's "
                    "own choice (brainchop models keep the largest).")
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), default=None,
-              help="torch (layer by layer) or onnx (onnxruntime). Default: onnx for an .onnx "
-                   "model, else torch.")
+@click.option("--backend", type=click.Choice(["torch", "openvino", "onnx"]), default=None,
+              help="torch (layer by layer, least memory), openvino (OpenVINO on the CPU, "
+                   "fastest; the openvino extra) or onnx (onnxruntime). Default: onnx for an "
+                   ".onnx model, else openvino on the CPU when installed, else torch.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
               show_default=True,
               help="Arithmetic of the torch backend: bf16 halves activation memory and may be "
@@ -90,6 +91,9 @@ def main() -> None:
                    "speeds and agreement with fp32); fp16 needs CUDA.")
 @click.option("--slab", type=click.IntRange(min=1), default=None,
               help="Slab thickness in voxels for layer-by-layer inference (bounds memory).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for inference and QC (e.g. $SLURM_CPUS_PER_TASK on a shared "
+                   "node). Default: PyTorch's choice, one per core.")
 @click.option("--shard", metavar="K/N", callback=lambda ctx, param, value: _shard(value),
               help="Segment only part K of N of the sorted inputs (every N-th from the K-th), "
                    "e.g. $SLURM_ARRAY_TASK_ID/N: N tasks cover the cohort exactly once.")
@@ -97,7 +101,7 @@ def main() -> None:
 def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None, device: str,
             prob: bool, overwrite: bool, report: Path | None, threshold: float,
             largest: bool | None, backend: str | None, precision: str, slab: int | None,
-            shard: tuple[int, int] | None, quiet: bool, qc: bool, mni: bool,
+            threads: int | None, shard: tuple[int, int] | None, quiet: bool, qc: bool, mni: bool,
             strict_contrast: bool) -> None:
     """Segment lesions in each INPUT (NIfTI files, folders or globs).
 
@@ -106,8 +110,8 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     """
     from meshseg.models import catalog
     from meshseg.pipeline import cohort
-    from meshseg.pipeline.infer import resolve_device
-    from meshseg.pipeline.predict import Settings, run_cohort, runner
+    from meshseg.pipeline.infer import resolve_device, set_threads
+    from meshseg.pipeline.predict import Settings, default_backend, run_cohort, runner
     from meshseg.pipeline.record import REPORT_SUFFIXES
     from meshseg.qc.checks import Checks
 
@@ -119,6 +123,7 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     if not inputs_found:
         fail("no NIfTI files found in " + ", ".join(inputs), EXIT_USAGE)
     bids = cohort.uses_bids(inputs_found, output)
+    set_threads(threads)
     try:
         torch_device = resolve_device(device)
         plans = cohort.plan_outputs(inputs_found, output, prob, picture=qc, mni=mni)
@@ -132,7 +137,7 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     cohort.remove_leftovers(plans, report)
     try:
         model = catalog.load(model_spec)
-        backend = backend or ("onnx" if model.onnx else "torch")
+        backend = backend or default_backend(model, torch_device)
         run = runner(model, torch_device, backend, slab, precision)
         if bids:
             cohort.write_description(output, model.name, model.sha256)
@@ -337,7 +342,7 @@ def _train_config_options(command):
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder to create.")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Continue the run in this folder from its last finished epoch "
-                   "(--device, --num-workers and --cache may change).")
+                   "(--device, --num-workers, --cache and --threads may change).")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @_train_config_options
 def train(config_file: Path | None, data: Path | None, out: Path | None,
@@ -350,13 +355,13 @@ def train(config_file: Path | None, data: Path | None, out: Path | None,
     given = {k: v for k, v in settings.items() if v is not None}
     try:
         if resume_dir is not None:
-            from meshseg.training.config import MACHINE_FIELDS
+            from meshseg.training.config import MACHINE_FIELDS, flag
 
             machine = {k: v for k, v in given.items() if k in MACHINE_FIELDS}
             if data or out or config_file or len(machine) < len(given):
-                raise click.UsageError("--resume takes only --device, --num-workers and "
-                                       "--cache (the other settings are in "
-                                       f"{resume_dir / CONFIG_FILE})")
+                allowed = ", ".join(flag(k) for k in MACHINE_FIELDS)
+                raise click.UsageError(f"--resume takes only {allowed} (the other settings "
+                                       f"are in {resume_dir / CONFIG_FILE})")
             run_dir = resume(resume_dir, machine=machine)
         else:
             run_dir = fit(_train_config(config_file, data, out, given))

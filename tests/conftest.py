@@ -3,6 +3,7 @@ stand-in for a killed process, and a MeshNet whose output is known (threshold_mo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -108,3 +109,15 @@ def head(shape=(40, 44, 24), center=(20, 22, 12), seed=0):
     ball = blob(shape, (center[0] + 3, center[1] - 2, center[2]), 5)
     image[ball] = 1000.0
     return image.astype(np.float32), ball
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    """Undo `set_threads` after a test: torch's thread count and the variables it sets."""
+    from meshseg.pipeline.infer import ITK_THREADS_VARIABLE
+
+    for name in ("OMP_NUM_THREADS", ITK_THREADS_VARIABLE):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -39,6 +39,50 @@ def test_predict_writes_native_grid_mask(write_nifti, tmp_path, threshold_model)
     prob = nib.load(out.parent / "mask_lesion_prob.nii.gz")
     assert prob.get_data_dtype() == np.float32
     np.testing.assert_array_equal(np.asarray(prob.dataobj) > 0.5, mask)
+    record = json.loads((out.parent / "mask.json").read_text())
+    assert record["threads"] == torch.get_num_threads()
+    stages = record["stage_seconds"]  # where the time went, QC included
+    assert set(stages) == {"load", "conform", "layers", "unconform", "qc", "write"}
+    assert 0 < sum(stages.values()) <= record["seconds"]
+
+
+def test_bf16_on_a_cpu_without_bf16_is_one_line(write_nifti, threshold_model, monkeypatch):
+    from meshseg.pipeline import infer
+
+    monkeypatch.setattr(infer, "cpu_has_bf16", lambda: False)  # as on the CI machine
+    result = run("predict", write_nifti(head()[0]), "-m", threshold_model, "--device", "cpu",
+                 "--precision", "bf16")
+    assert result.exit_code == 2 and "no bf16 instructions" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_default_backend_is_openvino_only_where_installed(monkeypatch, threshold_model):
+    """The default must work without the openvino extra: then it is torch."""
+    from meshseg.models import catalog
+    from meshseg.pipeline import predict
+
+    model, cpu = catalog.load(threshold_model), torch.device("cpu")
+    monkeypatch.setattr(predict, "find_spec", lambda name: None)
+    assert predict.default_backend(model, cpu) == "torch"
+    monkeypatch.setattr(predict, "find_spec", lambda name: object())
+    assert predict.default_backend(model, cpu) == "openvino"
+    assert predict.default_backend(model, torch.device("cuda")) == "torch"
+
+
+def test_threads_limits_torch_and_is_recorded(write_nifti, tmp_path, threshold_model,
+                                              restore_threads):
+    """--threads N (shared nodes, SLURM): torch and SimpleITK use N threads; the record says N."""
+    src = write_nifti(head()[0])
+    out = tmp_path / "mask.nii.gz"
+    result = run("predict", src, "-o", out, "-m", threshold_model, "--device", "cpu",
+                 "--no-qc", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "mask.json").read_text())
+    assert record["threads"] == 1 and "qc" not in record["stage_seconds"]
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "1"
+    zero = run("predict", src, "-o", out, "-m", threshold_model, "--threads", "0")
+    assert zero.exit_code == 2 and "--threads" in zero.output
 
 
 def test_cohort_report_resume_and_bad_inputs(write_nifti, tmp_path, threshold_model):
@@ -180,3 +224,19 @@ def test_example_never_replaces_an_existing_file(tmp_path):
     assert victim.read_bytes() == b"a real scan" and truth.read_bytes() == b"a manual mask"
     made = runner.invoke(main, ["example", str(victim), "--overwrite"])
     assert made.exit_code == 0 and victim.read_bytes() != b"a real scan"
+
+
+def test_stage_clock_counts_a_stage_that_reports_only_its_end(monkeypatch):
+    """A runner that reports once, when done (OpenVINO), still gets its time: each stage
+    starts where the previous report left off."""
+    from meshseg.pipeline import predict
+
+    now = iter([0.0, 1.0, 3.0, 10.0])
+    monkeypatch.setattr(predict.time, "perf_counter", lambda: next(now))
+    seen = []
+    clock = predict.StageClock(lambda stage, fraction: seen.append((stage, fraction)))
+    clock("conform", 0.0)
+    clock("conform", 1.0)
+    clock("layers", 1.0)
+    assert clock.seconds == {"conform": 3.0, "layers": 7.0}  # from the clock's start
+    assert seen == [("conform", 0.0), ("conform", 1.0), ("layers", 1.0)]

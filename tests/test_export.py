@@ -1,5 +1,7 @@
 """ONNX export and the onnxruntime backend agree with the PyTorch backend."""
 
+from importlib.util import find_spec
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -7,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from meshseg.cli import main
-from meshseg.errors import WeightsError
-from meshseg.models.export import onnx_runner, read_onnx, to_onnx
+from meshseg.errors import DeviceError, WeightsError
+from meshseg.models.export import onnx_runner, openvino_runner, read_onnx, to_onnx
 from meshseg.models.meshnet import MeshNet, MeshNetConfig, fold
 from meshseg.models.weights import save_checkpoint
 from meshseg.pipeline.infer import run_layers
@@ -37,6 +39,27 @@ def test_onnx_graph_equals_torch_on_any_size(checkpoint, shape):
         torch.testing.assert_close(run(x), model(x[None])[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(17, 23, 11), (30, 9, 26)])
+def test_openvino_equals_torch_on_any_size_and_keeps_the_box(checkpoint, shape):
+    """One compiled graph runs every crop size; the result is the logits inside `keep`."""
+    pytest.importorskip("openvino")
+    layers = fold(checkpoint[1])
+    run = openvino_runner(to_onnx(layers).SerializeToString(), torch.device("cpu"))
+    x = torch.rand((1, *shape))
+    keep = (slice(2, 9), slice(1, shape[1] - 1), slice(0, 5))
+    torch.testing.assert_close(run(x, None, keep),
+                               run_layers(x, layers, torch.device("cpu"), keep=keep),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_openvino_refuses_cuda_and_fp16(checkpoint):
+    graph = to_onnx(fold(checkpoint[1])).SerializeToString()
+    with pytest.raises(DeviceError, match="CPU only"):
+        openvino_runner(graph, torch.device("cuda"))
+    with pytest.raises(DeviceError, match="fp32 or bf16"):
+        openvino_runner(graph, torch.device("cpu"), "fp16")
+
+
 def test_export_command_and_onnx_backend(checkpoint, tmp_path, write_nifti):
     path, _ = checkpoint
     out = tmp_path / "m.onnx"
@@ -45,9 +68,11 @@ def test_export_command_and_onnx_backend(checkpoint, tmp_path, write_nifti):
     assert "max |onnxruntime - torch|" in result.output
     scan = write_nifti(head()[0])
     masks = {}
-    for name, args in {"torch": ["-m", str(path)],
-                       "onnx-file": ["-m", str(out)],
-                       "onnx-backend": ["-m", str(path), "--backend", "onnx"]}.items():
+    runs = {"torch": ["-m", str(path), "--backend", "torch"], "onnx-file": ["-m", str(out)],
+            "onnx-backend": ["-m", str(path), "--backend", "onnx"]}
+    if find_spec("openvino") is not None:
+        runs["openvino"] = ["-m", str(path), "--backend", "openvino"]
+    for name, args in runs.items():
         target = tmp_path / f"{name}.nii.gz"
         result = CliRunner().invoke(main, ["predict", str(scan), "-o", str(target), "--prob",
                                            "-q", *args])
@@ -55,6 +80,8 @@ def test_export_command_and_onnx_backend(checkpoint, tmp_path, write_nifti):
         masks[name] = np.asarray(nib.load(tmp_path / f"{name}_lesion_prob.nii.gz").dataobj)
     np.testing.assert_allclose(masks["onnx-file"], masks["torch"], atol=1e-5)
     np.testing.assert_allclose(masks["onnx-backend"], masks["torch"], atol=1e-5)
+    if "openvino" in masks:
+        np.testing.assert_allclose(masks["openvino"], masks["torch"], atol=1e-5)
 
 
 def test_onnx_model_refuses_torch_backend_and_bad_files(checkpoint, tmp_path, write_nifti):

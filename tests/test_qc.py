@@ -178,17 +178,19 @@ def test_qc_is_a_stage_of_its_own_with_its_own_time(write_nifti, tmp_path, thres
                                   run_model, "cpu", progress=progress, checks=checks.Checks())
     assert result.status == "ok", result.error
     assert seen[-3:] == ["unconform", "qc", "write"] and set(seen) <= set(predict.STAGES)
-    assert 0 < result.qc_seconds < result.seconds
-    assert read_sidecar(tmp_path / "a_lesion.json").qc_seconds == result.qc_seconds
+    stages = result.stage_seconds
+    assert set(stages) == {"load", "conform", "layers", "unconform", "qc", "write"}
+    assert 0 < stages["qc"] and sum(stages.values()) <= result.seconds
+    assert read_sidecar(tmp_path / "a_lesion.json").stage_seconds == stages
     plain = predict.segment_file(src, predict.Outputs(tmp_path / "b_lesion.nii.gz"), model,
                                  run_model, "cpu")
-    assert plain.qc_seconds == 0.0
+    assert "qc" not in plain.stage_seconds
 
 
-def test_records_written_before_qc_seconds_still_read(tmp_path):
+def test_records_written_before_stage_seconds_still_read(tmp_path):
     record = Result(input="a", output="b", status="ok", model="m", device="cpu")
     data = asdict(record)
-    del data["qc_seconds"]
+    del data["stage_seconds"]
     path = tmp_path / "b.json"
     path.write_text(json.dumps(data))
     assert read_sidecar(path) == record

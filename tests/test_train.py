@@ -10,6 +10,7 @@ import csv
 import logging
 import re
 from dataclasses import replace
+import random
 from pathlib import Path
 
 import numpy as np
@@ -403,7 +404,7 @@ def test_fit_end_to_end_through_real_conform(tmp_path):
     assert load_network(config.out / "best.safetensors").meta["config"]["downsample"] == 2
 
 
-def test_train_command_runs_and_resumes(config):
+def test_train_command_runs_and_resumes(config, restore_threads):
     """`meshseg train` end to end, then `--resume` of the finished run is a no-op."""
     from click.testing import CliRunner
 
@@ -412,14 +413,16 @@ def test_train_command_runs_and_resumes(config):
     args = ["train", "--data", str(config.data), "--out", str(config.out), "--channels", "3",
             "--epochs", "2", "--crop", "12", "--val-fraction", "0.25", "--steps-per-epoch", "2",
             "--device", "cpu", "--cache", str(config.cache), "--seed", "7",
-            "--class-weights", "0.5", "1.0", "--no-amp", "-q"]
+            "--class-weights", "0.5", "1.0", "--no-amp", "--threads", "1", "-q"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert (config.out / "best.safetensors").exists()
-    assert load_config(config.out / "config.toml").class_weights == (0.5, 1.0)
+    saved = load_config(config.out / "config.toml")
+    assert (saved.class_weights, saved.threads) == ((0.5, 1.0), 1)
     assert len(read_metrics(config.out)) == 2
     again = CliRunner().invoke(main, ["train", "--resume", str(config.out), "--device", "cpu",
-                                      "--num-workers", "0", "-q"])  # machine settings may change
+                                      "--num-workers", "0", "--threads", "2", "-q"])
+    assert again.exit_code == 0, again.output  # machine settings, threads too, may change
     assert again.exit_code == 0, again.output
     assert len(read_metrics(config.out)) == 2
     mixed = CliRunner().invoke(main, ["train", "--resume", str(config.out), "--epochs", "3"])
@@ -468,7 +471,7 @@ def test_train_config_file_with_flags_over_it(config, tmp_path):
     both = CliRunner().invoke(main, ["train", "--config", str(settings), "--resume",
                                      str(config.out)])
     assert both.exit_code == 2
-    assert "--resume takes only --device, --num-workers and --cache" in both.output
+    assert "--resume takes only --device, --num-workers, --cache, --threads" in both.output
 
 
 def test_teacher_probabilities_are_cached_recorded_and_checked_on_resume(config, tmp_path):
@@ -511,3 +514,22 @@ def test_teacher_settings_are_checked(config):
     with pytest.raises(InputError, match="not with downsample=2"):
         fit(replace(config, teacher="brainchop-t2-lesion", downsample=2, crop=None))
     assert not config.out.exists()
+
+
+def test_a_run_saved_without_amp_resumes_with_amp():
+    """A CPU run (no amp: an empty GradScaler state) may resume on a GPU, where amp is on
+    by default: the scaler starts afresh instead of refusing the empty state."""
+    from meshseg.training.train import _Parts, _restore
+
+    model = MeshNet(MeshNetConfig(channels=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=4)
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(),
+             "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+             "rng": {"torch": torch.get_rng_state(),
+                     "numpy": np.random.default_rng(0).bit_generator.state,
+                     "python": list(random.getstate())}}
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    _restore(_Parts(model, optimizer, scheduler, scaler, np.random.default_rng(1)), saved)
+    assert scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()

@@ -19,7 +19,9 @@ fastest on; a slab's input rows are then a dense view of a window, without copie
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -357,15 +359,35 @@ logits inside the box (n_classes, d, h, w) on the CPU; on_layer(done, total) rep
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN can run bf16 convolutions on this CPU (AVX-512 BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse, before any scan is read, a precision this device cannot compute.
+
+    Raises:
+        DeviceError: fp16 on the CPU (PyTorch's CPU convolutions have no fast float16 path),
+            or bf16 on a CPU without bf16 instructions (oneDNN refuses its convolutions).
+    """
+    if device.type == "cuda":
+        return
+    if precision == "fp16":
+        raise DeviceError("--precision fp16 needs CUDA; use bf16 on the CPU")
+    if precision == "bf16" and not cpu_has_bf16():
+        raise DeviceError("--precision bf16: this CPU has no bf16 instructions (AVX-512 BF16 "
+                          "or AMX); use fp32")
+
+
 def torch_runner(layers: list[FoldedLayer], device: torch.device,
                  slab: int | None = None, precision: str = "fp32") -> Runner:
     """The layer-by-layer PyTorch backend as a `Runner`.
 
     Raises:
-        DeviceError: fp16 on the CPU (PyTorch's CPU convolutions have no fast float16 path).
+        DeviceError: see `check_precision`.
     """
-    if precision == "fp16" and device.type != "cuda":
-        raise DeviceError("--precision fp16 needs CUDA; use bf16 on the CPU")
+    check_precision(precision, device)
     dtype = PRECISIONS[precision]
     return lambda x, on_layer, keep: run_layers(x, layers, device, slab=slab,
                                                 on_layer=on_layer, keep=keep, dtype=dtype)
@@ -456,3 +478,30 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"--device {name}: this machine has {count} CUDA device(s) "
                           f"(cuda:0 to cuda:{count - 1})")
     return device
+
+
+ITK_THREADS_VARIABLE = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+
+
+def set_threads(threads: int | None) -> int:
+    """Use at most `threads` CPU threads (None: leave torch's own choice, one per core), and
+    return the count torch now uses.
+
+    Users on shared nodes or SLURM allocations need meshseg to stay within their cores:
+    torch's intra-op pool sizes itself to the whole machine. The same count goes to
+    SimpleITK (QC registration; through ITK's environment variable when it is not imported
+    yet, so that nothing is imported here) and to OMP_NUM_THREADS for OpenMP libraries
+    started later (OpenVINO, data-loading workers).
+
+    Raises:
+        ValueError: threads < 1.
+    """
+    if threads is None:
+        return torch.get_num_threads()
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ[ITK_THREADS_VARIABLE] = str(threads)
+    if "SimpleITK" in sys.modules:
+        sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    return torch.get_num_threads()

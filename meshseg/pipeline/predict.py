@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib.util import find_spec
 from pathlib import Path
 
 import click
@@ -40,6 +41,7 @@ from meshseg.pipeline.infer import (
     Box,
     OnLayer,
     Runner,
+    check_precision,
     lesion_probability,
     torch_runner,
 )
@@ -63,6 +65,31 @@ done."""
 # layers take most of it; QC, on by default, about a quarter: docs/qc.md).
 STAGES = {"load": (0.0, 0.05), "conform": (0.05, 0.12), "layers": (0.12, 0.70),
           "unconform": (0.70, 0.74), "qc": (0.74, 0.97), "write": (0.97, 1.0)}
+
+
+class StageClock:
+    """A `Progress` that passes reports on and times each stage: the record's per-stage
+    seconds (where a scan's time goes).
+
+    A stage starts where the previous report left off, not at its own first report: a
+    runner may report only when it is done (OpenVINO, onnxruntime), and the work between
+    two stages then counts in the next one, so the stages add up to the whole scan.
+    """
+
+    def __init__(self, progress: Progress | None = None) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.perf_counter()
+        self._started.setdefault(stage, self._last)
+        self._last = now
+        if fraction >= 1.0:
+            self.seconds[stage] = round(now - self._started[stage], 3)
+        if self.progress is not None:
+            self.progress(stage, fraction)
 
 
 @dataclass(frozen=True)
@@ -101,20 +128,38 @@ class Settings:
     precision: str = "fp32"
 
 
+def default_backend(model: LoadedModel, device: torch.device) -> str:
+    """onnx for an ONNX-only model; else openvino for a MeshNet on the CPU where OpenVINO is
+    installed (the fastest CPU runtime whose masks match torch's, docs/benchmarks.md); else
+    torch. Without the openvino extra the default is torch."""
+    if model.onnx and not model.layers:
+        return "onnx"
+    if model.network is None and device.type == "cpu" and find_spec("openvino") is not None:
+        return "openvino"
+    return "torch"
+
+
 def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
            slab: int | None = None, precision: str = "fp32") -> Runner:
-    """The network on the chosen backend: layer-by-layer torch, or onnxruntime; a non-MeshNet
-    architecture runs whole on torch, in tiles (`window_runner`; `slab` does not apply).
+    """The network on the chosen backend: layer-by-layer torch, OpenVINO or onnxruntime; a
+    non-MeshNet architecture runs whole on torch, in tiles (`window_runner`; `slab` does not
+    apply).
 
     Raises:
-        WeightsError: an ONNX-only model asked to run on the torch backend, or a non-MeshNet
-            model on the onnx backend.
+        WeightsError: an ONNX-only model asked to run on the torch backend, a non-MeshNet
+            model on the onnx or openvino backend, or OpenVINO not installed.
+        DeviceError: a precision or device the backend cannot run.
     """
     if model.network is not None:
-        if backend == "onnx":
-            raise WeightsError(f"{model.name}: the onnx backend runs MeshNet models only "
+        if backend != "torch":
+            raise WeightsError(f"{model.name}: the {backend} backend runs MeshNet models only "
                                f"({model.architecture})")
         return window_runner(model.network, model.window, device, precision)
+    if backend == "openvino":
+        from meshseg.models.export import openvino_runner, to_onnx
+
+        return openvino_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device,
+                               precision)
     if backend == "onnx":
         if precision != "fp32":
             raise DeviceError(f"--precision {precision}: the onnx backend runs in fp32 only")
@@ -134,11 +179,10 @@ def window_runner(network: nn.Module, window: int, device: torch.device,
     networks tied to their training size (UNETR, U-Mamba-Enc) and crops of any shape work.
 
     Raises:
-        DeviceError: fp16 on the CPU.
+        DeviceError: see `infer.check_precision`.
         WeightsError: MONAI is not installed.
     """
-    if precision == "fp16" and device.type != "cuda":
-        raise DeviceError("--precision fp16 needs CUDA; use bf16 on the CPU")
+    check_precision(precision, device)
     try:
         from monai.inferers import sliding_window_inference
     except ImportError as err:
@@ -169,6 +213,7 @@ def segment(volume: Volume, model: LoadedModel, run: Runner,
     report("conform", 1.0)
     prob = lesion_probability(to_unit_range(conformed), run, crop=model.crop,
                               on_layer=lambda i, n: report("layers", i / n))
+    report("layers", 1.0)  # with the softmax
     report("unconform", 0.0)
     native = unconform(prob, record)
     report("unconform", 1.0)
@@ -202,7 +247,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
     """
     start = time.perf_counter()
     result = new_record(path, outputs, model, device, settings)
-    report = progress or (lambda stage, fraction: None)
+    report = StageClock(progress)
     try:
         if not overwrite:
             kept = kept_record(outputs, result)
@@ -236,6 +281,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         result.status, result.error = "failed", (f"{path}: unexpected {type(err).__name__} "
                                                  f"({first_line(err)}); please report it")
     result.seconds = round(time.perf_counter() - start, 3)
+    result.stage_seconds = report.seconds
     result.date = datetime.now(UTC).isoformat(timespec="seconds")
     _write_record(result, outputs.sidecar)
     return result
@@ -244,17 +290,14 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
 def quality_check(volume: Volume, prob: np.ndarray, mask: np.ndarray, outputs: Outputs,
                   result: Result, checks: Checks) -> None:
     """QC of one result: its flags and location into the record, then the QC picture and MNI
-    mask written (before the mask, always an input's last file); the time it all took into
-    `result.qc_seconds`, since QC can cost as much as the segmentation.
+    mask written (before the mask, always an input's last file).
 
     Raises:
         InputError: `checks.strict_contrast` and the scan does not look T2-weighted.
     """
-    start = time.perf_counter()
     assessment = review(volume, prob, mask, result, checks)
     make_folder(outputs.mask.parent)
     write_review(assessment, volume, prob, mask, outputs, result)
-    result.qc_seconds = round(time.perf_counter() - start, 3)
 
 
 def new_record(path: Path, outputs: Outputs, model: LoadedModel, device: str,
@@ -266,7 +309,7 @@ def new_record(path: Path, outputs: Outputs, model: LoadedModel, device: str,
                   model_sha256=model.sha256, threshold=settings.threshold,
                   postprocess=settings.postprocess or model.postprocess,
                   backend=settings.backend, precision=settings.precision,
-                  meshseg_version=__version__, torch_version=torch.__version__)
+                  threads=torch.get_num_threads(), meshseg_version=__version__, torch_version=torch.__version__)
 
 
 def _sha256_or_empty(path: Path) -> str:

@@ -44,11 +44,13 @@ class Result:
     postprocess: str = "none"
     backend: str = "torch"
     precision: str = "fp32"
+    threads: int | None = None  # CPU threads torch used (None: written before --threads)
     lesion_ml: float | None = None
     voxels: int | None = None
     components: int | None = None  # the number of 26-connected lesions
     seconds: float = 0.0
-    qc_seconds: float = 0.0  # of `seconds`: QC (registration, checks, picture); 0 without QC
+    # seconds per stage (load, conform, layers, unconform, qc, write): where the time goes
+    stage_seconds: dict = field(default_factory=dict)
     date: str = ""  # when the mask was written, ISO 8601 UTC
     meshseg_version: str = ""
     torch_version: str = ""

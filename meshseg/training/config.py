@@ -23,7 +23,7 @@ ACTIVATION_NAMES = ("elu", "relu")  # those meshseg.models.meshnet.ACTIVATIONS b
 PATH_FIELDS = ("data", "out", "val_data", "cache", "init")
 # Settings that may differ between the machines sharing a tune study or a cv results folder,
 # and that stay out of tune's best.toml.
-MACHINE_FIELDS = ("device", "num_workers", "cache")
+MACHINE_FIELDS = ("device", "num_workers", "cache", "threads")
 
 
 def _help(text: str, default: Any = None) -> Any:
@@ -101,6 +101,8 @@ class TrainConfig:
     num_workers: int = _help("Data-loading worker processes (0: load in the main process).", 0)
     cache: Path | None = _help("Folder of conformed volumes shared by runs; default "
                                "~/.cache/meshseg/conformed.")
+    threads: int | None = _help("CPU threads of the main process (e.g. $SLURM_CPUS_PER_TASK "
+                                "on a shared node); default PyTorch's choice, one per core.")
 
     def to_dict(self) -> dict[str, Any]:
         """TOML-safe form: paths as strings, tuples as lists, None settings left out."""
@@ -261,6 +263,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("steps_per_epoch", lambda v: v is None or (_int(v) and v >= 1), "unset or an integer >= 1"),
     ("keep_epochs", lambda v: isinstance(v, bool), "true or false"),
     ("num_workers", lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    ("threads", lambda v: v is None or (_int(v) and v >= 1), "unset or an integer >= 1"),
 )
 
 

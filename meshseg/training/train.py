@@ -40,7 +40,7 @@ from meshseg.errors import DeviceError, InputError, OutputError, WeightsError
 from meshseg.io import atomic_path, write_csv
 from meshseg.models.meshnet import MeshNet, MeshNetConfig
 from meshseg.models.weights import load_network, save_checkpoint, save_network, sha256_file
-from meshseg.pipeline.infer import resolve_device
+from meshseg.pipeline.infer import resolve_device, set_threads
 from meshseg.progress import track
 from meshseg.training.config import MACHINE_FIELDS, TrainConfig, load_config, save_config
 from meshseg.training.data import (
@@ -261,8 +261,9 @@ def _load_init(config: TrainConfig) -> _Init | None:
 
 
 def _prepare(config: TrainConfig, train_pairs: list[Pair], val_pairs: list[Pair]) -> _Setup:
-    """Pick the device and conform (or find in the cache) every pair."""
+    """Pick the device and thread count, and conform (or find in the cache) every pair."""
     device = resolve_device(config.device)
+    logger.info("%s, %d CPU thread(s)", device, set_threads(config.threads))
     amp = device.type == "cuda" if config.amp is None else config.amp
     if amp and device.type != "cuda":
         raise DeviceError(f"half precision (amp) needs a CUDA device, not {device}")
@@ -494,11 +495,16 @@ def _load_state(path: Path) -> dict:
 
 
 def _restore(parts: _Parts, state: dict) -> None:
-    """Put a restart back where last.pt left it."""
+    """Put a restart back where last.pt left it.
+
+    A run saved without amp (on the CPU) has an empty scaler state; resumed with amp (on a
+    GPU) its scaler starts afresh, as GradScaler refuses to load an empty state.
+    """
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
-    parts.scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:
+        parts.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     parts.rng.bit_generator.state = state["rng"]["numpy"]
     version, internal, gauss = state["rng"]["python"]
