@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import random
 import re
 from dataclasses import replace
-import random
 from pathlib import Path
 
 import numpy as np

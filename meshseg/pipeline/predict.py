@@ -309,7 +309,8 @@ def new_record(path: Path, outputs: Outputs, model: LoadedModel, device: str,
                   model_sha256=model.sha256, threshold=settings.threshold,
                   postprocess=settings.postprocess or model.postprocess,
                   backend=settings.backend, precision=settings.precision,
-                  threads=torch.get_num_threads(), meshseg_version=__version__, torch_version=torch.__version__)
+                  threads=torch.get_num_threads(), meshseg_version=__version__,
+                  torch_version=torch.__version__)
 
 
 def _sha256_or_empty(path: Path) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
@@ -131,7 +131,7 @@ def _made_by(rows: list[dict]) -> str:
              "meshseg": _values(made, "meshseg_version"),
              "threshold": _values(made, "threshold"), "device": _values(made, "device"),
              "results made": " to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else "-",
-             "page made": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+             "page made": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     return "<p class=\"made\">" + "".join(
         f"<span><b>{escape(k)}</b>: <code>{escape(v)}</code></span>"
         for k, v in parts.items()) + "</p>"
