@@ -27,6 +27,7 @@ import numpy as np
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.spatialimages import HeaderDataError
 
+from meshseg import __version__
 from meshseg.errors import InputError, OutputError
 from meshseg.pipeline import validate
 
@@ -36,6 +37,9 @@ HEADER_READ = 544  # a NIfTI-2 header and its extender; a NIfTI-1 one needs 352
 READ_CHUNK = 1 << 24
 WARNINGS_SEP = " | "  # between an input's warnings in one report cell
 MAX_OFFSET = 1 << 32  # bytes kept before the voxels at most; a larger vox_offset is truncated
+# Written into every NIfTI (header descrip) and PNG (Software text chunk) meshseg makes, so a
+# rerun can tell its own files from a user's under the same name (`made_by_meshseg`).
+SIGNATURE = f"meshseg {__version__}"
 
 
 @dataclass
@@ -224,8 +228,26 @@ def _commit(tmp: Path, path: Path) -> None:
 def write_atomic(img: nib.Nifti1Image, path: str | Path) -> None:
     """Save a NIfTI image so that `path` is either absent, the old file, or complete."""
     suffix = ".part.nii.gz" if str(path).lower().endswith(".gz") else ".part.nii"
+    img.header["descrip"] = SIGNATURE.encode()  # not the input's own text
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, tmp)
+
+
+def made_by_meshseg(path: Path) -> bool:
+    """True for a NIfTI or PNG file carrying meshseg's `SIGNATURE` (its header descrip, its
+    Software text chunk); False for anything else, unreadable files included."""
+    if not path.is_file():  # never open a FIFO or a device
+        return False
+    try:
+        if is_nifti_path(path):
+            descrip = nib.load(path).header["descrip"].item()
+            return descrip.decode("latin-1").startswith("meshseg ")
+        from PIL import Image  # only pictures need it
+
+        with Image.open(path) as picture:
+            return str(picture.info.get("Software", "")).startswith("meshseg ")
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not meshseg's
+        return False
 
 
 def write_csv(path: str | Path, columns: Sequence[str],
@@ -251,7 +273,7 @@ def save_png(figure, path: Path, dpi: int = 150) -> None:
 
     FigureCanvasAgg(figure)
     with atomic_path(path, suffix=".part.png") as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi)
+        figure.savefig(tmp, format="png", dpi=dpi, metadata={"Software": SIGNATURE})
 
 
 def _umask() -> int:

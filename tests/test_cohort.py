@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from meshseg.cli import main
+from meshseg.io import made_by_meshseg
 from meshseg.models.weights import load_network, save_checkpoint
 from meshseg.pipeline.cohort import LEFTOVER_AGE_S
 from meshseg.pipeline.record import Result, flat_row, read_sidecar, write_report
@@ -141,8 +142,34 @@ def test_unrecorded_or_incomplete_outputs(tmp_path, threshold_model):
         assert np.asarray(nib.load(mine).dataobj).any()
 
 
+def test_users_own_qc_picture_and_mni_mask_are_kept(tmp_path, threshold_model):
+    """A picture or MNI mask under meshseg's name that meshseg did not write (no signature, no
+    record) is replaced only with --overwrite; meshseg's own files carry its signature."""
+    from PIL import Image
+
+    scan = save(tmp_path / "a.nii.gz")
+    picture, mni = tmp_path / "a_lesion_qc.png", tmp_path / "a_lesion_mni.nii.gz"
+    Image.new("RGB", (4, 4)).save(picture)
+    save(mni, seed=3)
+    before = {p: p.read_bytes() for p in (picture, mni)}
+    refused = run("predict", scan, "-m", threshold_model, "--mni")
+    assert refused.exit_code == 1 and "--overwrite replaces this QC picture" in refused.stderr
+    assert {p: p.read_bytes() for p in (picture, mni)} == before
+    assert not (tmp_path / "a_lesion.nii.gz").exists()
+    picture.unlink()
+    refused = run("predict", scan, "-m", threshold_model, "--mni")
+    assert refused.exit_code == 1 and "this MNI mask" in refused.stderr
+    assert run("predict", scan, "-m", threshold_model, "--mni", "--overwrite").exit_code == 0
+    assert made_by_meshseg(mni) and made_by_meshseg(picture)
+    assert made_by_meshseg(tmp_path / "a_lesion.nii.gz")  # not the input's descrip
+    (tmp_path / "a_lesion.json").unlink()  # a kill before the record: meshseg's files, redone
+    again = run("predict", scan, "-m", threshold_model, "--mni")
+    assert again.exit_code == 0 and "1 segmented" in again.output, again.output
+
+
 @pytest.mark.parametrize("case", ["same", "dot", "prob", "two", "folder", "under_file",
-                                  "report_folder", "report_under_file", "json", "git"])
+                                  "report_folder", "report_under_file", "json", "git",
+                                  "mni", "mni_of_another"])
 def test_outputs_never_replace_inputs(tmp_path, threshold_model, case):
     """Every refusal happens before inference, exits 2 with one line, and changes nothing."""
     scan = save(tmp_path / "in.nii.gz")
@@ -158,6 +185,8 @@ def test_outputs_never_replace_inputs(tmp_path, threshold_model, case):
         "report_under_file": [scan, "--report", tmp_path / "in.nii.gz" / "r.csv"],
         "json": [scan, "-o", "in2.nii.gz"],
         "git": [save(tmp_path / ".git" / "annex" / "MD5E-s1--0.nii.gz")],  # an annexed file
+        "mni": [save(tmp_path / "x_mni.nii.gz"), "-o", "x.nii.gz", "--mni"],
+        "mni_of_another": [scan, save(tmp_path / "in_lesion_mni.nii.gz"), "--mni"],
     }[case]
     (tmp_path / "out.nii.gz").mkdir()
     (tmp_path / "r.json").mkdir()

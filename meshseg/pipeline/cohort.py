@@ -185,27 +185,36 @@ def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
         raise OutputError(f"{derivatives / DESCRIPTION}: belongs to another dataset; give -o "
                           "a folder of its own (e.g. DATASET/derivatives/meshseg)")
     given = {os.path.realpath(entry.path): entry.path for entry in inputs}
-    targets = [(path, role) for entry, plan in zip(inputs, plans) if entry.path.exists()
-               for path, role in ((plan.mask, "mask"), (plan.prob, "probability map"),
-                                  (plan.sidecar, "record")) if path is not None]
+    targets = [target for entry, plan in zip(inputs, plans) if entry.path.exists()
+               for target in plan.files()]
     targets += [(report, "report")] if report is not None else []
-    folders: set[Path] = set()
     for path, role in targets:
-        real = os.path.realpath(path)
-        if real in given:
-            raise OutputError(f"{path}: the {role} would overwrite the input {given[real]} "
-                              "(choose another -o)")
-        if ".git" in Path(real).parts or ".git" in path.parts:
-            raise OutputError(f"{path}: meshseg never writes inside a .git folder; "
-                              "use -o FOLDER")
-        if path.is_dir():
-            raise OutputError(f"{path}: is a folder; the {role} is a file")
-        if role == "record" and is_foreign_json(path):
-            raise OutputError(f"{path}: exists and is not a meshseg record; meshseg will not "
-                              "replace it")
-        folders.add(path.parent)
-    for folder in sorted(folders):
+        check_target(path, role, given)
+    for folder in sorted({path.parent for path, _ in targets}):
         _check_writable(folder)
+
+
+def check_target(path: Path, role: str, given: dict[str, Path]) -> None:
+    """THE rule for where meshseg may write one output (mask, probability map, QC picture,
+    MNI mask, record, report): never over an input (`given`: real path -> the input as
+    named; symlinks followed), a folder, a JSON file that is not meshseg's, or inside .git.
+    An existing file of the user's under an output's name is `predict.check_foreign`'s.
+
+    Raises:
+        OutputError: naming the path and why.
+    """
+    real = os.path.realpath(path)
+    if real in given:
+        raise OutputError(f"{path}: the {role} would overwrite the input {given[real]} "
+                          "(choose another -o)")
+    if ".git" in Path(real).parts or ".git" in path.parts:
+        raise OutputError(f"{path}: meshseg never writes inside a .git folder; "
+                          "use -o FOLDER")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; the {role} is a file")
+    if role == "record" and is_foreign_json(path):
+        raise OutputError(f"{path}: exists and is not a meshseg record; meshseg will not "
+                          "replace it")
 
 
 def _check_writable(folder: Path) -> None:

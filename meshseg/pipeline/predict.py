@@ -30,7 +30,16 @@ from meshseg.errors import (
     OutputError,
     WeightsError,
 )
-from meshseg.io import WARNINGS_SEP, Volume, first_line, load_volume, make_folder, save_like
+from meshseg.io import (
+    WARNINGS_SEP,
+    Volume,
+    first_line,
+    is_nifti_path,
+    load_volume,
+    made_by_meshseg,
+    make_folder,
+    save_like,
+)
 from meshseg.metrics import CONNECTIVITY, largest_lesion, voxel_ml
 from meshseg.models.catalog import LoadedModel
 from meshseg.models.weights import sha256_file
@@ -76,6 +85,12 @@ class Outputs:
     @property
     def sidecar(self) -> Path:
         return sidecar_path(self.mask)
+
+    def files(self) -> list[tuple[Path, str]]:
+        """Every file this input's run writes, with its role (for messages), record last."""
+        found = [(self.mask, "mask"), (self.prob, "probability map"),
+                 (self.picture, "QC picture"), (self.mni, "MNI mask"), (self.sidecar, "record")]
+        return [(path, role) for path, role in found if path is not None]
 
     def images(self) -> list[Path]:
         """The NIfTI outputs: the mask, and the probability map when asked for."""
@@ -221,6 +236,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
             save_like(prob, volume, outputs.prob, np.float32)
         if assessment is not None:  # the QC picture and MNI mask, before the mask
             write_review(assessment, volume, mask, outputs, result)
+            result.mni = str(outputs.mni or "")
         save_like(mask, volume, outputs.mask, np.uint8)
         report("write", 1.0)
     except ForeignOutputError as err:
@@ -263,21 +279,46 @@ def kept_record(outputs: Outputs, wanted: Result) -> Result | None:
     """The earlier record to keep instead of segmenting again, or None to segment.
 
     Raises:
-        ForeignOutputError: an output exists, loads, and no meshseg record says meshseg made
-            it (a user's own mask under that name): only --overwrite replaces it.
+        ForeignOutputError: an output exists that meshseg did not make (`check_foreign`).
     """
     previous = read_sidecar(outputs.sidecar)
+    check_foreign(outputs, previous)
     if previous is None:
-        existing = [p for p in outputs.images() if p.exists()]
-        if existing and outputs.complete():
-            raise ForeignOutputError(f"{existing[0]}: exists, but no meshseg record "
-                                     f"({outputs.sidecar.name}) says how it was made; "
-                                     "--overwrite replaces it")
         return None
     same = (previous.status == "ok" and previous.same_settings(wanted)
             and previous.input_sha256 == wanted.input_sha256
             and previous.prob == wanted.prob and outputs.complete())
     return as_skipped(previous) if same else None
+
+
+def check_foreign(outputs: Outputs, previous: Result | None) -> None:
+    """Refuse to replace (without --overwrite) an output file that holds something and that
+    neither carries meshseg's signature nor is listed in the record beside it: a user's own
+    mask, picture or MNI mask under meshseg's name. A NIfTI file that does not load (0 bytes,
+    truncated) holds nothing worth keeping.
+
+    Raises:
+        ForeignOutputError: naming the first such file.
+    """
+    listed = set() if previous is None else {previous.output, previous.prob,
+                                              previous.picture, previous.mni}
+    for path, role in outputs.files()[:-1]:  # the record itself: check_plan's is_foreign_json
+        if (not path.is_file() or str(path) in listed or made_by_meshseg(path)
+                or not _holds_data(path)):
+            continue
+        raise ForeignOutputError(f"{path}: exists, but no meshseg record "
+                                 f"({outputs.sidecar.name}) says how it was made; "
+                                 f"--overwrite replaces this {role}")
+
+
+def _holds_data(path: Path) -> bool:
+    """A NIfTI file that loads completely, or any other non-empty file."""
+    if not is_nifti_path(path):
+        return path.stat().st_size > 0
+    try:
+        return load_volume(path) is not None
+    except InputError:
+        return False
 
 
 def _write_record(result: Result, sidecar: Path) -> None:

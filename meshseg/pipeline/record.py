@@ -56,6 +56,7 @@ class Result:
     flags: list = field(default_factory=list)  # QC flags (qc.Flag fields: name, value...)
     location: dict = field(default_factory=dict)  # side, territories... (checks.assess)
     picture: str = ""  # the QC picture
+    mni: str = ""  # the mask on the MNI grid (--mni)
     kind: str = KIND
 
     def same_settings(self, other: Result) -> bool:
