@@ -305,3 +305,28 @@ def test_csv_rule_for_nested_fields(tmp_path):
     assert "location.centroid.x" in (tmp_path / "r.csv").read_text().splitlines()[0]
     write_report([qc], tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())[0]["location"]["centroid"]["x"] == 1.0
+
+
+def test_unreadable_inputs_leave_no_record_and_report_lists_real_inputs(tmp_path,
+                                                                       threshold_model):
+    """Issue 20 item 4: a non-NIfTI, missing or damaged input fails without a file beside it
+    (only a --report asked for lists it), and `meshseg report` skips older versions' strays."""
+    scans = tmp_path / "scans"
+    save(scans / "a.nii.gz")
+    (scans / "README.md").write_text("notes")
+    (scans / "bad.nii.gz").write_bytes(b"not a scan")
+    before = tree(scans)
+    result = run("predict", scans / "README.md", scans / "missing.nii.gz", scans / "bad.nii.gz",
+                 "-m", threshold_model, "--no-qc", "-q")
+    assert result.exit_code == 1 and result.stderr.count("meshseg: error:") == 3
+    assert tree(scans) == before
+    assert run("predict", scans, "-m", threshold_model, "--no-qc", "-q").exit_code == 1
+    stray = Result(input=str(scans / "README.md"), output=str(scans / "README.md_lesion.nii.gz"),
+                   status="failed", model="m", device="cpu", input_sha256="0" * 64)
+    write_report([stray], tmp_path / "unused.json")  # older versions wrote such records:
+    (scans / "README.md_lesion.json").write_text(json.dumps(json.loads(
+        (tmp_path / "unused.json").read_text())[0]))
+    listed = run("report", scans, "-o", tmp_path / "r.json")
+    assert listed.exit_code == 0, listed.output
+    names = [Path(r["input"]).name for r in json.loads((tmp_path / "r.json").read_text())]
+    assert names == ["a.nii.gz"]

@@ -217,6 +217,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
     start = time.perf_counter()
     result = new_record(path, outputs, model, device, settings)
     report = progress or (lambda stage, fraction: None)
+    volume: Volume | None = None
     try:
         if not overwrite:
             kept = kept_record(outputs, result)
@@ -242,6 +243,10 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
     except ForeignOutputError as err:
         result.status, result.error = "failed", str(err)
         return result  # no record: the file there is not meshseg's to vouch for
+    except InputError as err:
+        result.status, result.error = "failed", str(err)
+        if volume is None:  # unreadable (not NIfTI, missing, damaged): nothing beside it
+            return result
     except MeshsegError as err:
         result.status, result.error = "failed", str(err)
     except MemoryError:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from meshseg.io import atomic_path, stem, write_csv
+from meshseg.io import atomic_path, is_nifti_path, stem, write_csv
 from meshseg.qc import html_report
 
 KIND = "meshseg-result"  # marks a JSON file as a sidecar written by meshseg
@@ -104,10 +104,19 @@ def is_foreign_json(path: Path) -> bool:
 
 
 def gather(folder: Path) -> list[Result]:
-    """Every record below `folder` (hidden folders such as .git skipped), sorted by input."""
+    """Every record below `folder` (hidden folders such as .git skipped), sorted by input;
+    the stray records older versions left beside inputs they could not read are not."""
     found = (read_sidecar(p) for p in folder.rglob("*.json")
              if not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    return sorted((r for r in found if r is not None), key=lambda r: (r.input, r.output))
+    return sorted((r for r in found if r is not None and not is_stray(r)),
+                  key=lambda r: (r.input, r.output))
+
+
+def is_stray(result: Result) -> bool:
+    """A failed record of something that was never a scan: not a NIfTI name, or a file that
+    could not even be hashed (missing, a folder)."""
+    return result.status == "failed" and (not is_nifti_path(Path(result.input))
+                                          or not result.input_sha256)
 
 
 def as_skipped(result: Result) -> Result:
