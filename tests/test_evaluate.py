@@ -218,3 +218,22 @@ def test_unreadable_pairs_are_listed_and_the_rest_scored(tmp_path, write_nifti):
     assert "sub-04_lesion.nii.gz: affine contains NaN or Inf" in errors[2]
     assert errors[3].endswith("3 of 4 pairs could not be scored (listed above)")
     assert [r["subject"] for r in csv.DictReader(out.open())] == ["sub-01"]
+
+
+def test_mni_masks_and_probability_maps_are_not_subjects(tmp_path, write_nifti):
+    """Issue 20 item 5: `meshseg eval out/ out/` over a predict -o out/ --mni --prob folder
+    scores each scan's mask once, without the MNI masks or probability maps."""
+    truth = blob((20, 20, 20), (10, 10, 10), 4)
+    (tmp_path / "out").mkdir()
+    for name in ("a", "b"):
+        for end in ("_lesion", "_lesion_mni", "_lesion_prob"):
+            write_nifti(truth, name=f"out/{name}{end}.nii.gz", dtype=np.uint8)
+        write_nifti(truth, name=f"out/sub-{name}_space-orig_desc-lesion_mask_mni.nii.gz",
+                    dtype=np.uint8)
+    write_nifti(truth, name="out/sub-c_space-orig_desc-lesion_mask.nii.gz", dtype=np.uint8)
+    out = tmp_path / "scores.csv"
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "out"), str(tmp_path / "out"),
+                                       "--csv", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "no matching mask" not in result.stderr
+    assert sorted(r["subject"] for r in csv.DictReader(out.open())) == ["a", "b", "sub-c"]

@@ -30,7 +30,7 @@ from rich.table import Table
 from meshseg.errors import InputError, MeshsegError
 from meshseg.io import GRID_ATOL_MM, Volume, is_nifti_path, load_volume, stem, write_csv
 from meshseg.metrics import ARC_QUARTILES_ML, avd, dice, hd95, lesion_counts, mcc, voxel_ml
-from meshseg.pipeline.cohort import PROB_SUFFIX
+from meshseg.pipeline.cohort import is_companion
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,10 @@ def subject_key(path: Path) -> str:
 
 def mask_files(spec: Path, pattern: str = "*") -> list[Path]:
     """One NIfTI file, or the NIfTI files below a folder whose names match `pattern`
-    (probability maps, meshseg's or BIDS *_probseg, excluded)."""
+    (probability maps, meshseg's or BIDS *_probseg, and meshseg's --mni masks excluded)."""
     if spec.is_dir():
         return sorted(p for p in spec.rglob(pattern) if is_nifti_path(p)
-                      and not stem(p).endswith((PROB_SUFFIX, "_probseg")))
+                      and not is_companion(p) and not stem(p).endswith("_probseg"))
     if not spec.exists():
         raise InputError(f"{spec}: no such file or folder")
     return [spec]

@@ -47,6 +47,13 @@ class Input:
     subfolder: Path = Path()
 
 
+def is_companion(path: Path) -> bool:
+    """True for meshseg's outputs that go with a mask but are not one on the scan's grid
+    (probability maps, MNI-space masks): never scored as a subject's mask."""
+    return stem(path).endswith((PROB_SUFFIX, BIDS_PROB, MASK_SUFFIX + MNI_SUFFIX,
+                                BIDS_MASK + MNI_SUFFIX))
+
+
 def is_output(path: Path) -> bool:
     """True for files meshseg itself writes, so re-runs over a folder don't segment masks."""
     return stem(path).endswith((MASK_SUFFIX, PROB_SUFFIX, BIDS_MASK, BIDS_PROB,
