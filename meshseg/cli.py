@@ -2,13 +2,15 @@
 
 Exit status: 0 every input succeeded (or was already done), 1 an input, the model
 or an output failed, 2 a usage error (bad option, nothing to do, device not available),
-130 interrupted (Ctrl-C).
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM, as SLURM and Kubernetes send before a kill).
 Heavy imports (torch) happen inside commands so that ``--help`` is instant.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -17,6 +19,7 @@ from meshseg import __version__
 from meshseg.errors import DeviceError, InputError, MeshsegError, OutputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 128 + SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 # What a rerun after Ctrl-C does, per command; finished outputs are always kept.
 RESUME_HINTS = {"train": "continue with `meshseg train --resume RUN_DIR` (last saved epoch)",
                 "predict": "rerun the same command to resume (finished outputs are kept)",
@@ -30,17 +33,34 @@ def fail(message: str, code: int = EXIT_FAILED) -> None:
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is (as Ctrl-C raises KeyboardInterrupt), so the
+    same unwinding keeps finished outputs and removes half-written ones; a BaseException so
+    that no `except Exception` mistakes it for an input's failure."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 class _Group(click.Group):
-    """The command group, turning Ctrl-C into one line and exit status 130 (click's own
-    handling prints "Aborted!" and exits 1)."""
+    """The command group, turning Ctrl-C and SIGTERM into one line saying how to resume and
+    exit status 130 or 143 (click's own handling prints "Aborted!" and exits 1; Python's
+    default for SIGTERM is to die at once, with no line)."""
 
     def invoke(self, ctx: click.Context):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as stop:
             hint = RESUME_HINTS.get(ctx.invoked_subcommand or "", "nothing was left half-written")
-            click.echo(f"\nmeshseg: interrupted; {hint}", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+            click.echo(f"\nmeshseg: {what}; {hint}", err=True)
+            sys.exit(EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
