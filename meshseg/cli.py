@@ -154,8 +154,6 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
         model = catalog.load(model_spec)
         backend = backend or ("onnx" if model.onnx else "torch")
         run = runner(model, torch_device, backend, slab, precision)
-        if bids:
-            cohort.write_description(output, model.name, model.sha256)
     except DeviceError as err:
         fail(str(err), EXIT_USAGE)
     except MeshsegError as err:
@@ -168,6 +166,8 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
                              str(torch_device), overwrite=overwrite, settings=settings,
                              report=report, quiet=quiet,
                              checks=Checks(strict_contrast) if qc else None)
+        if bids and any(r.status != "failed" for r in results):  # a dataset with masks in it
+            cohort.write_description(output, model.name, model.sha256)
     except MeshsegError as err:
         fail(str(err))
     sys.exit(EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK)

@@ -89,6 +89,9 @@ def load_volume(path: str | Path) -> Volume:
     """
     path = Path(path)
     if not path.exists():
+        if path.is_symlink() and "annex" in Path(os.readlink(path)).parts:
+            raise InputError(f"{path}: annexed, but its content is not here; fetch it with "
+                             f"`datalad get {path}`")
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a NIfTI file")

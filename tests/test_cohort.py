@@ -4,6 +4,7 @@ and the checks that keep a run from touching a user's files."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,3 +331,81 @@ def test_unreadable_inputs_leave_no_record_and_report_lists_real_inputs(tmp_path
     assert listed.exit_code == 0, listed.output
     names = [Path(r["input"]).name for r in json.loads((tmp_path / "r.json").read_text())]
     assert names == ["a.nii.gz"]
+
+
+def annex(root: Path, folder: Path) -> dict[Path, bytes]:
+    """What `datalad save` does to the files below `folder`: each moves into
+    root/.git/annex/objects (read-only) and a relative symlink takes its place; returns the
+    annexed objects' bytes."""
+    objects = {}
+    for i, path in enumerate(sorted(p for p in folder.rglob("*") if p.is_file())):
+        key = f"MD5E-s{path.stat().st_size}--{i:032x}{''.join(path.suffixes)}"
+        obj = root / ".git" / "annex" / "objects" / f"y{i}" / key / key
+        obj.parent.mkdir(parents=True)
+        path.rename(obj)
+        obj.chmod(0o444)
+        path.symlink_to(os.path.relpath(obj, path.parent))
+        objects[obj] = obj.read_bytes()
+    return objects
+
+
+def test_datalad_saved_derivatives_resume_and_overwrite(tmp_path, threshold_model):
+    """Issue 20 item 2: rerunning into saved (annexed) derivatives skips them, --overwrite
+    replaces the links (never the annexed objects); an unfetched input says `datalad get`;
+    no dataset_description.json when nothing succeeds."""
+    ds = annexed_dataset(tmp_path / "ds")
+    out = ds / "derivatives" / "meshseg"
+    args = ("predict", ds, "-o", out, "-m", threshold_model, "--no-qc", "--prob")
+    assert run(*args, "-q").exit_code == 0
+    objects = annex(ds, out)
+    again = run(*args)
+    assert again.exit_code == 0 and "0 segmented, 2 skipped" in again.output, again.output
+    redo = run(*args, "--overwrite")
+    assert redo.exit_code == 0 and "2 segmented" in redo.output, redo.output
+    masks = list(out.rglob("*_mask.nii.gz"))
+    assert len(masks) == 2 and not any(m.is_symlink() for m in masks)
+    assert (out / "dataset_description.json").is_symlink()  # unchanged: still saved
+    assert {obj: obj.read_bytes() for obj in objects} == objects
+
+    empty = tmp_path / "empty"
+    missing = empty / "sub-03" / "anat" / "sub-03_T2w.nii.gz"
+    missing.parent.mkdir(parents=True)
+    missing.symlink_to("../../.git/annex/objects/zz/MD5E-s1--0.nii.gz/MD5E-s1--0.nii.gz")
+    failed = run("predict", empty, "-o", empty / "derivatives" / "meshseg", "-m",
+                 threshold_model, "--no-qc")
+    assert failed.exit_code == 1
+    assert f"`datalad get {missing}`" in failed.stderr
+    assert not (empty / "derivatives" / "meshseg" / "dataset_description.json").exists()
+
+
+@pytest.mark.skipif(not (shutil.which("datalad") and shutil.which("git-annex")),
+                    reason="needs datalad and git-annex")
+def test_real_datalad_dataset_segmented_saved_and_segmented_again(tmp_path, threshold_model):
+    """The same with real DataLad: create, save, predict, save, rerun (resume and
+    --overwrite), save; inputs never change and the dataset ends clean."""
+    def datalad(*args: str) -> str:
+        done = subprocess.run(["datalad", *args], cwd=ds, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    ds = tmp_path / "ds"
+    subprocess.run(["datalad", "create", str(ds)], capture_output=True, check=True, timeout=300)
+    for i, sub in enumerate(("01", "02")):
+        save(ds / f"sub-{sub}" / "anat" / f"sub-{sub}_T2w.nii.gz", seed=i)
+    datalad("save", "-m", "scans")
+    inputs = {p: p.read_bytes() for p in ds.glob("sub-*/anat/*.nii.gz")}
+    args = ("predict", ds, "-o", ds / "derivatives" / "meshseg", "-m", threshold_model,
+            "--no-qc")
+    assert run(*args, "-q").exit_code == 0
+    datalad("save", "-m", "masks")
+    assert next((ds / "derivatives" / "meshseg").rglob("*_mask.nii.gz")).is_symlink()
+    again = run(*args)
+    assert again.exit_code == 0 and "2 skipped" in again.output, again.output
+    redo = run(*args, "--overwrite")
+    assert redo.exit_code == 0 and "2 segmented" in redo.output, redo.output
+    datalad("save", "-m", "masks again")
+    clean = subprocess.run(["git", "status", "--porcelain"], cwd=ds, capture_output=True,
+                           text=True, check=True)
+    assert clean.stdout == ""
+    assert {p: p.read_bytes() for p in inputs} == inputs

@@ -204,8 +204,10 @@ def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
 def check_target(path: Path, role: str, given: dict[str, Path]) -> None:
     """THE rule for where meshseg may write one output (mask, probability map, QC picture,
     MNI mask, record, report): never over an input (`given`: real path -> the input as
-    named; symlinks followed), a folder, a JSON file that is not meshseg's, or inside .git.
-    An existing file of the user's under an output's name is `predict.check_foreign`'s.
+    named; symlinks followed), a folder, a JSON file that is not meshseg's, or into a folder
+    inside .git. An output that is itself a symlink into .git/annex (a DataLad dataset's
+    saved output) is fine: the write replaces the link, never the annexed object. An existing
+    file of the user's under an output's name is `predict.check_foreign`'s.
 
     Raises:
         OutputError: naming the path and why.
@@ -214,7 +216,7 @@ def check_target(path: Path, role: str, given: dict[str, Path]) -> None:
     if real in given:
         raise OutputError(f"{path}: the {role} would overwrite the input {given[real]} "
                           "(choose another -o)")
-    if ".git" in Path(real).parts or ".git" in path.parts:
+    if ".git" in Path(os.path.realpath(path.parent)).parts or ".git" in path.parts:
         raise OutputError(f"{path}: meshseg never writes inside a .git folder; "
                           "use -o FOLDER")
     if path.is_dir():
@@ -271,7 +273,8 @@ def is_own_description(path: Path) -> bool:
 
 
 def write_description(folder: Path, model: str, model_sha256: str) -> Path:
-    """The dataset_description.json of a BIDS derivatives dataset made by meshseg."""
+    """The dataset_description.json of a BIDS derivatives dataset made by meshseg; left as it
+    is when it already says the same (a DataLad dataset keeps it saved, not modified)."""
     make_folder(folder)
     description = {
         "Name": "meshseg lesion masks",
@@ -282,6 +285,12 @@ def write_description(folder: Path, model: str, model_sha256: str) -> Path:
                                         f"(sha256 {model_sha256})"}],
     }
     path = folder / DESCRIPTION
+    text = json.dumps(description, indent=2) + "\n"
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return path
+    except (OSError, UnicodeDecodeError):
+        pass
     with atomic_path(path, suffix=".part.json") as tmp:
-        tmp.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return path
