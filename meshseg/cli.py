@@ -113,12 +113,14 @@ def main() -> None:
 @click.option("--shard", metavar="K/N", callback=lambda ctx, param, value: _shard(value),
               help="Segment only part K of N of the sorted inputs (every N-th from the K-th), "
                    "e.g. $SLURM_ARRAY_TASK_ID/N: N tasks cover the cohort exactly once.")
+@click.option("--participant-label", "participants", multiple=True, metavar="LABEL",
+              help="BIDS: segment only this participant (01 or sub-01); repeat for more.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None, device: str,
             prob: bool, overwrite: bool, report: Path | None, threshold: float,
             largest: bool | None, backend: str | None, precision: str, slab: int | None,
             shard: tuple[int, int] | None, quiet: bool, qc: bool, mni: bool,
-            strict_contrast: bool) -> None:
+            strict_contrast: bool, participants: tuple[str, ...]) -> None:
     """Segment lesions in each INPUT (NIfTI files, folders or globs).
 
     Each mask gets a JSON record beside it (model, settings, versions, results); a rerun
@@ -136,8 +138,16 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     if (mni or strict_contrast) and not qc:
         raise click.BadParameter("needs --qc", param_hint="--mni/--strict-contrast")
     inputs_found = cohort.expand_inputs(list(inputs))
+    if not quiet:
+        for line in (line for item in inputs for line in cohort.bids_skipped(Path(item))):
+            click.echo(f"meshseg: note: {line}", err=True)
     if not inputs_found:
         fail("no NIfTI files found in " + ", ".join(inputs), EXIT_USAGE)
+    if participants:
+        try:
+            inputs_found = cohort.select_participants(inputs_found, participants)
+        except InputError as err:
+            fail(str(err), EXIT_USAGE)
     bids = cohort.uses_bids(inputs_found, output)
     try:
         torch_device = resolve_device(device)

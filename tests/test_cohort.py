@@ -65,10 +65,11 @@ def test_datalad_dataset_outputs_are_named_by_subject(tmp_path, threshold_model)
     out = tmp_path / "derivatives"
     result = run("predict", ds, "-o", out, "-m", threshold_model, "--prob", "-q")
     assert result.exit_code == 0, result.output
-    assert tree(out) == {"dataset_description.json"} | {
+    assert tree(out) == {"dataset_description.json", ".bidsignore"} | {
         f"sub-{s}/ses-1/anat/sub-{s}_ses-1_space-orig_desc-lesion_{kind}"
         for s in ("01", "02")
-        for kind in ("mask.nii.gz", "mask.json", "probseg.nii.gz", "mask_qc.png")}
+        for kind in ("mask.nii.gz", "mask.json", "probseg.nii.gz", "probseg.json",
+                     "mask_qc.png")}
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "meshseg"
@@ -409,3 +410,50 @@ def test_real_datalad_dataset_segmented_saved_and_segmented_again(tmp_path, thre
                            text=True, check=True)
     assert clean.stdout == ""
     assert {p: p.read_bytes() for p in inputs} == inputs
+
+
+def bids_dataset(root: Path) -> Path:
+    """T2w (one with a session), FLAIR-only and T1w-only subjects."""
+    for i, name in enumerate(("sub-01/anat/sub-01_T2w", "sub-02/ses-1/anat/sub-02_ses-1_T2w",
+                              "sub-03/anat/sub-03_FLAIR", "sub-04/anat/sub-04_T1w")):
+        save(root / f"{name}.nii.gz", seed=i)
+        (root / f"{name}.json").write_text('{"RepetitionTime": 2}')
+    (root / "dataset_description.json").write_text(
+        '{"Name": "ds", "BIDSVersion": "1.9.0", "Authors": ["x"]}')
+    (root / "README").write_text("a small dataset\n")
+    return root
+
+
+def bids_errors(folder: Path) -> list[str]:
+    """The BIDS validator's errors on a dataset, as 'code: file' lines."""
+    done = subprocess.run(["bids-validator-deno", str(folder), "--format", "json"],
+                          capture_output=True, text=True, timeout=600)
+    issues = json.loads(done.stdout)["issues"]["issues"]
+    return [f"{i['code']}: {i.get('location', '')}" for i in issues if i["severity"] == "error"]
+
+
+@pytest.mark.skipif(not shutil.which("bids-validator-deno"), reason="needs bids-validator-deno")
+def test_bids_derivatives_pass_the_validator(tmp_path, threshold_model):
+    """Issue 20 item 3: 0 validator errors on the derivatives (masks, probsegs, QC pictures,
+    --mni masks) of a dataset with T2w, FLAIR and T1w subjects."""
+    ds = bids_dataset(tmp_path / "ds")
+    out = ds / "derivatives" / "meshseg"
+    result = run("predict", ds, "-o", out, "-m", threshold_model, "--prob", "--mni")
+    assert result.exit_code == 0, result.output
+    assert bids_errors(out) == []
+
+
+def test_bids_mode_lists_skipped_subjects_and_selects_participants(tmp_path, threshold_model):
+    """Issue 20 item 3: FLAIR/T1w-only subjects are named as skipped; --participant-label
+    (with or without sub-) selects; an unknown label is a usage error."""
+    ds = bids_dataset(tmp_path / "ds")
+    out = tmp_path / "out"
+    chosen = run("predict", ds, "-o", out, "-m", threshold_model, "--no-qc",
+                 "--participant-label", "sub-02")
+    assert chosen.exit_code == 0, chosen.output
+    assert f"{ds / 'sub-03'}: skipped, no *_T2w image (has FLAIR;" in chosen.stderr
+    assert f"{ds / 'sub-04'}: skipped, no *_T2w image (has T1w;" in chosen.stderr
+    assert {p.name for p in out.rglob("*_mask.nii.gz")} == {
+        "sub-02_ses-1_space-orig_desc-lesion_mask.nii.gz"}
+    unknown = run("predict", ds, "-o", out, "-m", threshold_model, "--participant-label", "03")
+    assert unknown.exit_code == 2 and "--participant-label 03: no *_T2w image" in unknown.stderr

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meshseg import __version__
-from meshseg.errors import OutputError
+from meshseg.errors import InputError, OutputError
 from meshseg.io import atomic_path, bids_entities, is_nifti_path, make_folder, stem
 from meshseg.pipeline.predict import Outputs
 from meshseg.pipeline.record import is_foreign_json
@@ -32,9 +32,13 @@ BIDS_MASK = "_space-orig_desc-lesion_mask"  # BIDS derivatives: a binary mask on
 BIDS_PROB = "_space-orig_desc-lesion_probseg"  # and its probabilistic segmentation
 BIDS_INPUT = "_T2w"  # in a BIDS dataset, the model's contrast is the input
 DESCRIPTION = "dataset_description.json"
+BIDSIGNORE = ".bidsignore"
+# meshseg's outputs that BIDS has no name for: the validator is told to leave them alone
+BIDS_IGNORED = (f"*{PICTURE_SUFFIX}", f"*{BIDS_MASK}{MNI_SUFFIX}.nii.gz")
 BIDS_VERSION = "1.9.0"
 # io.atomic_path's temporary files: ".<target name>.<8 random characters>.part<suffix>"
-LEFTOVER = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.part(\.nii\.gz|\.nii|\.json|\.csv)$")
+LEFTOVER = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.part"
+                      r"(\.nii\.gz|\.nii|\.json|\.csv|\.png|)$")
 LEFTOVER_AGE_S = 300  # older than any write in flight (a write touches its file as it goes)
 
 
@@ -81,6 +85,38 @@ def _search(folder: Path) -> list[Input]:
             continue
         found.append(Input(path, path.parent.relative_to(folder)))
     return found
+
+
+def bids_skipped(folder: Path) -> list[str]:
+    """One line per subject of a BIDS dataset that has images but no *_T2w (FLAIR- or
+    T1w-only): BIDS mode segments T2w only, and says whom it leaves out."""
+    if not folder.is_dir() or not is_bids_root(folder):
+        return []
+    found: dict[str, set[str]] = {}
+    for path in folder.glob("sub-*/**/*"):
+        if is_nifti_path(path) and not _hidden(path, folder) and not is_output(path):
+            found.setdefault(path.relative_to(folder).parts[0], set()).add(
+                stem(path).rsplit("_", 1)[-1])
+    return [f"{folder / subject}: skipped, no *{BIDS_INPUT} image (has "
+            f"{', '.join(sorted(kinds))}; the models read T2-weighted scans)"
+            for subject, kinds in sorted(found.items()) if BIDS_INPUT[1:] not in kinds]
+
+
+def select_participants(inputs: list[Input], labels: tuple[str, ...]) -> list[Input]:
+    """The inputs of the BIDS participants named (with or without "sub-"), as BIDS Apps'
+    --participant-label selects them.
+
+    Raises:
+        InputError: a label that matches none of the inputs.
+    """
+    wanted = {label.removeprefix("sub-") for label in labels}
+    chosen = [entry for entry in inputs if bids_entities(entry.path).get("sub") in wanted]
+    present = {bids_entities(entry.path)["sub"] for entry in chosen}
+    missing = sorted(wanted - present)
+    if missing:
+        raise InputError(f"--participant-label {missing[0]}: no *{BIDS_INPUT} image of "
+                         f"sub-{missing[0]} among the inputs")
+    return chosen
 
 
 def expand_inputs(items: list[str]) -> list[Input]:
@@ -153,14 +189,17 @@ def plan_outputs(inputs: list[Input], output: Path | None, prob: bool, picture: 
             plans.append(Outputs(mask=output, prob=output.parent / (stem(output) + PROB_SUFFIX
                                                                     + ".nii.gz") if prob else None))
             continue
+        reference = ""
         if bids:
             folder, base = bids_place(entry.path)
             folder, mask_end, prob_end = output / folder, BIDS_MASK, BIDS_PROB
+            reference = os.path.relpath(entry.path, output)  # the scan whose grid it is
         else:
             folder = entry.path.parent if output is None else output / entry.subfolder
             base, mask_end, prob_end = stem(entry.path), MASK_SUFFIX, PROB_SUFFIX
         plans.append(Outputs(mask=folder / f"{base}{mask_end}.nii.gz",
-                             prob=folder / f"{base}{prob_end}.nii.gz" if prob else None))
+                             prob=folder / f"{base}{prob_end}.nii.gz" if prob else None,
+                             reference=reference))
     plans = [with_qc(p, picture, mni) for p in plans]
     masks = [p.mask for p in plans]
     clash = {m for m in masks if masks.count(m) > 1}
@@ -241,7 +280,7 @@ def remove_leftovers(plans: list[Outputs], report: Path | None = None) -> list[P
     """Delete the temporary files that an interrupted write of this run's outputs left
     (`LEFTOVER` names whose target is one of them, older than `LEFTOVER_AGE_S`, so another
     process's write in flight is left alone); returns what was removed."""
-    targets = {path for plan in plans for path in (*plan.images(), plan.sidecar)}
+    targets = {path for plan in plans for path, _ in plan.files()}
     targets |= {report} if report is not None else set()
     removed = []
     now = time.time()
@@ -273,8 +312,9 @@ def is_own_description(path: Path) -> bool:
 
 
 def write_description(folder: Path, model: str, model_sha256: str) -> Path:
-    """The dataset_description.json of a BIDS derivatives dataset made by meshseg; left as it
-    is when it already says the same (a DataLad dataset keeps it saved, not modified)."""
+    """The dataset_description.json of a BIDS derivatives dataset made by meshseg, and the
+    .bidsignore lines for its outputs that BIDS has no name for (QC pictures, MNI masks);
+    the user's own .bidsignore lines are kept."""
     make_folder(folder)
     description = {
         "Name": "meshseg lesion masks",
@@ -285,12 +325,26 @@ def write_description(folder: Path, model: str, model_sha256: str) -> Path:
                                         f"(sha256 {model_sha256})"}],
     }
     path = folder / DESCRIPTION
-    text = json.dumps(description, indent=2) + "\n"
+    _write_unless_same(path, json.dumps(description, indent=2) + "\n")
+    ignore = folder / BIDSIGNORE
+    try:
+        kept = ignore.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        kept = ""
+    except (OSError, UnicodeDecodeError) as err:
+        raise OutputError(f"{ignore}: cannot read ({err})") from err
+    missing = [line for line in BIDS_IGNORED if line not in kept.splitlines()]
+    _write_unless_same(ignore, kept + "".join(f"{line}\n" for line in missing))
+    return path
+
+
+def _write_unless_same(path: Path, text: str) -> None:
+    """Write `text` atomically unless the file already holds it (a DataLad dataset keeps it
+    saved then, not modified)."""
     try:
         if path.read_text(encoding="utf-8") == text:
-            return path
+            return
     except (OSError, UnicodeDecodeError):
         pass
-    with atomic_path(path, suffix=".part.json") as tmp:
+    with atomic_path(path, suffix=".part") as tmp:
         tmp.write_text(text, encoding="utf-8")
-    return path

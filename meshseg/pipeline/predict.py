@@ -57,6 +57,7 @@ from meshseg.pipeline.record import (
     as_skipped,
     read_sidecar,
     sidecar_path,
+    write_bids_sidecar,
     write_report,
     write_sidecar,
 )
@@ -81,15 +82,22 @@ class Outputs:
     prob: Path | None = None
     picture: Path | None = None  # QC picture (PNG)
     mni: Path | None = None  # the mask on the MNI grid
+    reference: str = ""  # BIDS derivatives: the source scan, as SpatialReference states it
 
     @property
     def sidecar(self) -> Path:
         return sidecar_path(self.mask)
 
+    @property
+    def prob_sidecar(self) -> Path | None:
+        """The probability map's BIDS sidecar (only BIDS derivatives need one)."""
+        return sidecar_path(self.prob) if self.prob is not None and self.reference else None
+
     def files(self) -> list[tuple[Path, str]]:
         """Every file this input's run writes, with its role (for messages), record last."""
         found = [(self.mask, "mask"), (self.prob, "probability map"),
-                 (self.picture, "QC picture"), (self.mni, "MNI mask"), (self.sidecar, "record")]
+                 (self.picture, "QC picture"), (self.mni, "MNI mask"),
+                 (self.prob_sidecar, "record"), (self.sidecar, "record")]
         return [(path, role) for path, role in found if path is not None]
 
     def images(self) -> list[Path]:
@@ -235,6 +243,8 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         make_folder(outputs.mask.parent)
         if outputs.prob is not None:
             save_like(prob, volume, outputs.prob, np.float32)
+        if outputs.prob_sidecar is not None:
+            write_bids_sidecar(outputs.prob_sidecar, outputs.reference)
         if assessment is not None:  # the QC picture and MNI mask, before the mask
             write_review(assessment, volume, mask, outputs, result)
             result.mni = str(outputs.mni or "")
@@ -256,7 +266,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
                                                  f"({first_line(err)}); please report it")
     result.seconds = round(time.perf_counter() - start, 3)
     result.date = datetime.now(UTC).isoformat(timespec="seconds")
-    _write_record(result, outputs.sidecar)
+    _write_record(result, outputs)
     return result
 
 
@@ -307,8 +317,9 @@ def check_foreign(outputs: Outputs, previous: Result | None) -> None:
     """
     listed = set() if previous is None else {previous.output, previous.prob,
                                               previous.picture, previous.mni}
-    for path, role in outputs.files()[:-1]:  # the record itself: check_plan's is_foreign_json
-        if (not path.is_file() or str(path) in listed or made_by_meshseg(path)
+    for path, role in outputs.files():
+        if (role == "record"  # check_plan's is_foreign_json
+                or not path.is_file() or str(path) in listed or made_by_meshseg(path)
                 or not _holds_data(path)):
             continue
         raise ForeignOutputError(f"{path}: exists, but no meshseg record "
@@ -326,13 +337,14 @@ def _holds_data(path: Path) -> bool:
         return False
 
 
-def _write_record(result: Result, sidecar: Path) -> None:
+def _write_record(result: Result, outputs: Outputs) -> None:
     """Write the sidecar last; a failed input's record is written only where its output
     folder exists (a record that cannot be written makes the input fail)."""
+    sidecar = outputs.sidecar
     if result.status == "failed" and not sidecar.parent.is_dir():
         return
     try:
-        write_sidecar(result, sidecar)
+        write_sidecar(result, sidecar, outputs.reference)
     except OutputError as err:
         if result.status != "failed":
             result.status, result.error = "failed", str(err)

@@ -23,6 +23,7 @@ from meshseg.io import atomic_path, is_nifti_path, stem, write_csv
 from meshseg.qc import html_report
 
 KIND = "meshseg-result"  # marks a JSON file as a sidecar written by meshseg
+BIDS_KIND = "meshseg-bids-sidecar"  # a probability map's BIDS sidecar, written by meshseg
 SETTINGS = ("model_sha256", "threshold", "postprocess", "backend", "precision")
 """The fields that decide what a mask looks like: resume keeps an output only when its
 sidecar agrees with the current run on all of them."""
@@ -75,10 +76,21 @@ def sidecar_path(mask: Path) -> Path:
     return mask.with_name(stem(mask) + ".json")
 
 
-def write_sidecar(result: Result, path: Path) -> None:
-    """Write the record as JSON, atomically."""
+def write_sidecar(result: Result, path: Path, reference: str = "") -> None:
+    """Write the record as JSON, atomically; in BIDS derivatives (`reference` given) with the
+    `SpatialReference` the BIDS validator requires of a space-orig image's sidecar."""
+    fields_out = asdict(result) | ({"SpatialReference": reference} if reference else {})
+    _write_json(fields_out, path)
+
+
+def write_bids_sidecar(path: Path, reference: str) -> None:
+    """The sidecar of a BIDS derivative image that has no record of its own (the probseg)."""
+    _write_json({"SpatialReference": reference, "kind": BIDS_KIND}, path)
+
+
+def _write_json(data: dict, path: Path) -> None:
     with atomic_path(path, suffix=".part.json") as tmp:
-        tmp.write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def read_sidecar(path: Path) -> Result | None:
@@ -98,9 +110,15 @@ def read_sidecar(path: Path) -> Result | None:
 
 
 def is_foreign_json(path: Path) -> bool:
-    """True for an existing file that is not a meshseg record (e.g. a BIDS sidecar): meshseg
-    must not replace it."""
-    return path.exists() and read_sidecar(path) is None
+    """True for an existing file that is not a meshseg record or BIDS sidecar (e.g. a
+    scanner's BIDS sidecar): meshseg must not replace it."""
+    if not path.exists() or read_sidecar(path) is not None:
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True
+    return not (isinstance(data, dict) and data.get("kind") == BIDS_KIND)
 
 
 def gather(folder: Path) -> list[Result]:
