@@ -95,6 +95,7 @@ def load_volume(path: str | Path) -> Volume:
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a NIfTI file")
+    check_regular(path)
     if not is_nifti_path(path):
         raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
     with warnings.catch_warnings(record=True) as caught, _nibabel_log() as logged:
@@ -104,6 +105,18 @@ def load_volume(path: str | Path) -> Volume:
     notes += [f"{path}: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
     return Volume(data=np.asarray(img.dataobj), affine=img.affine.astype(np.float64),
                   header=img.header, path=path, warnings=list(dict.fromkeys(notes)))
+
+
+def check_regular(path: Path) -> None:
+    """Refuse a FIFO, a device or a socket (or a symlink to one) before anything reads it:
+    reading /dev/zero or a FIFO never ends.
+
+    Raises:
+        InputError: `path` exists and is not a regular file.
+    """
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket); meshseg "
+                         "reads NIfTI files")
 
 
 def _read_nifti(path: Path) -> tuple[nib.Nifti1Image, list[str]]:

@@ -283,7 +283,10 @@ def new_record(path: Path, outputs: Outputs, model: LoadedModel, device: str,
 
 
 def _sha256_or_empty(path: Path) -> str:
-    """The file's sha256, or "" when it cannot be read (loading it then reports why)."""
+    """The file's sha256, or "" when it cannot be read or is no regular file (a FIFO or
+    /dev/zero would never end; loading it then reports why)."""
+    if not path.is_file():
+        return ""
     try:
         return sha256_file(path)
     except OSError:
