@@ -266,10 +266,19 @@ def made_by_meshseg(path: Path) -> bool:
         return False
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets run as a formula
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (a file named `=1+1.nii.gz`)
+    gets a leading apostrophe, which shows it as text; other values stay as they are."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
 def write_csv(path: str | Path, columns: Sequence[str],
               rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write rows (keyed by column; a key outside `columns` is a bug and raises) as a UTF-8
-    CSV with a header line, atomically; returns `path`.
+    CSV with a header line, atomically, text cells escaped by `csv_cell`; returns `path`.
 
     Raises:
         OutputError: the file cannot be written.
@@ -278,7 +287,8 @@ def write_csv(path: str | Path, columns: Sequence[str],
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(columns))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({key: csv_cell(value) for key, value in row.items()}
+                             for row in rows)
     return Path(path)
 
 
