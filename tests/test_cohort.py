@@ -144,6 +144,17 @@ def test_unrecorded_or_incomplete_outputs(tmp_path, threshold_model):
         assert np.asarray(nib.load(mine).dataobj).any()
 
 
+def test_mni_added_to_a_finished_cohort_is_written(tmp_path, threshold_model):
+    """Issue 20 item 8: --mni (or the QC picture) asked of a finished input redoes it."""
+    scan = save(tmp_path / "a.nii.gz")
+    assert run("predict", scan, "-m", threshold_model, "--no-qc", "-q").exit_code == 0
+    with_qc = run("predict", scan, "-m", threshold_model, "--mni")
+    assert with_qc.exit_code == 0 and "1 segmented" in with_qc.output, with_qc.output
+    assert (tmp_path / "a_lesion_mni.nii.gz").is_file() and (tmp_path / "a_lesion_qc.png").is_file()
+    again = run("predict", scan, "-m", threshold_model, "--mni")
+    assert again.exit_code == 0 and "1 skipped" in again.output, again.output
+
+
 def test_users_own_qc_picture_and_mni_mask_are_kept(tmp_path, threshold_model):
     """A picture or MNI mask under meshseg's name that meshseg did not write (no signature, no
     record) is replaced only with --overwrite; meshseg's own files carry its signature."""

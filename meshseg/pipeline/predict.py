@@ -106,7 +106,10 @@ class Outputs:
 
     def complete(self) -> bool:
         """True when every NIfTI output exists and loads to its last voxel (a 0-byte or
-        truncated file is not complete)."""
+        truncated file is not complete) and the QC picture and MNI mask asked for exist (an
+        option added to a finished cohort redoes its inputs, not "skipped" with nothing)."""
+        if not all(path.is_file() for path in (self.picture, self.mni) if path is not None):
+            return False
         try:
             return all(load_volume(path) is not None for path in self.images())
         except InputError:
