@@ -468,3 +468,16 @@ def test_bids_mode_lists_skipped_subjects_and_selects_participants(tmp_path, thr
         "sub-02_ses-1_space-orig_desc-lesion_mask.nii.gz"}
     unknown = run("predict", ds, "-o", out, "-m", threshold_model, "--participant-label", "03")
     assert unknown.exit_code == 2 and "--participant-label 03: no *_T2w image" in unknown.stderr
+
+
+def test_a_kept_mask_must_be_the_one_its_record_describes(tmp_path, threshold_model):
+    """Issue 20 item 14: a mask replaced after its record (all ones, same grid) is redone on
+    resume, not kept as done because it still loads."""
+    scan = save(tmp_path / "a.nii.gz")
+    assert run("predict", scan, "-m", threshold_model, "--no-qc", "-q").exit_code == 0
+    mask = tmp_path / "a_lesion.nii.gz"
+    assert read_sidecar(tmp_path / "a_lesion.json").output_sha256
+    nib.save(nib.Nifti1Image(np.ones(head()[0].shape, np.uint8), np.eye(4)), mask)
+    again = run("predict", scan, "-m", threshold_model, "--no-qc")
+    assert again.exit_code == 0 and "1 segmented" in again.output, again.output
+    assert not np.asarray(nib.load(mask).dataobj).all()

@@ -252,6 +252,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
             write_review(assessment, volume, mask, outputs, result)
             result.mni = str(outputs.mni or "")
         save_like(mask, volume, outputs.mask, np.uint8)
+        result.output_sha256 = sha256_file(outputs.mask)
         report("write", 1.0)
     except ForeignOutputError as err:
         result.status, result.error = "failed", str(err)
@@ -308,8 +309,15 @@ def kept_record(outputs: Outputs, wanted: Result) -> Result | None:
         return None
     same = (previous.status == "ok" and previous.same_settings(wanted)
             and previous.input_sha256 == wanted.input_sha256
-            and previous.prob == wanted.prob and outputs.complete())
+            and previous.prob == wanted.prob and outputs.complete()
+            and _unchanged(outputs.mask, previous.output_sha256))
     return as_skipped(previous) if same else None
+
+
+def _unchanged(mask: Path, recorded: str) -> bool:
+    """True when the mask is still the one its record describes (records from before
+    output_sha256 existed say nothing, and are trusted as before)."""
+    return not recorded or _sha256_or_empty(mask) == recorded
 
 
 def check_foreign(outputs: Outputs, previous: Result | None) -> None:

@@ -58,6 +58,7 @@ class Result:
     location: dict = field(default_factory=dict)  # side, territories... (checks.assess)
     picture: str = ""  # the QC picture
     mni: str = ""  # the mask on the MNI grid (--mni)
+    output_sha256: str = ""  # of the mask as written: resume keeps only that mask
     kind: str = KIND
 
     def same_settings(self, other: Result) -> bool:
