@@ -307,9 +307,12 @@ def arch(as_json: bool) -> None:
     table = Table("name", "parameters", "paper", "source")
     for row in rows:
         paper = archs.PAPER_PARAMETERS[row["name"]]
-        table.add_row(row["name"], f"{row['parameters']:,}",
+        counted = "not installed" if row["parameters"] is None else f"{row['parameters']:,}"
+        table.add_row(row["name"], counted,
                       "same" if paper == row["parameters"] else f"{paper:,}", row["source"])
     Console().print(table)
+    if any(row["unavailable"] for row in rows):
+        click.echo(f"meshseg: note: some networks need MONAI: {archs.INSTALL_HINT}", err=True)
 
 
 def _config_options(config_cls: type, skip: tuple[str, ...]):
