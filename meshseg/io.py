@@ -12,7 +12,9 @@ import gzip
 import logging
 import math
 import os
+import re
 import tempfile
+import time
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -40,6 +42,10 @@ MAX_OFFSET = 1 << 32  # bytes kept before the voxels at most; a larger vox_offse
 # Written into every NIfTI (header descrip) and PNG (Software text chunk) meshseg makes, so a
 # rerun can tell its own files from a user's under the same name (`made_by_meshseg`).
 SIGNATURE = f"meshseg {__version__}"
+# atomic_path's temporary files: ".<target name>.<8 random characters>.part<suffix>"
+LEFTOVER = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.part"
+                      r"(\.nii\.gz|\.nii|\.json|\.csv|\.png|)$")
+LEFTOVER_AGE_S = 300  # older than any write in flight (a write touches its file as it goes)
 
 
 @dataclass
@@ -230,6 +236,26 @@ def atomic_path(path: str | Path, suffix: str = ".part") -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_leftovers(targets: set[Path], age_s: float = LEFTOVER_AGE_S) -> list[Path]:
+    """Delete the temporary files that a killed `atomic_path` write of one of `targets`
+    left (`LEFTOVER` names older than `age_s`, so another process's write in flight is
+    left alone); returns what was removed."""
+    removed = []
+    now = time.time()
+    for folder in sorted({t.parent for t in targets if t.parent.is_dir()}):
+        for path in folder.iterdir():
+            found = LEFTOVER.match(path.name)
+            if not found or folder / found["target"] not in targets:
+                continue
+            try:
+                if now - path.stat().st_mtime > age_s and path.is_file():
+                    path.unlink()
+                    removed.append(path)
+            except OSError:  # gone already (another process cleaned it up)
+                continue
+    return removed
 
 
 def _commit(tmp: Path, path: Path) -> None:

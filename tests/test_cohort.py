@@ -17,9 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from meshseg.cli import main
-from meshseg.io import made_by_meshseg
+from meshseg.io import LEFTOVER_AGE_S, made_by_meshseg
 from meshseg.models.weights import load_network, save_checkpoint
-from meshseg.pipeline.cohort import LEFTOVER_AGE_S
 from meshseg.pipeline.record import Result, flat_row, read_sidecar, write_report
 from tests.conftest import head
 

@@ -12,15 +12,21 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meshseg import __version__
 from meshseg.errors import InputError, OutputError
-from meshseg.io import atomic_path, bids_entities, is_nifti_path, make_folder, stem
+from meshseg.io import (
+    LEFTOVER,
+    atomic_path,
+    bids_entities,
+    is_nifti_path,
+    make_folder,
+    stem,
+)
+from meshseg.io import remove_leftovers as io_remove_leftovers
 from meshseg.pipeline.predict import Outputs
 from meshseg.pipeline.record import is_foreign_json
 
@@ -36,10 +42,6 @@ BIDSIGNORE = ".bidsignore"
 # meshseg's outputs that BIDS has no name for: the validator is told to leave them alone
 BIDS_IGNORED = (f"*{PICTURE_SUFFIX}", f"*{BIDS_MASK}{MNI_SUFFIX}.nii.gz")
 BIDS_VERSION = "1.9.0"
-# io.atomic_path's temporary files: ".<target name>.<8 random characters>.part<suffix>"
-LEFTOVER = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.part"
-                      r"(\.nii\.gz|\.nii|\.json|\.csv|\.png|)$")
-LEFTOVER_AGE_S = 300  # older than any write in flight (a write touches its file as it goes)
 
 
 @dataclass(frozen=True)
@@ -278,24 +280,9 @@ def _check_writable(folder: Path) -> None:
 
 def remove_leftovers(plans: list[Outputs], report: Path | None = None) -> list[Path]:
     """Delete the temporary files that an interrupted write of this run's outputs left
-    (`LEFTOVER` names whose target is one of them, older than `LEFTOVER_AGE_S`, so another
-    process's write in flight is left alone); returns what was removed."""
+    (`io.remove_leftovers`); returns what was removed."""
     targets = {path for plan in plans for path, _ in plan.files()}
-    targets |= {report} if report is not None else set()
-    removed = []
-    now = time.time()
-    for folder in sorted({t.parent for t in targets if t.parent.is_dir()}):
-        for path in folder.iterdir():
-            found = LEFTOVER.match(path.name)
-            if not found or folder / found["target"] not in targets:
-                continue
-            try:
-                if now - path.stat().st_mtime > LEFTOVER_AGE_S and path.is_file():
-                    path.unlink()
-                    removed.append(path)
-            except OSError:  # gone already (another process cleaned it up)
-                continue
-    return removed
+    return io_remove_leftovers(targets | ({report} if report is not None else set()))
 
 
 def is_own_description(path: Path) -> bool:
