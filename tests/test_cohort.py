@@ -189,7 +189,7 @@ def test_outputs_never_replace_inputs(tmp_path, threshold_model, case):
     args = {
         "same": [scan, "-o", scan, "--overwrite"],
         "dot": [scan, "-o", "./in.nii.gz", "--overwrite"],
-        "prob": [save(tmp_path / "m_lesion_prob.nii.gz"), "-o", "m.nii.gz", "--prob"],
+        "prob": [save(tmp_path / "m_prob.nii.gz"), "-o", "m.nii.gz", "--prob"],
         "two": [scan, save(tmp_path / "in_lesion.nii.gz"), "--overwrite"],
         "folder": [scan, "-o", "out.nii.gz"],
         "under_file": [scan, "-o", tmp_path / "in.nii.gz" / "x"],

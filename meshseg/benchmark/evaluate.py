@@ -84,7 +84,7 @@ def mask_files(spec: Path, pattern: str = "*") -> list[Path]:
     (probability maps, meshseg's or BIDS *_probseg, and meshseg's --mni masks excluded)."""
     if spec.is_dir():
         return sorted(p for p in spec.rglob(pattern) if is_nifti_path(p)
-                      and not is_companion(p) and not stem(p).endswith("_probseg"))
+                      and not is_companion(p) and not stem(p).endswith(("_probseg", "_prob")))
     if not spec.exists():
         raise InputError(f"{spec}: no such file or folder")
     return [spec]

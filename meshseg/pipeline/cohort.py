@@ -32,6 +32,7 @@ from meshseg.pipeline.record import is_foreign_json
 
 MASK_SUFFIX = "_lesion"
 PROB_SUFFIX = "_lesion_prob"
+PROB_END = "_prob.nii.gz"  # after the mask's name: <name>_lesion_prob.nii.gz, -o m.nii.gz: m_prob
 MNI_SUFFIX = "_mni"  # after the mask's name: <name>_lesion_mni.nii.gz, the mask in MNI space
 PICTURE_SUFFIX = "_qc.png"  # after the mask's name: <name>_lesion_qc.png
 BIDS_MASK = "_space-orig_desc-lesion_mask"  # BIDS derivatives: a binary mask on the scan's grid
@@ -187,21 +188,19 @@ def plan_outputs(inputs: list[Input], output: Path | None, prob: bool, picture: 
     bids = uses_bids(inputs, output)
     plans = []
     for entry in inputs:
-        if single_file:
-            plans.append(Outputs(mask=output, prob=output.parent / (stem(output) + PROB_SUFFIX
-                                                                    + ".nii.gz") if prob else None))
-            continue
         reference = ""
-        if bids:
+        if single_file:
+            mask, prob_path = output, _beside(output, PROB_END) if prob else None
+        elif bids:
             folder, base = bids_place(entry.path)
-            folder, mask_end, prob_end = output / folder, BIDS_MASK, BIDS_PROB
+            mask, prob_path = (output / folder / f"{base}{BIDS_MASK}.nii.gz",
+                               output / folder / f"{base}{BIDS_PROB}.nii.gz" if prob else None)
             reference = os.path.relpath(entry.path, output)  # the scan whose grid it is
         else:
             folder = entry.path.parent if output is None else output / entry.subfolder
-            base, mask_end, prob_end = stem(entry.path), MASK_SUFFIX, PROB_SUFFIX
-        plans.append(Outputs(mask=folder / f"{base}{mask_end}.nii.gz",
-                             prob=folder / f"{base}{prob_end}.nii.gz" if prob else None,
-                             reference=reference))
+            mask = folder / f"{stem(entry.path)}{MASK_SUFFIX}.nii.gz"
+            prob_path = _beside(mask, PROB_END) if prob else None
+        plans.append(Outputs(mask=mask, prob=prob_path, reference=reference))
     plans = [with_qc(p, picture, mni) for p in plans]
     masks = [p.mask for p in plans]
     clash = {m for m in masks if masks.count(m) > 1}
@@ -211,11 +210,16 @@ def plan_outputs(inputs: list[Input], output: Path | None, prob: bool, picture: 
     return plans
 
 
+def _beside(mask: Path, end: str) -> Path:
+    """A companion output named after its mask: <mask name><end> (m.nii.gz -> m_prob.nii.gz,
+    m_qc.png, m_mni.nii.gz), whatever named the mask."""
+    return mask.with_name(stem(mask) + end)
+
+
 def with_qc(plan: Outputs, picture: bool, mni: bool) -> Outputs:
     """The plan with the QC picture and the MNI mask beside its mask, where asked for."""
-    base = plan.mask.with_name(stem(plan.mask))
-    return replace(plan, picture=base.with_name(base.name + PICTURE_SUFFIX) if picture else None,
-                   mni=base.with_name(base.name + MNI_SUFFIX + ".nii.gz") if mni else None)
+    return replace(plan, picture=_beside(plan.mask, PICTURE_SUFFIX) if picture else None,
+                   mni=_beside(plan.mask, MNI_SUFFIX + ".nii.gz") if mni else None)
 
 
 def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
