@@ -480,3 +480,27 @@ def test_a_kept_mask_must_be_the_one_its_record_describes(tmp_path, threshold_mo
     again = run("predict", scan, "-m", threshold_model, "--no-qc")
     assert again.exit_code == 0 and "1 segmented" in again.output, again.output
     assert not np.asarray(nib.load(mask).dataobj).all()
+
+
+@pytest.mark.parametrize("damage", ["wrong_type", "string_flags", "deep", "truncated", "empty"])
+def test_a_damaged_record_means_only_its_input_is_redone(tmp_path, threshold_model, damage):
+    """Issue 20 item 14: a kept record with wrong types, deeply nested JSON, cut short or
+    empty: that input is redone (no traceback, the cohort goes on, --overwrite or not)."""
+    scans = tmp_path / "scans"
+    save(scans / "a.nii.gz")
+    save(scans / "b.nii.gz", seed=1)
+    args = ("predict", scans, "-m", threshold_model, "--no-qc", "--report", tmp_path / "r.html")
+    assert run(*args, "-q").exit_code == 0
+    record = scans / "a_lesion.json"
+    text = record.read_text()
+    record.write_text({
+        "wrong_type": text.replace('"lesion_ml": ', '"lesion_ml": "abc", "x": '),
+        "string_flags": text.replace('"flags": []', '"flags": "none"'),
+        "deep": text.replace('"location": {}', '"location": ' + "[" * 100000 + "]" * 100000),
+        "truncated": text[:len(text) // 2],
+        "empty": "",
+    }[damage])
+    again = run(*args)
+    assert again.exit_code == 0, again.output
+    assert "1 segmented, 1 skipped" in again.output, again.output
+    assert read_sidecar(record).status == "ok"

@@ -94,32 +94,59 @@ def _write_json(data: dict, path: Path) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def read_sidecar(path: Path) -> Result | None:
-    """The record in a sidecar, or None when the file is missing, unreadable or not one of
-    meshseg's records (keys this version does not know are ignored)."""
+MAX_RECORD_BYTES = 1 << 20  # a record is a few kB; anything larger is not one
+RECORD_START = '{\n  "input": '  # how write_sidecar's text begins (a damaged one too)
+TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "float": (int, float), "list": (list,),
+                                      "dict": (dict,), "float | None": (int, float, type(None)),
+                                      "int | None": (int, type(None))}
+
+
+def _json(path: Path) -> Any:
+    """The JSON in a file, or None when it is missing, too large, unreadable or too deeply
+    nested to parse."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        if path.stat().st_size > MAX_RECORD_BYTES or not path.is_file():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
+
+
+def read_sidecar(path: Path) -> Result | None:
+    """The record in a sidecar, or None when the file is missing, unreadable, not one of
+    meshseg's records, or damaged: a field of the wrong type (`lesion_ml: "abc"`) means no
+    record, so that input is redone (keys this version does not know are ignored)."""
+    data = _json(path)
     if not isinstance(data, dict) or data.get("kind") != KIND:
         return None
-    known = {f.name for f in fields(Result)}
+    known = {f.name: f for f in fields(Result)}
+    values = {k: v for k, v in data.items() if k in known}
+    for name, value in values.items():
+        types = TYPES[str(known[name].type)]
+        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+            return None
+    if not all(isinstance(flag, dict) for flag in values.get("flags", [])):
+        return None
     try:
-        return Result(**{k: v for k, v in data.items() if k in known})
+        return Result(**values)
     except TypeError:  # a required field is missing
         return None
 
 
 def is_foreign_json(path: Path) -> bool:
     """True for an existing file that is not a meshseg record or BIDS sidecar (e.g. a
-    scanner's BIDS sidecar): meshseg must not replace it."""
-    if not path.exists() or read_sidecar(path) is not None:
+    scanner's BIDS sidecar): meshseg must not replace it. An empty file, or a damaged
+    record (meshseg's kind with wrong types, meshseg's text cut short) is not foreign."""
+    if not path.exists() or path.stat().st_size == 0:
         return False
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return True
-    return not (isinstance(data, dict) and data.get("kind") == BIDS_KIND)
+    data = _json(path)
+    if data is None:
+        try:
+            with path.open(encoding="utf-8", errors="replace") as handle:
+                return handle.read(len(RECORD_START)) != RECORD_START
+        except OSError:
+            return True
+    return not (isinstance(data, dict) and data.get("kind") in (KIND, BIDS_KIND))
 
 
 def gather(folder: Path) -> list[Result]:
