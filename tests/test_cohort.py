@@ -181,7 +181,8 @@ def test_users_own_qc_picture_and_mni_mask_are_kept(tmp_path, threshold_model):
 
 @pytest.mark.parametrize("case", ["same", "dot", "prob", "two", "folder", "under_file",
                                   "report_folder", "report_under_file", "json", "git",
-                                  "mni", "mni_of_another"])
+                                  "mni", "mni_of_another", "report_is_record",
+                                  "report_is_users_json"])
 def test_outputs_never_replace_inputs(tmp_path, threshold_model, case):
     """Every refusal happens before inference, exits 2 with one line, and changes nothing."""
     scan = save(tmp_path / "in.nii.gz")
@@ -199,6 +200,8 @@ def test_outputs_never_replace_inputs(tmp_path, threshold_model, case):
         "git": [save(tmp_path / ".git" / "annex" / "MD5E-s1--0.nii.gz")],  # an annexed file
         "mni": [save(tmp_path / "x_mni.nii.gz"), "-o", "x.nii.gz", "--mni"],
         "mni_of_another": [scan, save(tmp_path / "in_lesion_mni.nii.gz"), "--mni"],
+        "report_is_record": [scan, "--report", "in_lesion.json", "--overwrite"],
+        "report_is_users_json": [scan, "--report", "in2.json", "--overwrite"],
     }[case]
     (tmp_path / "out.nii.gz").mkdir()
     (tmp_path / "r.json").mkdir()

@@ -28,7 +28,7 @@ from meshseg.io import (
 )
 from meshseg.io import remove_leftovers as io_remove_leftovers
 from meshseg.pipeline.predict import Outputs
-from meshseg.pipeline.record import is_foreign_json
+from meshseg.pipeline.record import is_foreign_json, is_foreign_report
 
 MASK_SUFFIX = "_lesion"
 PROB_SUFFIX = "_lesion_prob"
@@ -239,6 +239,9 @@ def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
     given = {os.path.realpath(entry.path): entry.path for entry in inputs}
     targets = [target for entry, plan in zip(inputs, plans) if entry.path.exists()
                for target in plan.files()]
+    if report is not None and os.path.abspath(report) in {os.path.abspath(p) for p, _ in targets}:
+        raise OutputError(f"{report}: --report would replace an output of this run; "
+                          "name another file")
     targets += [(report, "report")] if report is not None else []
     for path, role in targets:
         check_target(path, role, given)
@@ -268,6 +271,9 @@ def check_target(path: Path, role: str, given: dict[str, Path]) -> None:
         raise OutputError(f"{path}: is a folder; the {role} is a file")
     if role == "record" and is_foreign_json(path):
         raise OutputError(f"{path}: exists and is not a meshseg record; meshseg will not "
+                          "replace it")
+    if role == "report" and is_foreign_report(path):
+        raise OutputError(f"{path}: exists and is not a meshseg report; meshseg will not "
                           "replace it")
 
 

@@ -149,6 +149,17 @@ def is_foreign_json(path: Path) -> bool:
     return not (isinstance(data, dict) and data.get("kind") in (KIND, BIDS_KIND))
 
 
+def is_foreign_report(path: Path) -> bool:
+    """True for an existing .json file that is not a meshseg --report (a list of records):
+    a user's own JSON, or one of meshseg's records. (A .csv or .html report cannot be told
+    from a user's file of that kind; those are replaced as before.)"""
+    if path.suffix.lower() != ".json" or not path.exists() or path.stat().st_size == 0:
+        return False
+    data = _json(path)
+    return not (isinstance(data, list) and all(isinstance(row, dict) and row.get("kind") == KIND
+                                               for row in data))
+
+
 def gather(folder: Path) -> list[Result]:
     """Every record below `folder` (hidden folders such as .git skipped), sorted by input;
     the stray records older versions left beside inputs they could not read are not."""
