@@ -237,3 +237,20 @@ def test_mni_masks_and_probability_maps_are_not_subjects(tmp_path, write_nifti):
     assert result.exit_code == 0, result.output
     assert "no matching mask" not in result.stderr
     assert sorted(r["subject"] for r in csv.DictReader(out.open())) == ["a", "b", "sub-c"]
+
+
+def test_a_prediction_outside_the_truths_grid_is_warned(tmp_path, write_nifti):
+    """Issue 20 item 17: with --resample, a lesion that lands wholly outside the truth's grid
+    is named in a warning, not silently scored as an empty prediction."""
+    truth = write_nifti(blob((20, 20, 20), (10, 10, 10), 5), name="t.nii.gz", dtype=np.uint8)
+    far = np.eye(4)
+    far[:3, 3] = 500.0  # half a metre away
+    pred = write_nifti(blob((20, 20, 20), (10, 10, 10), 5), far, name="p.nii.gz",
+                       dtype=np.uint8)
+    warnings = []
+    assert score(pred, truth, resample=True, warn=warnings.append).dice == 0.0
+    assert len(warnings) == 1 and "entirely outside" in warnings[0]
+    warnings.clear()
+    score(write_nifti(np.zeros((20, 20, 20), np.uint8), far, name="e.nii.gz", dtype=np.uint8),
+          truth, resample=True, warn=warnings.append)
+    assert warnings == []  # an empty prediction is simply empty

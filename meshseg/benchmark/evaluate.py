@@ -138,6 +138,9 @@ def score(pred_path: Path, truth_path: Path, resample: bool = False,
         moved = resample_from_to(nib.Nifti1Image(pred.data, pred.affine),
                                  (truth.data.shape, truth.affine), order=0)
         pred_data = np.asarray(moved.dataobj)
+        if (pred.data > LESION_THRESHOLD).any() and not (pred_data > LESION_THRESHOLD).any():
+            warn(f"{pred_path}: its lesion lies entirely outside {truth_path}'s grid; "
+                 "scored as an empty prediction (wrong mask or affine?)")
     else:
         pred_data = pred.data
     p, t = pred_data > LESION_THRESHOLD, truth.data > LESION_THRESHOLD
