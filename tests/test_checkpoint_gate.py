@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from meshseg.errors import WeightsError
+from meshseg.models import weights
 from meshseg.models.export import export_onnx, read_onnx
 from meshseg.models.meshnet import MeshNet, MeshNetConfig, fold
-from meshseg.models import weights
 from meshseg.models.weights import FORMAT, load_network, save_checkpoint
 
 
