@@ -2,13 +2,15 @@
 
 Exit status: 0 every input succeeded (or was already done), 1 an input, the model
 or an output failed, 2 a usage error (bad option, nothing to do, device not available),
-130 interrupted (Ctrl-C).
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM, as SLURM and Kubernetes send before a kill).
 Heavy imports (torch) happen inside commands so that ``--help`` is instant.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -17,6 +19,7 @@ from meshseg import __version__
 from meshseg.errors import DeviceError, InputError, MeshsegError, OutputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 128 + SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 # What a rerun after Ctrl-C does, per command; finished outputs are always kept.
 RESUME_HINTS = {"train": "continue with `meshseg train --resume RUN_DIR` (last saved epoch)",
                 "predict": "rerun the same command to resume (finished outputs are kept)",
@@ -30,17 +33,34 @@ def fail(message: str, code: int = EXIT_FAILED) -> None:
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is (as Ctrl-C raises KeyboardInterrupt), so the
+    same unwinding keeps finished outputs and removes half-written ones; a BaseException so
+    that no `except Exception` mistakes it for an input's failure."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 class _Group(click.Group):
-    """The command group, turning Ctrl-C into one line and exit status 130 (click's own
-    handling prints "Aborted!" and exits 1)."""
+    """The command group, turning Ctrl-C and SIGTERM into one line saying how to resume and
+    exit status 130 or 143 (click's own handling prints "Aborted!" and exits 1; Python's
+    default for SIGTERM is to die at once, with no line)."""
 
     def invoke(self, ctx: click.Context):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as stop:
             hint = RESUME_HINTS.get(ctx.invoked_subcommand or "", "nothing was left half-written")
-            click.echo(f"\nmeshseg: interrupted; {hint}", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+            click.echo(f"\nmeshseg: {what}; {hint}", err=True)
+            sys.exit(EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,12 +117,14 @@ def main() -> None:
 @click.option("--shard", metavar="K/N", callback=lambda ctx, param, value: _shard(value),
               help="Segment only part K of N of the sorted inputs (every N-th from the K-th), "
                    "e.g. $SLURM_ARRAY_TASK_ID/N: N tasks cover the cohort exactly once.")
+@click.option("--participant-label", "participants", multiple=True, metavar="LABEL",
+              help="BIDS: segment only this participant (01 or sub-01); repeat for more.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None, device: str,
             prob: bool, overwrite: bool, report: Path | None, threshold: float,
             largest: bool | None, backend: str | None, precision: str, slab: int | None,
             threads: int | None, shard: tuple[int, int] | None, quiet: bool, qc: bool, mni: bool,
-            strict_contrast: bool) -> None:
+            strict_contrast: bool, participants: tuple[str, ...]) -> None:
     """Segment lesions in each INPUT (NIfTI files, folders or globs).
 
     Each mask gets a JSON record beside it (model, settings, versions, results); a rerun
@@ -120,8 +142,16 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     if (mni or strict_contrast) and not qc:
         raise click.BadParameter("needs --qc", param_hint="--mni/--strict-contrast")
     inputs_found = cohort.expand_inputs(list(inputs))
+    if not quiet:
+        for line in (line for item in inputs for line in cohort.bids_skipped(Path(item))):
+            click.echo(f"meshseg: note: {line}", err=True)
     if not inputs_found:
         fail("no NIfTI files found in " + ", ".join(inputs), EXIT_USAGE)
+    if participants:
+        try:
+            inputs_found = cohort.select_participants(inputs_found, participants)
+        except InputError as err:
+            fail(str(err), EXIT_USAGE)
     bids = cohort.uses_bids(inputs_found, output)
     set_threads(threads)
     try:
@@ -139,8 +169,6 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
         model = catalog.load(model_spec)
         backend = backend or default_backend(model, torch_device)
         run = runner(model, torch_device, backend, slab, precision)
-        if bids:
-            cohort.write_description(output, model.name, model.sha256)
     except DeviceError as err:
         fail(str(err), EXIT_USAGE)
     except MeshsegError as err:
@@ -153,6 +181,8 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
                              str(torch_device), overwrite=overwrite, settings=settings,
                              report=report, quiet=quiet,
                              checks=Checks(strict_contrast) if qc else None)
+        if bids and any(r.status != "failed" for r in results):  # a dataset with masks in it
+            cohort.write_description(output, model.name, model.sha256)
     except MeshsegError as err:
         fail(str(err))
     sys.exit(EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK)
@@ -284,9 +314,12 @@ def arch(as_json: bool) -> None:
     table = Table("name", "parameters", "paper", "source")
     for row in rows:
         paper = archs.PAPER_PARAMETERS[row["name"]]
-        table.add_row(row["name"], f"{row['parameters']:,}",
+        counted = "not installed" if row["parameters"] is None else f"{row['parameters']:,}"
+        table.add_row(row["name"], counted,
                       "same" if paper == row["parameters"] else f"{paper:,}", row["source"])
     Console().print(table)
+    if any(row["unavailable"] for row in rows):
+        click.echo(f"meshseg: note: some networks need MONAI: {archs.INSTALL_HINT}", err=True)
 
 
 def _config_options(config_cls: type, skip: tuple[str, ...]):

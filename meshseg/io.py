@@ -12,7 +12,9 @@ import gzip
 import logging
 import math
 import os
+import re
 import tempfile
+import time
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -27,6 +29,7 @@ import numpy as np
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.spatialimages import HeaderDataError
 
+from meshseg import __version__
 from meshseg.errors import InputError, OutputError
 from meshseg.pipeline import validate
 
@@ -36,6 +39,13 @@ HEADER_READ = 544  # a NIfTI-2 header and its extender; a NIfTI-1 one needs 352
 READ_CHUNK = 1 << 24
 WARNINGS_SEP = " | "  # between an input's warnings in one report cell
 MAX_OFFSET = 1 << 32  # bytes kept before the voxels at most; a larger vox_offset is truncated
+# Written into every NIfTI (header descrip) and PNG (Software text chunk) meshseg makes, so a
+# rerun can tell its own files from a user's under the same name (`made_by_meshseg`).
+SIGNATURE = f"meshseg {__version__}"
+# atomic_path's temporary files: ".<target name>.<8 random characters>.part<suffix>"
+LEFTOVER = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.part"
+                      r"(\.nii\.gz|\.nii|\.json|\.csv|\.png|)$")
+LEFTOVER_AGE_S = 300  # older than any write in flight (a write touches its file as it goes)
 
 
 @dataclass
@@ -85,9 +95,13 @@ def load_volume(path: str | Path) -> Volume:
     """
     path = Path(path)
     if not path.exists():
+        if path.is_symlink() and "annex" in Path(os.readlink(path)).parts:
+            raise InputError(f"{path}: annexed, but its content is not here; fetch it with "
+                             f"`datalad get {path}`")
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a NIfTI file")
+    check_regular(path)
     if not is_nifti_path(path):
         raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
     with warnings.catch_warnings(record=True) as caught, _nibabel_log() as logged:
@@ -97,6 +111,18 @@ def load_volume(path: str | Path) -> Volume:
     notes += [f"{path}: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
     return Volume(data=np.asarray(img.dataobj), affine=img.affine.astype(np.float64),
                   header=img.header, path=path, warnings=list(dict.fromkeys(notes)))
+
+
+def check_regular(path: Path) -> None:
+    """Refuse a FIFO, a device or a socket (or a symlink to one) before anything reads it:
+    reading /dev/zero or a FIFO never ends.
+
+    Raises:
+        InputError: `path` exists and is not a regular file.
+    """
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket); meshseg "
+                         "reads NIfTI files")
 
 
 def _read_nifti(path: Path) -> tuple[nib.Nifti1Image, list[str]]:
@@ -212,6 +238,26 @@ def atomic_path(path: str | Path, suffix: str = ".part") -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def remove_leftovers(targets: set[Path], age_s: float = LEFTOVER_AGE_S) -> list[Path]:
+    """Delete the temporary files that a killed `atomic_path` write of one of `targets`
+    left (`LEFTOVER` names older than `age_s`, so another process's write in flight is
+    left alone); returns what was removed."""
+    removed = []
+    now = time.time()
+    for folder in sorted({t.parent for t in targets if t.parent.is_dir()}):
+        for path in folder.iterdir():
+            found = LEFTOVER.match(path.name)
+            if not found or folder / found["target"] not in targets:
+                continue
+            try:
+                if now - path.stat().st_mtime > age_s and path.is_file():
+                    path.unlink()
+                    removed.append(path)
+            except OSError:  # gone already (another process cleaned it up)
+                continue
+    return removed
+
+
 def _commit(tmp: Path, path: Path) -> None:
     """Flush the finished temporary file to disk and rename it over `path`."""
     with open(tmp, "rb") as handle:
@@ -224,14 +270,41 @@ def _commit(tmp: Path, path: Path) -> None:
 def write_atomic(img: nib.Nifti1Image, path: str | Path) -> None:
     """Save a NIfTI image so that `path` is either absent, the old file, or complete."""
     suffix = ".part.nii.gz" if str(path).lower().endswith(".gz") else ".part.nii"
+    img.header["descrip"] = SIGNATURE.encode()  # not the input's own text
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, tmp)
+
+
+def made_by_meshseg(path: Path) -> bool:
+    """True for a NIfTI or PNG file carrying meshseg's `SIGNATURE` (its header descrip, its
+    Software text chunk); False for anything else, unreadable files included."""
+    if not path.is_file():  # never open a FIFO or a device
+        return False
+    try:
+        if is_nifti_path(path):
+            descrip = nib.load(path).header["descrip"].item()
+            return descrip.decode("latin-1").startswith("meshseg ")
+        from PIL import Image  # only pictures need it
+
+        with Image.open(path) as picture:
+            return str(picture.info.get("Software", "")).startswith("meshseg ")
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not meshseg's
+        return False
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets run as a formula
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (a file named `=1+1.nii.gz`)
+    gets a leading apostrophe, which shows it as text; other values stay as they are."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_START) else value
 
 
 def write_csv(path: str | Path, columns: Sequence[str],
               rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write rows (keyed by column; a key outside `columns` is a bug and raises) as a UTF-8
-    CSV with a header line, atomically; returns `path`.
+    CSV with a header line, atomically, text cells escaped by `csv_cell`; returns `path`.
 
     Raises:
         OutputError: the file cannot be written.
@@ -240,7 +313,8 @@ def write_csv(path: str | Path, columns: Sequence[str],
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(columns))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({key: csv_cell(value) for key, value in row.items()}
+                             for row in rows)
     return Path(path)
 
 
@@ -251,7 +325,7 @@ def save_png(figure, path: Path, dpi: int = 150) -> None:
 
     FigureCanvasAgg(figure)
     with atomic_path(path, suffix=".part.png") as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi)
+        figure.savefig(tmp, format="png", dpi=dpi, metadata={"Software": SIGNATURE})
 
 
 def _umask() -> int:

@@ -99,9 +99,11 @@ def avd(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def mcc(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Matthews correlation coefficient over voxels; 1 when both are empty, 0 when one is."""
+    """Matthews correlation coefficient over voxels; 1 when the masks agree on every voxel
+    (both empty, or both full: the formula is 0/0 there), 0 when one is empty or full and
+    the other is not."""
     tp, fp, fn, tn = confusion(pred, truth)
-    if tp + fp + fn == 0:
+    if fp + fn == 0:
         return 1.0
     denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator

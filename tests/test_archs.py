@@ -39,7 +39,18 @@ def test_arch_command_lists_the_paper_counts():
     rows = json.loads(result.output)
     assert [r["name"] for r in rows] == list(archs.PAPER_PARAMETERS)
     assert {r["name"]: r["parameters"] for r in rows} == archs.PAPER_PARAMETERS
-    assert all(set(r) == {"name", "parameters", "source"} for r in rows)
+    assert all(set(r) == {"name", "parameters", "source", "unavailable"} for r in rows)
+    assert not any(r["unavailable"] for r in rows)
+
+
+def test_arch_without_monai_lists_every_network(monkeypatch):
+    """Issue 20 item 7: without MONAI, `meshseg arch` lists all 14 (MeshNets counted, the
+    rest marked) and exits 0, with one line on what to install; it exited 1 listing nothing."""
+    monkeypatch.setitem(sys.modules, "monai", None)  # import monai raises ImportError
+    result = CliRunner().invoke(main, ["arch"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "not installed" in result.stdout and "meshnet-5" in result.stdout
+    assert archs.INSTALL_HINT in result.stderr
 
 
 @pytest.mark.parametrize("name", [

@@ -3,9 +3,14 @@
 import functools
 import hashlib
 import http.server
+import os
 import pickle
 import shutil
+import socket
 import threading
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -206,3 +211,52 @@ def test_load_by_path(tmp_path, shared_model):
     copy = tmp_path / "bc"
     shutil.copytree(shared_model.parent, copy)
     assert catalog.load(str(copy / "model.json")).parameters == 26556
+
+
+def test_pull_has_a_deadline_an_offline_hint_and_cleans_killed_parts(home, fake_remote,
+                                                                      monkeypatch):
+    """Issue 20 item 16/10: a server sending a byte at a time is cut at the deadline (it
+    never ended), with no temporary file left; a DNS failure says how to pull offline; a
+    killed pull's 0-byte .part in the cache is removed by the next pull."""
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = home / "slow.bin"
+    target.parent.mkdir(parents=True)
+    try:
+        start = time.monotonic()
+        with pytest.raises(WeightsError, match="download too slow"):
+            catalog.download(f"http://127.0.0.1:{server.server_address[1]}/x", target,
+                             "0" * 64, deadline_s=1.0)
+        assert time.monotonic() - start < 10
+    finally:
+        server.shutdown()
+    assert list(home.iterdir()) == []
+
+    def offline(url, timeout):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    with monkeypatch.context() as patch, pytest.raises(WeightsError, match="--from URL"):
+        patch.setattr(urllib.request, "urlopen", offline)
+        catalog.download("https://example.org/a.bin", target, "0" * 64)
+
+    entry, _ = fake_remote
+    entry.folder.mkdir(parents=True)
+    killed = entry.folder / ".a.bin.abcd1234.part"
+    killed.write_bytes(b"")
+    os.utime(killed, (time.time() - 3600,) * 2)
+    catalog.pull("fake")
+    assert entry.is_local() and not killed.exists()

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from meshseg.errors import WeightsError
+from meshseg.models import weights
 from meshseg.models.export import export_onnx, read_onnx
 from meshseg.models.meshnet import MeshNet, MeshNetConfig, fold
 from meshseg.models.weights import FORMAT, load_network, save_checkpoint
@@ -84,3 +85,28 @@ def test_onnx_with_non_finite_weights_or_huge_dilation_is_refused(tmp_path):
     export_onnx(wide, path)
     with pytest.raises(WeightsError, match=rf"^{path}: Conv node .* dilations"):
         read_onnx(path)
+
+
+def test_an_oversized_extra_tensor_is_refused_from_the_header(tmp_path, checkpoint,
+                                                              monkeypatch):
+    """Issue 20 item 16: a checkpoint carrying an extra 4 GiB tensor (a sparse file here) is
+    refused by the shapes in its header, before any tensor is read (it reached 11.5 GB)."""
+    raw = checkpoint.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    data = raw[8 + size:]
+    extra = 1 << 30  # float32 values: 4 GiB
+    header["extra"] = {"dtype": "F32", "shape": [extra],
+                       "data_offsets": [len(data), len(data) + 4 * extra]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    big = tmp_path / "big.safetensors"
+    with big.open("wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text + data)
+        handle.truncate(8 + len(text) + len(data) + 4 * extra)
+    def no_read(path):
+        raise AssertionError("tensors read before the header was checked")
+
+    monkeypatch.setattr(weights, "_read_tensors", no_read)
+    with pytest.raises(WeightsError, match="unexpected tensor extra"):
+        load_network(big)

@@ -36,7 +36,7 @@ def test_predict_writes_native_grid_mask(write_nifti, tmp_path, threshold_model)
     mask = np.asarray(img.dataobj) > 0
     dice = 2 * (mask & ball).sum() / (mask.sum() + ball.sum())
     assert dice > 0.85, dice
-    prob = nib.load(out.parent / "mask_lesion_prob.nii.gz")
+    prob = nib.load(out.parent / "mask_prob.nii.gz")  # named after the mask, as mask_qc.png
     assert prob.get_data_dtype() == np.float32
     np.testing.assert_array_equal(np.asarray(prob.dataobj) > 0.5, mask)
     record = json.loads((out.parent / "mask.json").read_text())

@@ -4,6 +4,7 @@ and the checks that keep a run from touching a user's files."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from meshseg.cli import main
+from meshseg.io import LEFTOVER_AGE_S, made_by_meshseg
 from meshseg.models.weights import load_network, save_checkpoint
-from meshseg.pipeline.cohort import LEFTOVER_AGE_S
 from meshseg.pipeline.record import Result, flat_row, read_sidecar, write_report
 from tests.conftest import head
 
@@ -63,10 +64,11 @@ def test_datalad_dataset_outputs_are_named_by_subject(tmp_path, threshold_model)
     out = tmp_path / "derivatives"
     result = run("predict", ds, "-o", out, "-m", threshold_model, "--prob", "-q")
     assert result.exit_code == 0, result.output
-    assert tree(out) == {"dataset_description.json"} | {
+    assert tree(out) == {"dataset_description.json", ".bidsignore"} | {
         f"sub-{s}/ses-1/anat/sub-{s}_ses-1_space-orig_desc-lesion_{kind}"
         for s in ("01", "02")
-        for kind in ("mask.nii.gz", "mask.json", "probseg.nii.gz", "mask_qc.png")}
+        for kind in ("mask.nii.gz", "mask.json", "probseg.nii.gz", "probseg.json",
+                     "mask_qc.png")}
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "meshseg"
@@ -141,8 +143,46 @@ def test_unrecorded_or_incomplete_outputs(tmp_path, threshold_model):
         assert np.asarray(nib.load(mine).dataobj).any()
 
 
+def test_mni_added_to_a_finished_cohort_is_written(tmp_path, threshold_model):
+    """Issue 20 item 8: --mni (or the QC picture) asked of a finished input redoes it."""
+    scan = save(tmp_path / "a.nii.gz")
+    assert run("predict", scan, "-m", threshold_model, "--no-qc", "-q").exit_code == 0
+    with_qc = run("predict", scan, "-m", threshold_model, "--mni")
+    assert with_qc.exit_code == 0 and "1 segmented" in with_qc.output, with_qc.output
+    assert (tmp_path / "a_lesion_mni.nii.gz").is_file() and (tmp_path / "a_lesion_qc.png").is_file()
+    again = run("predict", scan, "-m", threshold_model, "--mni")
+    assert again.exit_code == 0 and "1 skipped" in again.output, again.output
+
+
+def test_users_own_qc_picture_and_mni_mask_are_kept(tmp_path, threshold_model):
+    """A picture or MNI mask under meshseg's name that meshseg did not write (no signature, no
+    record) is replaced only with --overwrite; meshseg's own files carry its signature."""
+    from PIL import Image
+
+    scan = save(tmp_path / "a.nii.gz")
+    picture, mni = tmp_path / "a_lesion_qc.png", tmp_path / "a_lesion_mni.nii.gz"
+    Image.new("RGB", (4, 4)).save(picture)
+    save(mni, seed=3)
+    before = {p: p.read_bytes() for p in (picture, mni)}
+    refused = run("predict", scan, "-m", threshold_model, "--mni")
+    assert refused.exit_code == 1 and "--overwrite replaces this QC picture" in refused.stderr
+    assert {p: p.read_bytes() for p in (picture, mni)} == before
+    assert not (tmp_path / "a_lesion.nii.gz").exists()
+    picture.unlink()
+    refused = run("predict", scan, "-m", threshold_model, "--mni")
+    assert refused.exit_code == 1 and "this MNI mask" in refused.stderr
+    assert run("predict", scan, "-m", threshold_model, "--mni", "--overwrite").exit_code == 0
+    assert made_by_meshseg(mni) and made_by_meshseg(picture)
+    assert made_by_meshseg(tmp_path / "a_lesion.nii.gz")  # not the input's descrip
+    (tmp_path / "a_lesion.json").unlink()  # a kill before the record: meshseg's files, redone
+    again = run("predict", scan, "-m", threshold_model, "--mni")
+    assert again.exit_code == 0 and "1 segmented" in again.output, again.output
+
+
 @pytest.mark.parametrize("case", ["same", "dot", "prob", "two", "folder", "under_file",
-                                  "report_folder", "report_under_file", "json", "git"])
+                                  "report_folder", "report_under_file", "json", "git",
+                                  "mni", "mni_of_another", "report_is_record",
+                                  "report_is_users_json"])
 def test_outputs_never_replace_inputs(tmp_path, threshold_model, case):
     """Every refusal happens before inference, exits 2 with one line, and changes nothing."""
     scan = save(tmp_path / "in.nii.gz")
@@ -150,7 +190,7 @@ def test_outputs_never_replace_inputs(tmp_path, threshold_model, case):
     args = {
         "same": [scan, "-o", scan, "--overwrite"],
         "dot": [scan, "-o", "./in.nii.gz", "--overwrite"],
-        "prob": [save(tmp_path / "m_lesion_prob.nii.gz"), "-o", "m.nii.gz", "--prob"],
+        "prob": [save(tmp_path / "m_prob.nii.gz"), "-o", "m.nii.gz", "--prob"],
         "two": [scan, save(tmp_path / "in_lesion.nii.gz"), "--overwrite"],
         "folder": [scan, "-o", "out.nii.gz"],
         "under_file": [scan, "-o", tmp_path / "in.nii.gz" / "x"],
@@ -158,6 +198,10 @@ def test_outputs_never_replace_inputs(tmp_path, threshold_model, case):
         "report_under_file": [scan, "--report", tmp_path / "in.nii.gz" / "r.csv"],
         "json": [scan, "-o", "in2.nii.gz"],
         "git": [save(tmp_path / ".git" / "annex" / "MD5E-s1--0.nii.gz")],  # an annexed file
+        "mni": [save(tmp_path / "x_mni.nii.gz"), "-o", "x.nii.gz", "--mni"],
+        "mni_of_another": [scan, save(tmp_path / "in_lesion_mni.nii.gz"), "--mni"],
+        "report_is_record": [scan, "--report", "in_lesion.json", "--overwrite"],
+        "report_is_users_json": [scan, "--report", "in2.json", "--overwrite"],
     }[case]
     (tmp_path / "out.nii.gz").mkdir()
     (tmp_path / "r.json").mkdir()
@@ -306,3 +350,190 @@ def test_reports_carry_the_per_lesion_table_and_the_terminal_its_flags(tmp_path)
     assert table.exit_code == 0, table.output
     assert "side" in table.output and "flags" in table.output
     assert "bilateral" in table.output and "not_t2" in table.output
+
+
+def test_unreadable_inputs_leave_no_record_and_report_lists_real_inputs(tmp_path,
+                                                                       threshold_model):
+    """Issue 20 item 4: a non-NIfTI, missing or damaged input fails without a file beside it
+    (only a --report asked for lists it), and `meshseg report` skips older versions' strays."""
+    scans = tmp_path / "scans"
+    save(scans / "a.nii.gz")
+    (scans / "README.md").write_text("notes")
+    (scans / "bad.nii.gz").write_bytes(b"not a scan")
+    before = tree(scans)
+    result = run("predict", scans / "README.md", scans / "missing.nii.gz", scans / "bad.nii.gz",
+                 "-m", threshold_model, "--no-qc", "-q")
+    assert result.exit_code == 1 and result.stderr.count("meshseg: error:") == 3
+    assert tree(scans) == before
+    assert run("predict", scans, "-m", threshold_model, "--no-qc", "-q").exit_code == 1
+    stray = Result(input=str(scans / "README.md"), output=str(scans / "README.md_lesion.nii.gz"),
+                   status="failed", model="m", device="cpu", input_sha256="0" * 64)
+    write_report([stray], tmp_path / "unused.json")  # older versions wrote such records:
+    (scans / "README.md_lesion.json").write_text(json.dumps(json.loads(
+        (tmp_path / "unused.json").read_text())[0]))
+    listed = run("report", scans, "-o", tmp_path / "r.json")
+    assert listed.exit_code == 0, listed.output
+    names = [Path(r["input"]).name for r in json.loads((tmp_path / "r.json").read_text())]
+    assert names == ["a.nii.gz"]
+
+
+def annex(root: Path, folder: Path) -> dict[Path, bytes]:
+    """What `datalad save` does to the files below `folder`: each moves into
+    root/.git/annex/objects (read-only) and a relative symlink takes its place; returns the
+    annexed objects' bytes."""
+    objects = {}
+    for i, path in enumerate(sorted(p for p in folder.rglob("*") if p.is_file())):
+        key = f"MD5E-s{path.stat().st_size}--{i:032x}{''.join(path.suffixes)}"
+        obj = root / ".git" / "annex" / "objects" / f"y{i}" / key / key
+        obj.parent.mkdir(parents=True)
+        path.rename(obj)
+        obj.chmod(0o444)
+        path.symlink_to(os.path.relpath(obj, path.parent))
+        objects[obj] = obj.read_bytes()
+    return objects
+
+
+def test_datalad_saved_derivatives_resume_and_overwrite(tmp_path, threshold_model):
+    """Issue 20 item 2: rerunning into saved (annexed) derivatives skips them, --overwrite
+    replaces the links (never the annexed objects); an unfetched input says `datalad get`;
+    no dataset_description.json when nothing succeeds."""
+    ds = annexed_dataset(tmp_path / "ds")
+    out = ds / "derivatives" / "meshseg"
+    args = ("predict", ds, "-o", out, "-m", threshold_model, "--no-qc", "--prob")
+    assert run(*args, "-q").exit_code == 0
+    objects = annex(ds, out)
+    again = run(*args)
+    assert again.exit_code == 0 and "0 segmented, 2 skipped" in again.output, again.output
+    redo = run(*args, "--overwrite")
+    assert redo.exit_code == 0 and "2 segmented" in redo.output, redo.output
+    masks = list(out.rglob("*_mask.nii.gz"))
+    assert len(masks) == 2 and not any(m.is_symlink() for m in masks)
+    assert (out / "dataset_description.json").is_symlink()  # unchanged: still saved
+    assert {obj: obj.read_bytes() for obj in objects} == objects
+
+    empty = tmp_path / "empty"
+    missing = empty / "sub-03" / "anat" / "sub-03_T2w.nii.gz"
+    missing.parent.mkdir(parents=True)
+    missing.symlink_to("../../.git/annex/objects/zz/MD5E-s1--0.nii.gz/MD5E-s1--0.nii.gz")
+    failed = run("predict", empty, "-o", empty / "derivatives" / "meshseg", "-m",
+                 threshold_model, "--no-qc")
+    assert failed.exit_code == 1
+    assert f"`datalad get {missing}`" in failed.stderr
+    assert not (empty / "derivatives" / "meshseg" / "dataset_description.json").exists()
+
+
+@pytest.mark.skipif(not (shutil.which("datalad") and shutil.which("git-annex")),
+                    reason="needs datalad and git-annex")
+def test_real_datalad_dataset_segmented_saved_and_segmented_again(tmp_path, threshold_model):
+    """The same with real DataLad: create, save, predict, save, rerun (resume and
+    --overwrite), save; inputs never change and the dataset ends clean."""
+    def datalad(*args: str) -> str:
+        done = subprocess.run(["datalad", *args], cwd=ds, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    ds = tmp_path / "ds"
+    subprocess.run(["datalad", "create", str(ds)], capture_output=True, check=True, timeout=300)
+    for i, sub in enumerate(("01", "02")):
+        save(ds / f"sub-{sub}" / "anat" / f"sub-{sub}_T2w.nii.gz", seed=i)
+    datalad("save", "-m", "scans")
+    inputs = {p: p.read_bytes() for p in ds.glob("sub-*/anat/*.nii.gz")}
+    args = ("predict", ds, "-o", ds / "derivatives" / "meshseg", "-m", threshold_model,
+            "--no-qc")
+    assert run(*args, "-q").exit_code == 0
+    datalad("save", "-m", "masks")
+    assert next((ds / "derivatives" / "meshseg").rglob("*_mask.nii.gz")).is_symlink()
+    again = run(*args)
+    assert again.exit_code == 0 and "2 skipped" in again.output, again.output
+    redo = run(*args, "--overwrite")
+    assert redo.exit_code == 0 and "2 segmented" in redo.output, redo.output
+    datalad("save", "-m", "masks again")
+    clean = subprocess.run(["git", "status", "--porcelain"], cwd=ds, capture_output=True,
+                           text=True, check=True)
+    assert clean.stdout == ""
+    assert {p: p.read_bytes() for p in inputs} == inputs
+
+
+def bids_dataset(root: Path) -> Path:
+    """T2w (one with a session), FLAIR-only and T1w-only subjects."""
+    for i, name in enumerate(("sub-01/anat/sub-01_T2w", "sub-02/ses-1/anat/sub-02_ses-1_T2w",
+                              "sub-03/anat/sub-03_FLAIR", "sub-04/anat/sub-04_T1w")):
+        save(root / f"{name}.nii.gz", seed=i)
+        (root / f"{name}.json").write_text('{"RepetitionTime": 2}')
+    (root / "dataset_description.json").write_text(
+        '{"Name": "ds", "BIDSVersion": "1.9.0", "Authors": ["x"]}')
+    (root / "README").write_text("a small dataset\n")
+    return root
+
+
+def bids_errors(folder: Path) -> list[str]:
+    """The BIDS validator's errors on a dataset, as 'code: file' lines."""
+    done = subprocess.run(["bids-validator-deno", str(folder), "--format", "json"],
+                          capture_output=True, text=True, timeout=600)
+    issues = json.loads(done.stdout)["issues"]["issues"]
+    return [f"{i['code']}: {i.get('location', '')}" for i in issues if i["severity"] == "error"]
+
+
+@pytest.mark.skipif(not shutil.which("bids-validator-deno"), reason="needs bids-validator-deno")
+def test_bids_derivatives_pass_the_validator(tmp_path, threshold_model):
+    """Issue 20 item 3: 0 validator errors on the derivatives (masks, probsegs, QC pictures,
+    --mni masks) of a dataset with T2w, FLAIR and T1w subjects."""
+    ds = bids_dataset(tmp_path / "ds")
+    out = ds / "derivatives" / "meshseg"
+    result = run("predict", ds, "-o", out, "-m", threshold_model, "--prob", "--mni")
+    assert result.exit_code == 0, result.output
+    assert bids_errors(out) == []
+
+
+def test_bids_mode_lists_skipped_subjects_and_selects_participants(tmp_path, threshold_model):
+    """Issue 20 item 3: FLAIR/T1w-only subjects are named as skipped; --participant-label
+    (with or without sub-) selects; an unknown label is a usage error."""
+    ds = bids_dataset(tmp_path / "ds")
+    out = tmp_path / "out"
+    chosen = run("predict", ds, "-o", out, "-m", threshold_model, "--no-qc",
+                 "--participant-label", "sub-02")
+    assert chosen.exit_code == 0, chosen.output
+    assert f"{ds / 'sub-03'}: skipped, no *_T2w image (has FLAIR;" in chosen.stderr
+    assert f"{ds / 'sub-04'}: skipped, no *_T2w image (has T1w;" in chosen.stderr
+    assert {p.name for p in out.rglob("*_mask.nii.gz")} == {
+        "sub-02_ses-1_space-orig_desc-lesion_mask.nii.gz"}
+    unknown = run("predict", ds, "-o", out, "-m", threshold_model, "--participant-label", "03")
+    assert unknown.exit_code == 2 and "--participant-label 03: no *_T2w image" in unknown.stderr
+
+
+def test_a_kept_mask_must_be_the_one_its_record_describes(tmp_path, threshold_model):
+    """Issue 20 item 14: a mask replaced after its record (all ones, same grid) is redone on
+    resume, not kept as done because it still loads."""
+    scan = save(tmp_path / "a.nii.gz")
+    assert run("predict", scan, "-m", threshold_model, "--no-qc", "-q").exit_code == 0
+    mask = tmp_path / "a_lesion.nii.gz"
+    assert read_sidecar(tmp_path / "a_lesion.json").output_sha256
+    nib.save(nib.Nifti1Image(np.ones(head()[0].shape, np.uint8), np.eye(4)), mask)
+    again = run("predict", scan, "-m", threshold_model, "--no-qc")
+    assert again.exit_code == 0 and "1 segmented" in again.output, again.output
+    assert not np.asarray(nib.load(mask).dataobj).all()
+
+
+@pytest.mark.parametrize("damage", ["wrong_type", "string_flags", "deep", "truncated", "empty"])
+def test_a_damaged_record_means_only_its_input_is_redone(tmp_path, threshold_model, damage):
+    """Issue 20 item 14: a kept record with wrong types, deeply nested JSON, cut short or
+    empty: that input is redone (no traceback, the cohort goes on, --overwrite or not)."""
+    scans = tmp_path / "scans"
+    save(scans / "a.nii.gz")
+    save(scans / "b.nii.gz", seed=1)
+    args = ("predict", scans, "-m", threshold_model, "--no-qc", "--report", tmp_path / "r.html")
+    assert run(*args, "-q").exit_code == 0
+    record = scans / "a_lesion.json"
+    text = record.read_text()
+    record.write_text({
+        "wrong_type": text.replace('"lesion_ml": ', '"lesion_ml": "abc", "x": '),
+        "string_flags": text.replace('"flags": []', '"flags": "none"'),
+        "deep": text.replace('"location": {}', '"location": ' + "[" * 100000 + "]" * 100000),
+        "truncated": text[:len(text) // 2],
+        "empty": "",
+    }[damage])
+    again = run(*args)
+    assert again.exit_code == 0, again.output
+    assert "1 segmented, 1 skipped" in again.output, again.output
+    assert read_sidecar(record).status == "ok"

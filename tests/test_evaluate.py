@@ -218,3 +218,39 @@ def test_unreadable_pairs_are_listed_and_the_rest_scored(tmp_path, write_nifti):
     assert "sub-04_lesion.nii.gz: affine contains NaN or Inf" in errors[2]
     assert errors[3].endswith("3 of 4 pairs could not be scored (listed above)")
     assert [r["subject"] for r in csv.DictReader(out.open())] == ["sub-01"]
+
+
+def test_mni_masks_and_probability_maps_are_not_subjects(tmp_path, write_nifti):
+    """Issue 20 item 5: `meshseg eval out/ out/` over a predict -o out/ --mni --prob folder
+    scores each scan's mask once, without the MNI masks or probability maps."""
+    truth = blob((20, 20, 20), (10, 10, 10), 4)
+    (tmp_path / "out").mkdir()
+    for name in ("a", "b"):
+        for end in ("_lesion", "_lesion_mni", "_lesion_prob"):
+            write_nifti(truth, name=f"out/{name}{end}.nii.gz", dtype=np.uint8)
+        write_nifti(truth, name=f"out/sub-{name}_space-orig_desc-lesion_mask_mni.nii.gz",
+                    dtype=np.uint8)
+    write_nifti(truth, name="out/sub-c_space-orig_desc-lesion_mask.nii.gz", dtype=np.uint8)
+    out = tmp_path / "scores.csv"
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "out"), str(tmp_path / "out"),
+                                       "--csv", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "no matching mask" not in result.stderr
+    assert sorted(r["subject"] for r in csv.DictReader(out.open())) == ["a", "b", "sub-c"]
+
+
+def test_a_prediction_outside_the_truths_grid_is_warned(tmp_path, write_nifti):
+    """Issue 20 item 17: with --resample, a lesion that lands wholly outside the truth's grid
+    is named in a warning, not silently scored as an empty prediction."""
+    truth = write_nifti(blob((20, 20, 20), (10, 10, 10), 5), name="t.nii.gz", dtype=np.uint8)
+    far = np.eye(4)
+    far[:3, 3] = 500.0  # half a metre away
+    pred = write_nifti(blob((20, 20, 20), (10, 10, 10), 5), far, name="p.nii.gz",
+                       dtype=np.uint8)
+    warnings = []
+    assert score(pred, truth, resample=True, warn=warnings.append).dice == 0.0
+    assert len(warnings) == 1 and "entirely outside" in warnings[0]
+    warnings.clear()
+    score(write_nifti(np.zeros((20, 20, 20), np.uint8), far, name="e.nii.gz", dtype=np.uint8),
+          truth, resample=True, warn=warnings.append)
+    assert warnings == []  # an empty prediction is simply empty

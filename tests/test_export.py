@@ -77,7 +77,7 @@ def test_export_command_and_onnx_backend(checkpoint, tmp_path, write_nifti):
         result = CliRunner().invoke(main, ["predict", str(scan), "-o", str(target), "--prob",
                                            "-q", *args])
         assert result.exit_code == 0, result.output
-        masks[name] = np.asarray(nib.load(tmp_path / f"{name}_lesion_prob.nii.gz").dataobj)
+        masks[name] = np.asarray(nib.load(tmp_path / f"{name}_prob.nii.gz").dataobj)
     np.testing.assert_allclose(masks["onnx-file"], masks["torch"], atol=1e-5)
     np.testing.assert_allclose(masks["onnx-backend"], masks["torch"], atol=1e-5)
     if "openvino" in masks:

@@ -8,6 +8,7 @@ mask exactly. No variant may raise anything else.
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,3 +304,17 @@ def test_cohort_with_bad_inputs_in_the_middle(tmp_path, tiny):
     errors = [line for line in result.output.splitlines() if line.startswith("meshseg: error")]
     assert len(errors) == 3 and all(("b.nii" in e) or ("d.nii.gz" in e) or ("e.nii" in e)
                                     for e in errors)
+
+
+def test_fifo_and_device_inputs_are_refused_before_any_read(tmp_path, tiny):
+    """Issue 20 item 12: a FIFO named x.nii.gz and a symlink to /dev/zero named .nii.gz fail
+    at once (hashing them used to hang the cohort); the good scan after them is written."""
+    _, _, model_path = tiny
+    os.mkfifo(tmp_path / "a_fifo.nii.gz")
+    (tmp_path / "b_zero.nii.gz").symlink_to("/dev/zero")
+    (tmp_path / "c.nii").write_bytes(nifti_bytes(valid_image()))
+    result = CliRunner().invoke(main, ["predict", str(tmp_path), "-m", str(model_path),
+                                       "--device", "cpu", "--no-qc", "-q"])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if "not a regular file" in line]
+    assert len(errors) == 2 and (tmp_path / "c_lesion.nii.gz").is_file()

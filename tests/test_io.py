@@ -144,3 +144,12 @@ def test_outputs_get_ordinary_permissions(write_nifti, tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_csv_cells_never_run_as_formulas(tmp_path):
+    """Issue 20 item 17: a cell such as `=1+1.nii.gz` is written as text; numbers stay."""
+    path = write_csv(tmp_path / "t.csv", ["input", "lesion_ml", "note"],
+                     [{"input": "=1+1.nii.gz", "lesion_ml": -1.5, "note": "@SUM(A1)"},
+                      {"input": "a.nii.gz", "lesion_ml": 2, "note": "+cmd"}])
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[1:] == ["'=1+1.nii.gz,-1.5,'@SUM(A1)", "a.nii.gz,2,'+cmd"]

@@ -108,3 +108,12 @@ def test_lesion_counts_edge_cases():
     assert lesion_counts(empty, some) == LesionCounts(2, 0, 2, 0)
     assert lesion_counts(some, empty) == LesionCounts(0, 0, 0, 2)
     assert lesion_counts(some, some) == LesionCounts(2, 2, 0, 0)
+
+
+def test_identical_full_masks_score_mcc_one():
+    """Issue 20 item 17: two identical all-ones masks agree perfectly (MCC was 0.0)."""
+    full = np.ones((4, 4, 4), bool)
+    some = full.copy()
+    some[0] = False
+    assert mcc(full, full) == 1.0
+    assert mcc(some, full) == 0.0 and mcc(full, some) == 0.0

@@ -10,6 +10,7 @@ import csv
 import logging
 import random
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -344,6 +345,15 @@ def test_resume_needs_a_run_folder(tmp_path):
 def test_amp_on_cpu_is_refused_before_the_run_folder(config):
     with pytest.raises(DeviceError, match="needs a CUDA device"):
         fit(replace(config, amp=True))
+    assert not config.out.exists()
+
+
+def test_a_missing_monai_is_refused_before_the_run_folder(config, monkeypatch):
+    """Issue 20 item 7: a network that needs MONAI, on an install without it, makes no run
+    folder (it used to leave config, split and metrics that a later run refused)."""
+    monkeypatch.setitem(sys.modules, "monai", None)  # import monai raises ImportError
+    with pytest.raises(InputError, match="needs MONAI"):
+        fit(replace(config, architecture="segresnet", crop=16))
     assert not config.out.exists()
 
 

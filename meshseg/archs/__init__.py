@@ -162,12 +162,23 @@ def build(name: str, **options: Any) -> nn.Module:
         raise InputError(f"architecture {name} takes no option {', '.join(unknown)}")
     if "size" in options:
         arch.check_size(options["size"], "size")
-    for module in arch.needs:
-        _require(module, name)
+    require(name)
     module_name, function = arch.builder.split(":")
     builder: Callable[..., nn.Module] = getattr(
         importlib.import_module(f"meshseg.archs.{module_name}"), function)
     return builder(**options)
+
+
+def require(name: str) -> None:
+    """Refuse at once an architecture whose packages are missing (before a run folder is
+    made for it).
+
+    Raises:
+        InputError: unknown name, or a package it needs is not installed.
+    """
+    arch = get(MESHNET if meshnet_width(name) is not None else name)
+    for module in arch.needs:
+        _require(module, name)
 
 
 def _require(module: str, name: str) -> None:
@@ -184,13 +195,18 @@ def _require(module: str, name: str) -> None:
 
 
 def info() -> list[dict[str, Any]]:
-    """The paper's 14 networks as {name, parameters, source}, counted for in=1, out=2 at 256^3."""
+    """The paper's 14 networks as {name, parameters, source, unavailable}, counted for in=1,
+    out=2 at 256^3; a network whose packages are missing has parameters None and says why."""
     rows = []
     for name in PAPER_PARAMETERS:
         arch = ARCHITECTURES[MESHNET if name in MESHNET_PRESETS else name]
         options = {"size": COUNT_SIZE} if "size" in arch.options else {}
-        rows.append({"name": name, "parameters": count_parameters(name, options),
-                     "source": arch.source})
+        try:
+            parameters, missing = count_parameters(name, options), ""
+        except InputError as err:  # a package it needs is missing: listed, not counted
+            parameters, missing = None, str(err)
+        rows.append({"name": name, "parameters": parameters, "source": arch.source,
+                     "unavailable": missing})
     return rows
 
 

@@ -30,7 +30,7 @@ from rich.table import Table
 from meshseg.errors import InputError, MeshsegError
 from meshseg.io import GRID_ATOL_MM, Volume, is_nifti_path, load_volume, stem, write_csv
 from meshseg.metrics import ARC_QUARTILES_ML, avd, dice, hd95, lesion_counts, mcc, voxel_ml
-from meshseg.pipeline.cohort import PROB_SUFFIX
+from meshseg.pipeline.cohort import is_companion
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,10 @@ def subject_key(path: Path) -> str:
 
 def mask_files(spec: Path, pattern: str = "*") -> list[Path]:
     """One NIfTI file, or the NIfTI files below a folder whose names match `pattern`
-    (probability maps, meshseg's or BIDS *_probseg, excluded)."""
+    (probability maps, meshseg's or BIDS *_probseg, and meshseg's --mni masks excluded)."""
     if spec.is_dir():
         return sorted(p for p in spec.rglob(pattern) if is_nifti_path(p)
-                      and not stem(p).endswith((PROB_SUFFIX, "_probseg")))
+                      and not is_companion(p) and not stem(p).endswith(("_probseg", "_prob")))
     if not spec.exists():
         raise InputError(f"{spec}: no such file or folder")
     return [spec]
@@ -138,6 +138,9 @@ def score(pred_path: Path, truth_path: Path, resample: bool = False,
         moved = resample_from_to(nib.Nifti1Image(pred.data, pred.affine),
                                  (truth.data.shape, truth.affine), order=0)
         pred_data = np.asarray(moved.dataobj)
+        if (pred.data > LESION_THRESHOLD).any() and not (pred_data > LESION_THRESHOLD).any():
+            warn(f"{pred_path}: its lesion lies entirely outside {truth_path}'s grid; "
+                 "scored as an empty prediction (wrong mask or affine?)")
     else:
         pred_data = pred.data
     p, t = pred_data > LESION_THRESHOLD, truth.data > LESION_THRESHOLD

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
@@ -17,7 +19,7 @@ from torch import nn
 
 from meshseg import archs
 from meshseg.errors import OutputError, WeightsError
-from meshseg.io import atomic_path
+from meshseg.io import atomic_path, remove_leftovers
 from meshseg.models.meshnet import FoldedLayer, count_parameters, fold
 from meshseg.models.tfjs import load_tfjs
 from meshseg.models.weights import load_network, sha256_file
@@ -152,6 +154,7 @@ def pull(name: str, mirror: str | None = None) -> Path:
         return entry.folder
     base = mirror or entry.source
     entry.folder.mkdir(parents=True, exist_ok=True)
+    remove_leftovers({entry.folder / file_name for file_name in entry.files})  # killed pulls
     for file_name, sha in entry.files.items():
         target = entry.folder / file_name
         if target.is_file() and sha256_file(target) == sha:
@@ -160,8 +163,16 @@ def pull(name: str, mirror: str | None = None) -> Path:
     return entry.folder
 
 
-def download(url: str, target: Path, sha256: str, timeout: float = 60.0) -> None:
+DOWNLOAD_DEADLINE_S = 3600.0  # a whole file, however slowly the server sends it
+OFFLINE_HINT = ("no network? `meshseg models pull NAME --from URL` fetches from a mirror, "
+                "or from a folder as file:///folder/")
+
+
+def download(url: str, target: Path, sha256: str, timeout: float = 60.0,
+             deadline_s: float = DOWNLOAD_DEADLINE_S) -> None:
     """Fetch `url` to `target` through a temporary file; refuse a checksum mismatch.
+    `timeout` bounds each wait for bytes, `deadline_s` the whole download (a server sending
+    a byte every 10 s never trips the first).
 
     Raises:
         WeightsError: the download failed or its sha256 differs from `sha256`.
@@ -170,7 +181,7 @@ def download(url: str, target: Path, sha256: str, timeout: float = 60.0) -> None
         raise WeightsError(f"{url}: only https, http and file addresses are supported")
     try:
         with atomic_path(target) as tmp:
-            _fetch(url, tmp, timeout)
+            _fetch(url, tmp, timeout, time.monotonic() + deadline_s)
             got = sha256_file(tmp)
             if got != sha256:
                 raise WeightsError(f"{url}: checksum mismatch (sha256 {got}, expected "
@@ -179,19 +190,25 @@ def download(url: str, target: Path, sha256: str, timeout: float = 60.0) -> None
         raise WeightsError(f"{url}: download failed ({err})") from err
 
 
-def _fetch(url: str, tmp: Path, timeout: float) -> None:
-    """Copy `url` into `tmp`. Network errors are OSErrors too: named here, they do not reach
-    `atomic_path`, which would report them as a file that cannot be written.
+def _fetch(url: str, tmp: Path, timeout: float, deadline: float) -> None:
+    """Copy `url` into `tmp` by `deadline` (time.monotonic). Network errors are OSErrors too:
+    named here, they do not reach `atomic_path`, which would report them as a file that
+    cannot be written.
 
     Raises:
-        WeightsError: the download (or writing what arrives) failed.
+        WeightsError: the download (or writing what arrives) failed or ran past `deadline`.
     """
     try:
         with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            for block in iter(lambda: response.read(1 << 20), b""):
+            while block := response.read1(1 << 20):  # what has arrived: the clock is checked
                 out.write(block)
+                if time.monotonic() > deadline:
+                    raise WeightsError(f"{url}: download too slow (not finished by its "
+                                       "deadline); try again later or use --from")
     except urllib.error.URLError as err:
-        raise WeightsError(f"{url}: download failed ({err.reason})") from err
+        offline = isinstance(err.reason, (socket.gaierror, ConnectionError, TimeoutError))
+        raise WeightsError(f"{url}: download failed ({err.reason})"
+                           + (f"; {OFFLINE_HINT}" if offline else "")) from err
     except OSError as err:
         raise WeightsError(f"{url}: download failed ({err})") from err
 

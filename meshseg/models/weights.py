@@ -64,7 +64,7 @@ def _write(path: str | Path, model: nn.Module, header: dict[str, str], meta: dic
 
 
 def _meshnet(path: Path, header: dict[str, str],
-             state: dict[str, torch.Tensor]) -> tuple[MeshNet, dict]:
+             shapes: dict[str, tuple[int, ...]]) -> tuple[MeshNet, dict]:
     """A MeshNet checkpoint (FORMAT): the network rebuilt from its config, and its meta."""
     try:
         config = MeshNetConfig.from_dict(json.loads(header["config"]))
@@ -77,7 +77,7 @@ def _meshnet(path: Path, header: dict[str, str],
     except RuntimeError as err:  # sizes beyond what a tensor can hold
         raise WeightsError(f"{path}: checkpoint config describes an impossible network "
                            f"({first_line(err)})") from err
-    return _filled(path, model, state), meta
+    return _filled(path, model, shapes), meta
 
 
 def load_network(path: str | Path) -> Checkpoint:
@@ -88,9 +88,9 @@ def load_network(path: str | Path) -> Checkpoint:
             cannot build (or whose packages are missing), or weights that do not fit.
     """
     path = Path(path)
-    header, state = _read(path)
+    header, shapes = _read_header(path)
     if header.get("format") == FORMAT:
-        model, meta = _meshnet(path, header, state)
+        model, meta = _meshnet(path, header, shapes)
         return Checkpoint(model, archs.MESHNET, model.config.to_dict(), meta)
     if header.get("format") != NETWORK_FORMAT:
         raise WeightsError(f"{path}: not a meshseg checkpoint (format {header.get('format')!r})")
@@ -108,22 +108,37 @@ def load_network(path: str | Path) -> Checkpoint:
         raise
     except MeshsegError as err:
         raise WeightsError(f"{path}: {err}") from err
-    return Checkpoint(_filled(path, model, state), name, options, meta, window)
+    return Checkpoint(_filled(path, model, shapes), name, options, meta, window)
 
 
-def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(header, tensors) of a safetensors file, without running any code from it."""
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """(metadata, tensor shapes) of a safetensors file, from its header alone: no tensor is
+    read (nor any code run) before `_filled` has checked the shapes against the network.
+
+    Raises:
+        WeightsError: missing or not a readable safetensors file.
+    """
     if not path.is_file():
         raise WeightsError(f"{path}: no such checkpoint file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{path}: not a readable safetensors checkpoint ({err})") from err
+    return header, shapes
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose header `_filled` has checked."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{path}: not a readable safetensors checkpoint ({err})") from err
     for key, tensor in state.items():
         check_finite(path, key, tensor)
-    return header, state
+    return state
 
 
 def check_finite(path: str | Path, name: str, values: torch.Tensor | np.ndarray) -> None:
@@ -140,11 +155,26 @@ def check_finite(path: str | Path, name: str, values: torch.Tensor | np.ndarray)
         raise WeightsError(f"{path}: weight {name} holds NaN or infinite values")
 
 
-def _filled(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """`model` holding exactly `state`, in eval mode."""
+def _filled(path: Path, model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    """`model` holding exactly the file's tensors, in eval mode; their names and shapes are
+    checked against the model from the header first, so an extra or oversized tensor is
+    refused before any memory is spent on it.
+
+    Raises:
+        WeightsError: "PATH: weights do not match the config (...)".
+    """
+    wanted = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    if shapes != wanted:
+        extra = sorted(shapes.keys() - wanted.keys())
+        missing = sorted(wanted.keys() - shapes.keys())
+        wrong = sorted(k for k in shapes.keys() & wanted.keys() if shapes[k] != wanted[k])
+        what = (f"unexpected tensor {extra[0]}" if extra else f"missing tensor {missing[0]}"
+                if missing else f"{wrong[0]} is {list(shapes[wrong[0]])}, the network needs "
+                f"{list(wanted[wrong[0]])}")
+        raise WeightsError(f"{path}: weights do not match the config ({what})")
     try:
-        model.load_state_dict(state, strict=True, assign=True)  # real tensors replace meta ones
-    except RuntimeError as err:
+        model.load_state_dict(_read_tensors(path), strict=True, assign=True)  # real tensors
+    except RuntimeError as err:  # replace meta ones
         raise WeightsError(f"{path}: weights do not match the config "
                            f"({first_line(err)})") from err
     return model.eval()

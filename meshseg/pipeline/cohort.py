@@ -12,30 +12,37 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meshseg import __version__
-from meshseg.errors import OutputError
-from meshseg.io import atomic_path, bids_entities, is_nifti_path, make_folder, stem
+from meshseg.errors import InputError, OutputError
+from meshseg.io import (
+    LEFTOVER,
+    atomic_path,
+    bids_entities,
+    is_nifti_path,
+    make_folder,
+    stem,
+)
+from meshseg.io import remove_leftovers as io_remove_leftovers
 from meshseg.pipeline.predict import Outputs
-from meshseg.pipeline.record import is_foreign_json, lesions_path
+from meshseg.pipeline.record import is_foreign_json, is_foreign_report, lesions_path
 
 MASK_SUFFIX = "_lesion"
 PROB_SUFFIX = "_lesion_prob"
+PROB_END = "_prob.nii.gz"  # after the mask's name: <name>_lesion_prob.nii.gz, -o m.nii.gz: m_prob
 MNI_SUFFIX = "_mni"  # after the mask's name: <name>_lesion_mni.nii.gz, the mask in MNI space
 PICTURE_SUFFIX = "_qc.png"  # after the mask's name: <name>_lesion_qc.png
 BIDS_MASK = "_space-orig_desc-lesion_mask"  # BIDS derivatives: a binary mask on the scan's grid
 BIDS_PROB = "_space-orig_desc-lesion_probseg"  # and its probabilistic segmentation
 BIDS_INPUT = "_T2w"  # in a BIDS dataset, the model's contrast is the input
 DESCRIPTION = "dataset_description.json"
+BIDSIGNORE = ".bidsignore"
+# meshseg's outputs that BIDS has no name for: the validator is told to leave them alone
+BIDS_IGNORED = (f"*{PICTURE_SUFFIX}", f"*{BIDS_MASK}{MNI_SUFFIX}.nii.gz")
 BIDS_VERSION = "1.9.0"
-# io.atomic_path's temporary files: ".<target name>.<8 random characters>.part<suffix>"
-LEFTOVER = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.part(\.nii\.gz|\.nii|\.json|\.csv)$")
-LEFTOVER_AGE_S = 300  # older than any write in flight (a write touches its file as it goes)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,13 @@ class Input:
 
     path: Path
     subfolder: Path = Path()
+
+
+def is_companion(path: Path) -> bool:
+    """True for meshseg's outputs that go with a mask but are not one on the scan's grid
+    (probability maps, MNI-space masks): never scored as a subject's mask."""
+    return stem(path).endswith((PROB_SUFFIX, BIDS_PROB, MASK_SUFFIX + MNI_SUFFIX,
+                                BIDS_MASK + MNI_SUFFIX))
 
 
 def is_output(path: Path) -> bool:
@@ -74,6 +88,38 @@ def _search(folder: Path) -> list[Input]:
             continue
         found.append(Input(path, path.parent.relative_to(folder)))
     return found
+
+
+def bids_skipped(folder: Path) -> list[str]:
+    """One line per subject of a BIDS dataset that has images but no *_T2w (FLAIR- or
+    T1w-only): BIDS mode segments T2w only, and says whom it leaves out."""
+    if not folder.is_dir() or not is_bids_root(folder):
+        return []
+    found: dict[str, set[str]] = {}
+    for path in folder.glob("sub-*/**/*"):
+        if is_nifti_path(path) and not _hidden(path, folder) and not is_output(path):
+            found.setdefault(path.relative_to(folder).parts[0], set()).add(
+                stem(path).rsplit("_", 1)[-1])
+    return [f"{folder / subject}: skipped, no *{BIDS_INPUT} image (has "
+            f"{', '.join(sorted(kinds))}; the models read T2-weighted scans)"
+            for subject, kinds in sorted(found.items()) if BIDS_INPUT[1:] not in kinds]
+
+
+def select_participants(inputs: list[Input], labels: tuple[str, ...]) -> list[Input]:
+    """The inputs of the BIDS participants named (with or without "sub-"), as BIDS Apps'
+    --participant-label selects them.
+
+    Raises:
+        InputError: a label that matches none of the inputs.
+    """
+    wanted = {label.removeprefix("sub-") for label in labels}
+    chosen = [entry for entry in inputs if bids_entities(entry.path).get("sub") in wanted]
+    present = {bids_entities(entry.path)["sub"] for entry in chosen}
+    missing = sorted(wanted - present)
+    if missing:
+        raise InputError(f"--participant-label {missing[0]}: no *{BIDS_INPUT} image of "
+                         f"sub-{missing[0]} among the inputs")
+    return chosen
 
 
 def expand_inputs(items: list[str]) -> list[Input]:
@@ -142,18 +188,19 @@ def plan_outputs(inputs: list[Input], output: Path | None, prob: bool, picture: 
     bids = uses_bids(inputs, output)
     plans = []
     for entry in inputs:
+        reference = ""
         if single_file:
-            plans.append(Outputs(mask=output, prob=output.parent / (stem(output) + PROB_SUFFIX
-                                                                    + ".nii.gz") if prob else None))
-            continue
-        if bids:
+            mask, prob_path = output, _beside(output, PROB_END) if prob else None
+        elif bids:
             folder, base = bids_place(entry.path)
-            folder, mask_end, prob_end = output / folder, BIDS_MASK, BIDS_PROB
+            mask, prob_path = (output / folder / f"{base}{BIDS_MASK}.nii.gz",
+                               output / folder / f"{base}{BIDS_PROB}.nii.gz" if prob else None)
+            reference = os.path.relpath(entry.path, output)  # the scan whose grid it is
         else:
             folder = entry.path.parent if output is None else output / entry.subfolder
-            base, mask_end, prob_end = stem(entry.path), MASK_SUFFIX, PROB_SUFFIX
-        plans.append(Outputs(mask=folder / f"{base}{mask_end}.nii.gz",
-                             prob=folder / f"{base}{prob_end}.nii.gz" if prob else None))
+            mask = folder / f"{stem(entry.path)}{MASK_SUFFIX}.nii.gz"
+            prob_path = _beside(mask, PROB_END) if prob else None
+        plans.append(Outputs(mask=mask, prob=prob_path, reference=reference))
     plans = [with_qc(p, picture, mni) for p in plans]
     masks = [p.mask for p in plans]
     clash = {m for m in masks if masks.count(m) > 1}
@@ -163,11 +210,16 @@ def plan_outputs(inputs: list[Input], output: Path | None, prob: bool, picture: 
     return plans
 
 
+def _beside(mask: Path, end: str) -> Path:
+    """A companion output named after its mask: <mask name><end> (m.nii.gz -> m_prob.nii.gz,
+    m_qc.png, m_mni.nii.gz), whatever named the mask."""
+    return mask.with_name(stem(mask) + end)
+
+
 def with_qc(plan: Outputs, picture: bool, mni: bool) -> Outputs:
     """The plan with the QC picture and the MNI mask beside its mask, where asked for."""
-    base = plan.mask.with_name(stem(plan.mask))
-    return replace(plan, picture=base.with_name(base.name + PICTURE_SUFFIX) if picture else None,
-                   mni=base.with_name(base.name + MNI_SUFFIX + ".nii.gz") if mni else None)
+    return replace(plan, picture=_beside(plan.mask, PICTURE_SUFFIX) if picture else None,
+                   mni=_beside(plan.mask, MNI_SUFFIX + ".nii.gz") if mni else None)
 
 
 def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
@@ -185,27 +237,44 @@ def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
         raise OutputError(f"{derivatives / DESCRIPTION}: belongs to another dataset; give -o "
                           "a folder of its own (e.g. DATASET/derivatives/meshseg)")
     given = {os.path.realpath(entry.path): entry.path for entry in inputs}
-    targets = [(path, role) for entry, plan in zip(inputs, plans) if entry.path.exists()
-               for path, role in ((plan.mask, "mask"), (plan.prob, "probability map"),
-                                  (plan.sidecar, "record")) if path is not None]
+    targets = [target for entry, plan in zip(inputs, plans) if entry.path.exists()
+               for target in plan.files()]
+    if report is not None and os.path.abspath(report) in {os.path.abspath(p) for p, _ in targets}:
+        raise OutputError(f"{report}: --report would replace an output of this run; "
+                          "name another file")
     targets += [(report, "report")] if report is not None else []
-    folders: set[Path] = set()
     for path, role in targets:
-        real = os.path.realpath(path)
-        if real in given:
-            raise OutputError(f"{path}: the {role} would overwrite the input {given[real]} "
-                              "(choose another -o)")
-        if ".git" in Path(real).parts or ".git" in path.parts:
-            raise OutputError(f"{path}: meshseg never writes inside a .git folder; "
-                              "use -o FOLDER")
-        if path.is_dir():
-            raise OutputError(f"{path}: is a folder; the {role} is a file")
-        if role == "record" and is_foreign_json(path):
-            raise OutputError(f"{path}: exists and is not a meshseg record; meshseg will not "
-                              "replace it")
-        folders.add(path.parent)
-    for folder in sorted(folders):
+        check_target(path, role, given)
+    for folder in sorted({path.parent for path, _ in targets}):
         _check_writable(folder)
+
+
+def check_target(path: Path, role: str, given: dict[str, Path]) -> None:
+    """THE rule for where meshseg may write one output (mask, probability map, QC picture,
+    MNI mask, record, report): never over an input (`given`: real path -> the input as
+    named; symlinks followed), a folder, a JSON file that is not meshseg's, or into a folder
+    inside .git. An output that is itself a symlink into .git/annex (a DataLad dataset's
+    saved output) is fine: the write replaces the link, never the annexed object. An existing
+    file of the user's under an output's name is `predict.check_foreign`'s.
+
+    Raises:
+        OutputError: naming the path and why.
+    """
+    real = os.path.realpath(path)
+    if real in given:
+        raise OutputError(f"{path}: the {role} would overwrite the input {given[real]} "
+                          "(choose another -o)")
+    if ".git" in Path(os.path.realpath(path.parent)).parts or ".git" in path.parts:
+        raise OutputError(f"{path}: meshseg never writes inside a .git folder; "
+                          "use -o FOLDER")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; the {role} is a file")
+    if role == "record" and is_foreign_json(path):
+        raise OutputError(f"{path}: exists and is not a meshseg record; meshseg will not "
+                          "replace it")
+    if role == "report" and is_foreign_report(path):
+        raise OutputError(f"{path}: exists and is not a meshseg report; meshseg will not "
+                          "replace it")
 
 
 def _check_writable(folder: Path) -> None:
@@ -221,24 +290,10 @@ def _check_writable(folder: Path) -> None:
 
 def remove_leftovers(plans: list[Outputs], report: Path | None = None) -> list[Path]:
     """Delete the temporary files that an interrupted write of this run's outputs left
-    (`LEFTOVER` names whose target is one of them, older than `LEFTOVER_AGE_S`, so another
-    process's write in flight is left alone); returns what was removed."""
-    targets = {path for plan in plans for path in (*plan.images(), plan.sidecar)}
+    (`io.remove_leftovers`); returns what was removed."""
+    targets = {path for plan in plans for path, _ in plan.files()}
     targets |= {report, lesions_path(report)} if report is not None else set()
-    removed = []
-    now = time.time()
-    for folder in sorted({t.parent for t in targets if t.parent.is_dir()}):
-        for path in folder.iterdir():
-            found = LEFTOVER.match(path.name)
-            if not found or folder / found["target"] not in targets:
-                continue
-            try:
-                if now - path.stat().st_mtime > LEFTOVER_AGE_S and path.is_file():
-                    path.unlink()
-                    removed.append(path)
-            except OSError:  # gone already (another process cleaned it up)
-                continue
-    return removed
+    return io_remove_leftovers(targets)
 
 
 def is_own_description(path: Path) -> bool:
@@ -255,7 +310,9 @@ def is_own_description(path: Path) -> bool:
 
 
 def write_description(folder: Path, model: str, model_sha256: str) -> Path:
-    """The dataset_description.json of a BIDS derivatives dataset made by meshseg."""
+    """The dataset_description.json of a BIDS derivatives dataset made by meshseg, and the
+    .bidsignore lines for its outputs that BIDS has no name for (QC pictures, MNI masks);
+    the user's own .bidsignore lines are kept."""
     make_folder(folder)
     description = {
         "Name": "meshseg lesion masks",
@@ -266,6 +323,26 @@ def write_description(folder: Path, model: str, model_sha256: str) -> Path:
                                         f"(sha256 {model_sha256})"}],
     }
     path = folder / DESCRIPTION
-    with atomic_path(path, suffix=".part.json") as tmp:
-        tmp.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    _write_unless_same(path, json.dumps(description, indent=2) + "\n")
+    ignore = folder / BIDSIGNORE
+    try:
+        kept = ignore.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        kept = ""
+    except (OSError, UnicodeDecodeError) as err:
+        raise OutputError(f"{ignore}: cannot read ({err})") from err
+    missing = [line for line in BIDS_IGNORED if line not in kept.splitlines()]
+    _write_unless_same(ignore, kept + "".join(f"{line}\n" for line in missing))
     return path
+
+
+def _write_unless_same(path: Path, text: str) -> None:
+    """Write `text` atomically unless the file already holds it (a DataLad dataset keeps it
+    saved then, not modified)."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    with atomic_path(path, suffix=".part") as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -31,7 +31,16 @@ from meshseg.errors import (
     OutputError,
     WeightsError,
 )
-from meshseg.io import WARNINGS_SEP, Volume, first_line, load_volume, make_folder, save_like
+from meshseg.io import (
+    WARNINGS_SEP,
+    Volume,
+    first_line,
+    is_nifti_path,
+    load_volume,
+    made_by_meshseg,
+    make_folder,
+    save_like,
+)
 from meshseg.metrics import CONNECTIVITY, largest_lesion, voxel_ml
 from meshseg.models.catalog import LoadedModel
 from meshseg.models.weights import sha256_file
@@ -50,6 +59,7 @@ from meshseg.pipeline.record import (
     as_skipped,
     read_sidecar,
     sidecar_path,
+    write_bids_sidecar,
     write_report,
     write_sidecar,
 )
@@ -100,10 +110,23 @@ class Outputs:
     prob: Path | None = None
     picture: Path | None = None  # QC picture (PNG)
     mni: Path | None = None  # the mask on the MNI grid
+    reference: str = ""  # BIDS derivatives: the source scan, as SpatialReference states it
 
     @property
     def sidecar(self) -> Path:
         return sidecar_path(self.mask)
+
+    @property
+    def prob_sidecar(self) -> Path | None:
+        """The probability map's BIDS sidecar (only BIDS derivatives need one)."""
+        return sidecar_path(self.prob) if self.prob is not None and self.reference else None
+
+    def files(self) -> list[tuple[Path, str]]:
+        """Every file this input's run writes, with its role (for messages), record last."""
+        found = [(self.mask, "mask"), (self.prob, "probability map"),
+                 (self.picture, "QC picture"), (self.mni, "MNI mask"),
+                 (self.prob_sidecar, "record"), (self.sidecar, "record")]
+        return [(path, role) for path, role in found if path is not None]
 
     def images(self) -> list[Path]:
         """The NIfTI outputs: the mask, and the probability map when asked for."""
@@ -111,7 +134,10 @@ class Outputs:
 
     def complete(self) -> bool:
         """True when every NIfTI output exists and loads to its last voxel (a 0-byte or
-        truncated file is not complete)."""
+        truncated file is not complete) and the QC picture and MNI mask asked for exist (an
+        option added to a finished cohort redoes its inputs, not "skipped" with nothing)."""
+        if not all(path.is_file() for path in (self.picture, self.mni) if path is not None):
+            return False
         try:
             return all(load_volume(path) is not None for path in self.images())
         except InputError:
@@ -248,6 +274,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
     start = time.perf_counter()
     result = new_record(path, outputs, model, device, settings)
     report = StageClock(progress)
+    volume: Volume | None = None
     try:
         if not overwrite:
             kept = kept_record(outputs, result)
@@ -268,11 +295,18 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
         make_folder(outputs.mask.parent)
         if outputs.prob is not None:
             save_like(prob, volume, outputs.prob, np.float32)
+        if outputs.prob_sidecar is not None:
+            write_bids_sidecar(outputs.prob_sidecar, outputs.reference)
         save_like(mask, volume, outputs.mask, np.uint8)
+        result.output_sha256 = sha256_file(outputs.mask)
         report("write", 1.0)
     except ForeignOutputError as err:
         result.status, result.error = "failed", str(err)
         return result  # no record: the file there is not meshseg's to vouch for
+    except InputError as err:
+        result.status, result.error = "failed", str(err)
+        if volume is None:  # unreadable (not NIfTI, missing, damaged): nothing beside it
+            return result
     except MeshsegError as err:
         result.status, result.error = "failed", str(err)
     except MemoryError:
@@ -283,7 +317,7 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
     result.seconds = round(time.perf_counter() - start, 3)
     result.stage_seconds = report.seconds
     result.date = datetime.now(UTC).isoformat(timespec="seconds")
-    _write_record(result, outputs.sidecar)
+    _write_record(result, outputs)
     return result
 
 
@@ -314,7 +348,10 @@ def new_record(path: Path, outputs: Outputs, model: LoadedModel, device: str,
 
 
 def _sha256_or_empty(path: Path) -> str:
-    """The file's sha256, or "" when it cannot be read (loading it then reports why)."""
+    """The file's sha256, or "" when it cannot be read or is no regular file (a FIFO or
+    /dev/zero would never end; loading it then reports why)."""
+    if not path.is_file():
+        return ""
     try:
         return sha256_file(path)
     except OSError:
@@ -325,30 +362,64 @@ def kept_record(outputs: Outputs, wanted: Result) -> Result | None:
     """The earlier record to keep instead of segmenting again, or None to segment.
 
     Raises:
-        ForeignOutputError: an output exists, loads, and no meshseg record says meshseg made
-            it (a user's own mask under that name): only --overwrite replaces it.
+        ForeignOutputError: an output exists that meshseg did not make (`check_foreign`).
     """
     previous = read_sidecar(outputs.sidecar)
+    check_foreign(outputs, previous)
     if previous is None:
-        existing = [p for p in outputs.images() if p.exists()]
-        if existing and outputs.complete():
-            raise ForeignOutputError(f"{existing[0]}: exists, but no meshseg record "
-                                     f"({outputs.sidecar.name}) says how it was made; "
-                                     "--overwrite replaces it")
         return None
     same = (previous.status == "ok" and previous.same_settings(wanted)
             and previous.input_sha256 == wanted.input_sha256
-            and previous.prob == wanted.prob and outputs.complete())
+            and previous.prob == wanted.prob and outputs.complete()
+            and _unchanged(outputs.mask, previous.output_sha256))
     return as_skipped(previous) if same else None
 
 
-def _write_record(result: Result, sidecar: Path) -> None:
+def _unchanged(mask: Path, recorded: str) -> bool:
+    """True when the mask is still the one its record describes (records from before
+    output_sha256 existed say nothing, and are trusted as before)."""
+    return not recorded or _sha256_or_empty(mask) == recorded
+
+
+def check_foreign(outputs: Outputs, previous: Result | None) -> None:
+    """Refuse to replace (without --overwrite) an output file that holds something and that
+    neither carries meshseg's signature nor is listed in the record beside it: a user's own
+    mask, picture or MNI mask under meshseg's name. A NIfTI file that does not load (0 bytes,
+    truncated) holds nothing worth keeping.
+
+    Raises:
+        ForeignOutputError: naming the first such file.
+    """
+    listed = set() if previous is None else {previous.output, previous.prob,
+                                              previous.picture, previous.mni}
+    for path, role in outputs.files():
+        if (role == "record"  # check_plan's is_foreign_json
+                or not path.is_file() or str(path) in listed or made_by_meshseg(path)
+                or not _holds_data(path)):
+            continue
+        raise ForeignOutputError(f"{path}: exists, but no meshseg record "
+                                 f"({outputs.sidecar.name}) says how it was made; "
+                                 f"--overwrite replaces this {role}")
+
+
+def _holds_data(path: Path) -> bool:
+    """A NIfTI file that loads completely, or any other non-empty file."""
+    if not is_nifti_path(path):
+        return path.stat().st_size > 0
+    try:
+        return load_volume(path) is not None
+    except InputError:
+        return False
+
+
+def _write_record(result: Result, outputs: Outputs) -> None:
     """Write the sidecar last; a failed input's record is written only where its output
     folder exists (a record that cannot be written makes the input fail)."""
+    sidecar = outputs.sidecar
     if result.status == "failed" and not sidecar.parent.is_dir():
         return
     try:
-        write_sidecar(result, sidecar)
+        write_sidecar(result, sidecar, outputs.reference)
     except OutputError as err:
         if result.status != "failed":
             result.status, result.error = "failed", str(err)

@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from meshseg.io import atomic_path, stem, write_csv
+from meshseg.io import atomic_path, is_nifti_path, stem, write_csv
 from meshseg.qc import html_report
 
 KIND = "meshseg-result"  # marks a JSON file as a sidecar written by meshseg
+BIDS_KIND = "meshseg-bids-sidecar"  # a probability map's BIDS sidecar, written by meshseg
 SETTINGS = ("model_sha256", "threshold", "postprocess", "backend", "precision")
 """The fields that decide what a mask looks like: resume keeps an output only when its
 sidecar agrees with the current run on all of them."""
@@ -59,7 +60,8 @@ class Result:
     flags: list = field(default_factory=list)  # QC flags (qc.Flag fields: name, value...)
     location: dict = field(default_factory=dict)  # side, territories... (checks.assess)
     picture: str = ""  # the QC picture
-    mni: str = ""  # the mask on the MNI grid, when written (--mni)
+    mni: str = ""  # the mask on the MNI grid (--mni)
+    output_sha256: str = ""  # of the mask as written: resume keeps only that mask
     kind: str = KIND
 
     def same_settings(self, other: Result) -> bool:
@@ -78,39 +80,103 @@ def sidecar_path(mask: Path) -> Path:
     return mask.with_name(stem(mask) + ".json")
 
 
-def write_sidecar(result: Result, path: Path) -> None:
-    """Write the record as JSON, atomically."""
+def write_sidecar(result: Result, path: Path, reference: str = "") -> None:
+    """Write the record as JSON, atomically; in BIDS derivatives (`reference` given) with the
+    `SpatialReference` the BIDS validator requires of a space-orig image's sidecar."""
+    fields_out = asdict(result) | ({"SpatialReference": reference} if reference else {})
+    _write_json(fields_out, path)
+
+
+def write_bids_sidecar(path: Path, reference: str) -> None:
+    """The sidecar of a BIDS derivative image that has no record of its own (the probseg)."""
+    _write_json({"SpatialReference": reference, "kind": BIDS_KIND}, path)
+
+
+def _write_json(data: dict, path: Path) -> None:
     with atomic_path(path, suffix=".part.json") as tmp:
-        tmp.write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+MAX_RECORD_BYTES = 1 << 20  # a record is a few kB; anything larger is not one
+RECORD_START = '{\n  "input": '  # how write_sidecar's text begins (a damaged one too)
+TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "float": (int, float), "list": (list,),
+                                      "dict": (dict,), "float | None": (int, float, type(None)),
+                                      "int | None": (int, type(None))}
+
+
+def _json(path: Path) -> Any:
+    """The JSON in a file, or None when it is missing, too large, unreadable or too deeply
+    nested to parse."""
+    try:
+        if path.stat().st_size > MAX_RECORD_BYTES or not path.is_file():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
 
 
 def read_sidecar(path: Path) -> Result | None:
-    """The record in a sidecar, or None when the file is missing, unreadable or not one of
-    meshseg's records (keys this version does not know are ignored)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
+    """The record in a sidecar, or None when the file is missing, unreadable, not one of
+    meshseg's records, or damaged: a field of the wrong type (`lesion_ml: "abc"`) means no
+    record, so that input is redone (keys this version does not know are ignored)."""
+    data = _json(path)
     if not isinstance(data, dict) or data.get("kind") != KIND:
         return None
-    known = {f.name for f in fields(Result)}
+    known = {f.name: f for f in fields(Result)}
+    values = {k: v for k, v in data.items() if k in known}
+    for name, value in values.items():
+        types = TYPES[str(known[name].type)]
+        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+            return None
+    if not all(isinstance(flag, dict) for flag in values.get("flags", [])):
+        return None
     try:
-        return Result(**{k: v for k, v in data.items() if k in known})
+        return Result(**values)
     except TypeError:  # a required field is missing
         return None
 
 
 def is_foreign_json(path: Path) -> bool:
-    """True for an existing file that is not a meshseg record (e.g. a BIDS sidecar): meshseg
-    must not replace it."""
-    return path.exists() and read_sidecar(path) is None
+    """True for an existing file that is not a meshseg record or BIDS sidecar (e.g. a
+    scanner's BIDS sidecar): meshseg must not replace it. An empty file, or a damaged
+    record (meshseg's kind with wrong types, meshseg's text cut short) is not foreign."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    data = _json(path)
+    if data is None:
+        try:
+            with path.open(encoding="utf-8", errors="replace") as handle:
+                return handle.read(len(RECORD_START)) != RECORD_START
+        except OSError:
+            return True
+    return not (isinstance(data, dict) and data.get("kind") in (KIND, BIDS_KIND))
+
+
+def is_foreign_report(path: Path) -> bool:
+    """True for an existing .json file that is not a meshseg --report (a list of records):
+    a user's own JSON, or one of meshseg's records. (A .csv or .html report cannot be told
+    from a user's file of that kind; those are replaced as before.)"""
+    if path.suffix.lower() != ".json" or not path.exists() or path.stat().st_size == 0:
+        return False
+    data = _json(path)
+    return not (isinstance(data, list) and all(isinstance(row, dict) and row.get("kind") == KIND
+                                               for row in data))
 
 
 def gather(folder: Path) -> list[Result]:
-    """Every record below `folder` (hidden folders such as .git skipped), sorted by input."""
+    """Every record below `folder` (hidden folders such as .git skipped), sorted by input;
+    the stray records older versions left beside inputs they could not read are not."""
     found = (read_sidecar(p) for p in folder.rglob("*.json")
              if not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    return sorted((r for r in found if r is not None), key=lambda r: (r.input, r.output))
+    return sorted((r for r in found if r is not None and not is_stray(r)),
+                  key=lambda r: (r.input, r.output))
+
+
+def is_stray(result: Result) -> bool:
+    """A failed record of something that was never a scan: not a NIfTI name, or a file that
+    could not even be hashed (missing, a folder)."""
+    return result.status == "failed" and (not is_nifti_path(Path(result.input))
+                                          or not result.input_sha256)
 
 
 def as_skipped(result: Result) -> Result:

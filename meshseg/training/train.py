@@ -76,6 +76,7 @@ def fit(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -> 
             folder already holds a run or cannot be written; DeviceError: see `resolve_device`.
     """
     config.check()
+    archs.require(config.architecture)  # before any file of the run is made
     config = config.resolved()
     run_dir = config.out
     if (run_dir / CONFIG_FILE).exists():
