@@ -44,3 +44,14 @@ def test_cpu_dry_run_writes_the_summary(check, write_nifti, threshold_model, tmp
     assert step["status"] == 0 and step["masks"][0]["dice"] == 1.0
     assert summary["forward"]["layers_fp32"]["max_abs_diff"] < 1e-3
     assert "| predict-fp32 | 0 |" in (tmp_path / "out" / "device_check.md").read_text()
+
+
+def test_gpu_training_script_parses_and_needs_an_output_folder():
+    """benchmarks/gpu_train.sh (run only where a GPU is lent): valid bash, and without
+    arguments it stops with its usage before doing anything."""
+    import subprocess
+
+    script = SCRIPT.with_name("gpu_train.sh")
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert done.returncode != 0 and "usage: gpu_train.sh OUT" in done.stderr
