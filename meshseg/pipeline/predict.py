@@ -192,7 +192,8 @@ def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
         # onnx takes ~1 s to import: only here
         from meshseg.models.export import onnx_runner, to_onnx
 
-        return onnx_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device)
+        return onnx_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device,
+                           model.name)
     if not model.layers:
         raise WeightsError(f"{model.name}: an ONNX model runs only with --backend onnx")
     return torch_runner(model.layers, device, slab=slab, precision=precision)
