@@ -277,10 +277,11 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
     report = StageClock(progress)
     volume: Volume | None = None
     try:
-        if not overwrite:
-            kept = kept_record(outputs, result)
-            if kept is not None:
-                return kept
+        previous = read_sidecar(outputs.sidecar)
+        check_foreign(outputs, previous)  # --overwrite too: it replaces meshseg's files only
+        kept = None if overwrite else kept_record(outputs, previous, result)
+        if kept is not None:
+            return kept
         report("load", 0.0)
         volume = load_volume(path)
         result.warnings = WARNINGS_SEP.join(volume.warnings)
@@ -359,14 +360,9 @@ def _sha256_or_empty(path: Path) -> str:
         return ""
 
 
-def kept_record(outputs: Outputs, wanted: Result) -> Result | None:
-    """The earlier record to keep instead of segmenting again, or None to segment.
-
-    Raises:
-        ForeignOutputError: an output exists that meshseg did not make (`check_foreign`).
-    """
-    previous = read_sidecar(outputs.sidecar)
-    check_foreign(outputs, previous)
+def kept_record(outputs: Outputs, previous: Result | None, wanted: Result) -> Result | None:
+    """The earlier record (`previous`, from the sidecar) to keep instead of segmenting again,
+    or None to segment."""
     if previous is None:
         return None
     same = (previous.status == "ok" and previous.same_settings(wanted)
@@ -383,10 +379,11 @@ def _unchanged(mask: Path, recorded: str) -> bool:
 
 
 def check_foreign(outputs: Outputs, previous: Result | None) -> None:
-    """Refuse to replace (without --overwrite) an output file that holds something and that
+    """Refuse, --overwrite or not, to replace an output file that holds something and that
     neither carries meshseg's signature nor is listed in the record beside it: a user's own
-    mask, picture or MNI mask under meshseg's name. A NIfTI file that does not load (0 bytes,
-    truncated) holds nothing worth keeping.
+    scan, mask, picture or MNI mask under meshseg's name (--overwrite means "redo meshseg's
+    outputs", never "delete what meshseg did not write"). A NIfTI file that does not load
+    (0 bytes, truncated) holds nothing worth keeping.
 
     Raises:
         ForeignOutputError: naming the first such file.
@@ -398,9 +395,9 @@ def check_foreign(outputs: Outputs, previous: Result | None) -> None:
                 or not path.is_file() or str(path) in listed or made_by_meshseg(path)
                 or not _holds_data(path)):
             continue
-        raise ForeignOutputError(f"{path}: exists, but no meshseg record "
-                                 f"({outputs.sidecar.name}) says how it was made; "
-                                 f"--overwrite replaces this {role}")
+        raise ForeignOutputError(f"{path}: exists and is not meshseg's (no meshseg signature, "
+                                 f"no record {outputs.sidecar.name}); meshseg will not replace "
+                                 f"this {role}, even with --overwrite: move it or choose -o")
 
 
 def _holds_data(path: Path) -> bool:
