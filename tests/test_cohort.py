@@ -317,11 +317,14 @@ def test_csv_rule_for_nested_fields(tmp_path):
         location: dict = field(default_factory=dict)
 
     qc = WithQc(input="a", output="b", status="ok", model="m", device="cpu",
-                flags=[{"name": "edge", "value": 1.0, "threshold": 0.0, "message": "x"}],
+                flags=[{"name": "edge", "value": 1.0, "threshold": 0.0, "message": "x"},
+                       {"name": "not_t2", "value": 0.3, "threshold": 0.75, "message": "y"}],
                 location={"hemisphere": "left", "centroid": {"x": 1.0, "y": 2.0}})
     row = flat_row(qc)
     assert row["location.hemisphere"] == "left" and row["location.centroid.y"] == 2.0
     assert json.loads(row["flags"])[0]["name"] == "edge"
+    assert row["flag_names"] == "edge not_t2"  # issue 20 item 10: readable without JSON
+    assert list(row).index("flag_names") == list(row).index("flags") + 1
     write_report([qc], tmp_path / "r.csv")
     assert "location.centroid.x" in (tmp_path / "r.csv").read_text().splitlines()[0]
     write_report([qc], tmp_path / "r.json")
@@ -579,3 +582,23 @@ def test_output_folder_is_never_a_raw_bids_dataset(tmp_path, threshold_model, ca
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert run("predict", ds, "-o", ds / "derivatives" / "meshseg", "-m", threshold_model,
                "-q").exit_code == 0
+
+
+def test_records_hold_the_absolute_input_however_typed(tmp_path, threshold_model, monkeypatch):
+    """Issue 20 item 10: one folder's records mixed `a.nii.gz` and `scans/a.nii.gz`; resume
+    and the cohort page's relative links still work."""
+    scans = tmp_path / "scans"
+    save(scans / "a.nii.gz"), save(scans / "b.nii.gz", seed=1)
+    monkeypatch.chdir(scans)
+    assert run("predict", "a.nii.gz", "-m", threshold_model, "-q").exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    assert run("predict", "scans/b.nii.gz", "-m", threshold_model, "-q").exit_code == 0
+    for name in ("a", "b"):
+        assert read_sidecar(scans / f"{name}_lesion.json").input == str(scans / f"{name}.nii.gz")
+    page = tmp_path / "pages" / "cohort.html"
+    again = run("predict", "scans", "-m", threshold_model, "--report", page)
+    assert again.exit_code == 0 and "2 skipped" in again.output, again.output
+    html = page.read_text()
+    for name in ("a_lesion.nii.gz", "a_lesion.json", "b_lesion.nii.gz", "b_lesion.json"):
+        assert f'href="../scans/{name}"' in html  # relative to the page, as before
+    assert f'href="{tmp_path}' not in html

@@ -39,6 +39,7 @@ from meshseg.io import (
     load_volume,
     made_by_meshseg,
     make_folder,
+    record_path,
     save_like,
 )
 from meshseg.metrics import CONNECTIVITY, largest_lesion, voxel_ml
@@ -339,8 +340,8 @@ def quality_check(volume: Volume, prob: np.ndarray, mask: np.ndarray, outputs: O
 def new_record(path: Path, outputs: Outputs, model: LoadedModel, device: str,
                settings: Settings) -> Result:
     """The record of a run about to start: what will make the outputs and with what."""
-    return Result(input=str(path), output=str(outputs.mask), status="ok", model=model.name,
-                  device=device, prob=str(outputs.prob or ""),
+    return Result(input=record_path(path), output=record_path(outputs.mask), status="ok",
+                  model=model.name, device=device, prob=record_path(outputs.prob),
                   input_sha256=_sha256_or_empty(path),
                   model_sha256=model.sha256, threshold=settings.threshold,
                   postprocess=settings.postprocess or model.postprocess,
@@ -367,7 +368,7 @@ def kept_record(outputs: Outputs, previous: Result | None, wanted: Result) -> Re
         return None
     same = (previous.status == "ok" and previous.same_settings(wanted)
             and previous.input_sha256 == wanted.input_sha256
-            and previous.prob == wanted.prob and outputs.complete()
+            and record_path(previous.prob) == wanted.prob and outputs.complete()
             and _unchanged(outputs.mask, previous.output_sha256))
     return as_skipped(previous) if same else None
 
@@ -388,11 +389,11 @@ def check_foreign(outputs: Outputs, previous: Result | None) -> None:
     Raises:
         ForeignOutputError: naming the first such file.
     """
-    listed = set() if previous is None else {previous.output, previous.prob,
-                                              previous.picture, previous.mni}
+    listed = set() if previous is None else {record_path(p) for p in (
+        previous.output, previous.prob, previous.picture, previous.mni)}
     for path, role in outputs.files():
         if (role == "record"  # check_plan's is_foreign_json
-                or not path.is_file() or str(path) in listed or made_by_meshseg(path)
+                or not path.is_file() or record_path(path) in listed or made_by_meshseg(path)
                 or not _holds_data(path)):
             continue
         raise ForeignOutputError(f"{path}: exists and is not meshseg's (no meshseg signature, "
