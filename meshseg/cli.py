@@ -157,7 +157,7 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     try:
         torch_device = resolve_device(device)
         plans = cohort.plan_outputs(inputs_found, output, prob, picture=qc, mni=mni)
-        cohort.check_plan(inputs_found, plans, report, output if bids else None)
+        cohort.check_plan(inputs_found, plans, report, output, bids)
     except (DeviceError, OutputError) as err:
         fail(str(err), EXIT_USAGE)
     if shard is not None:

@@ -63,6 +63,12 @@ class Volume:
         return str(self.path) if self.path is not None else "<array>"
 
 
+def record_path(path: Path | str | None) -> str:
+    """How a record names a file: absolute, so that one folder's records agree however the
+    paths were typed and from wherever (a symlink is kept, not resolved); "" for none."""
+    return os.path.abspath(path) if path else ""
+
+
 def is_nifti_path(path: Path) -> bool:
     """True when the file name ends in .nii or .nii.gz."""
     return path.name.lower().endswith(NIFTI_SUFFIXES)

@@ -43,7 +43,7 @@ def test_predict_writes_native_grid_mask(write_nifti, tmp_path, threshold_model)
     assert record["threads"] == torch.get_num_threads()
     stages = record["stage_seconds"]  # where the time went, QC included
     assert set(stages) == {"load", "conform", "layers", "unconform", "qc", "write"}
-    assert 0 < sum(stages.values()) <= record["seconds"]
+    assert 0 < sum(stages.values()) <= record["seconds"] + 0.0005 * (len(stages) + 1)  # rounded
 
 
 def test_bf16_on_a_cpu_without_bf16_is_one_line(write_nifti, threshold_model, monkeypatch):

@@ -127,10 +127,13 @@ def test_unrecorded_or_incomplete_outputs(tmp_path, threshold_model):
     mine = tmp_path / "a_lesion.nii.gz"
     save(mine, seed=5)  # a user's own mask under meshseg's name
     before = mine.read_bytes()
-    refused = run("predict", scan, "-m", threshold_model)
-    assert refused.exit_code == 1 and "no meshseg record" in refused.stderr
-    assert mine.read_bytes() == before and not (tmp_path / "a_lesion.json").exists()
-    assert run("predict", scan, "-m", threshold_model, "--overwrite", "-q").exit_code == 0
+    for overwrite in ([], ["--overwrite"]):  # issue 20 item 13: --overwrite replaced it
+        refused = run("predict", scan, "-m", threshold_model, *overwrite)
+        assert refused.exit_code == 1 and "is not meshseg's" in refused.stderr
+        assert "move it or choose -o" in refused.stderr
+        assert mine.read_bytes() == before and not (tmp_path / "a_lesion.json").exists()
+    mine.rename(tmp_path / "a_manual.nii.gz")  # moved as the message says
+    assert run("predict", scan, "-m", threshold_model, "-q").exit_code == 0
     assert read_sidecar(tmp_path / "a_lesion.json").status == "ok"
 
     whole = mine.read_bytes()
@@ -156,7 +159,7 @@ def test_mni_added_to_a_finished_cohort_is_written(tmp_path, threshold_model):
 
 def test_users_own_qc_picture_and_mni_mask_are_kept(tmp_path, threshold_model):
     """A picture or MNI mask under meshseg's name that meshseg did not write (no signature, no
-    record) is replaced only with --overwrite; meshseg's own files carry its signature."""
+    record) is never replaced, --overwrite or not; meshseg's own files carry its signature."""
     from PIL import Image
 
     scan = save(tmp_path / "a.nii.gz")
@@ -164,13 +167,16 @@ def test_users_own_qc_picture_and_mni_mask_are_kept(tmp_path, threshold_model):
     Image.new("RGB", (4, 4)).save(picture)
     save(mni, seed=3)
     before = {p: p.read_bytes() for p in (picture, mni)}
-    refused = run("predict", scan, "-m", threshold_model, "--mni")
-    assert refused.exit_code == 1 and "--overwrite replaces this QC picture" in refused.stderr
-    assert {p: p.read_bytes() for p in (picture, mni)} == before
-    assert not (tmp_path / "a_lesion.nii.gz").exists()
+    for overwrite in ([], ["--overwrite"]):
+        refused = run("predict", scan, "-m", threshold_model, "--mni", *overwrite)
+        assert refused.exit_code == 1 and "will not replace this QC picture" in refused.stderr
+        assert {p: p.read_bytes() for p in (picture, mni)} == before
+        assert not (tmp_path / "a_lesion.nii.gz").exists()
     picture.unlink()
-    refused = run("predict", scan, "-m", threshold_model, "--mni")
+    refused = run("predict", scan, "-m", threshold_model, "--mni", "--overwrite")
     assert refused.exit_code == 1 and "this MNI mask" in refused.stderr
+    mni.unlink()
+    assert run("predict", scan, "-m", threshold_model, "--mni").exit_code == 0
     assert run("predict", scan, "-m", threshold_model, "--mni", "--overwrite").exit_code == 0
     assert made_by_meshseg(mni) and made_by_meshseg(picture)
     assert made_by_meshseg(tmp_path / "a_lesion.nii.gz")  # not the input's descrip
@@ -311,11 +317,14 @@ def test_csv_rule_for_nested_fields(tmp_path):
         location: dict = field(default_factory=dict)
 
     qc = WithQc(input="a", output="b", status="ok", model="m", device="cpu",
-                flags=[{"name": "edge", "value": 1.0, "threshold": 0.0, "message": "x"}],
+                flags=[{"name": "edge", "value": 1.0, "threshold": 0.0, "message": "x"},
+                       {"name": "not_t2", "value": 0.3, "threshold": 0.75, "message": "y"}],
                 location={"hemisphere": "left", "centroid": {"x": 1.0, "y": 2.0}})
     row = flat_row(qc)
     assert row["location.hemisphere"] == "left" and row["location.centroid.y"] == 2.0
     assert json.loads(row["flags"])[0]["name"] == "edge"
+    assert row["flag_names"] == "edge not_t2"  # issue 20 item 10: readable without JSON
+    assert list(row).index("flag_names") == list(row).index("flags") + 1
     write_report([qc], tmp_path / "r.csv")
     assert "location.centroid.x" in (tmp_path / "r.csv").read_text().splitlines()[0]
     write_report([qc], tmp_path / "r.json")
@@ -537,3 +546,59 @@ def test_a_damaged_record_means_only_its_input_is_redone(tmp_path, threshold_mod
     assert again.exit_code == 0, again.output
     assert "1 segmented, 1 skipped" in again.output, again.output
     assert read_sidecar(record).status == "ok"
+
+
+def test_overwrite_never_replaces_files_meshseg_did_not_write(tmp_path, threshold_model):
+    """Issue 20 item 13: --overwrite replaced a user's scan named patient_lesion.nii.gz as
+    patient.nii.gz's mask, and manual masks under meshseg's BIDS names."""
+    scans = tmp_path / "scans"
+    save(scans / "patient.nii.gz")
+    theirs = save(scans / "patient_lesion.nii.gz", seed=4)  # a real scan, no signature
+    ds = bids_dataset(tmp_path / "ds")
+    manual = tmp_path / "manual"  # no dataset_description.json
+    masks = [save(manual / p / f"{n}_space-orig_desc-lesion_mask.nii.gz", seed=5) for p, n in
+             (("sub-01/anat", "sub-01"), ("sub-02/ses-1/anat", "sub-02_ses-1"))]
+    before = {p: p.read_bytes() for p in (theirs, *masks)}
+    for args in ([scans], [ds, "-o", manual]):
+        result = run("predict", *args, "-m", threshold_model, "--overwrite")
+        assert result.exit_code == 1, result.output
+        assert "is not meshseg's" in result.stderr and "move it or choose -o" in result.stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert not list(manual.rglob("*.json")) and not (scans / "patient_lesion.json").exists()
+
+
+@pytest.mark.parametrize("case", ["description", "no_description", "not_bids_inputs"])
+def test_output_folder_is_never_a_raw_bids_dataset(tmp_path, threshold_model, case):
+    """Issue 20 item 13: -o ds/ wrote derivatives into the raw dataset."""
+    ds = bids_dataset(tmp_path / "ds")
+    if case == "no_description":
+        (ds / "dataset_description.json").unlink()
+    inputs = [save(tmp_path / "scan.nii.gz")] if case == "not_bids_inputs" else [ds]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = run("predict", *inputs, "-o", ds, "-m", threshold_model, "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert f"{ds}: is a BIDS raw dataset" in result.stderr
+    assert f"-o {ds / 'derivatives' / 'meshseg'}" in result.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert run("predict", ds, "-o", ds / "derivatives" / "meshseg", "-m", threshold_model,
+               "-q").exit_code == 0
+
+
+def test_records_hold_the_absolute_input_however_typed(tmp_path, threshold_model, monkeypatch):
+    """Issue 20 item 10: one folder's records mixed `a.nii.gz` and `scans/a.nii.gz`; resume
+    and the cohort page's relative links still work."""
+    scans = tmp_path / "scans"
+    save(scans / "a.nii.gz"), save(scans / "b.nii.gz", seed=1)
+    monkeypatch.chdir(scans)
+    assert run("predict", "a.nii.gz", "-m", threshold_model, "-q").exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    assert run("predict", "scans/b.nii.gz", "-m", threshold_model, "-q").exit_code == 0
+    for name in ("a", "b"):
+        assert read_sidecar(scans / f"{name}_lesion.json").input == str(scans / f"{name}.nii.gz")
+    page = tmp_path / "pages" / "cohort.html"
+    again = run("predict", "scans", "-m", threshold_model, "--report", page)
+    assert again.exit_code == 0 and "2 skipped" in again.output, again.output
+    html = page.read_text()
+    for name in ("a_lesion.nii.gz", "a_lesion.json", "b_lesion.nii.gz", "b_lesion.json"):
+        assert f'href="../scans/{name}"' in html  # relative to the page, as before
+    assert f'href="{tmp_path}' not in html

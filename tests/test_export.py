@@ -96,3 +96,45 @@ def test_onnx_model_refuses_torch_backend_and_bad_files(checkpoint, tmp_path, wr
     junk.write_bytes(b"not a protobuf")
     with pytest.raises(WeightsError, match="junk.onnx: not a readable ONNX model"):
         read_onnx(junk)
+
+
+def bad_onnx(path, *, classes: int = 2, custom_op: bool = False, outputs: int = 1,
+             symbolic_classes: bool = False):
+    """A 1x1x1-Conv ONNX model built with onnx.helper, wrong in the way asked for."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    weight = numpy_helper.from_array(np.full((classes, 1, 1, 1, 1), 0.1, np.float32), "w")
+    names = [f"out{i}" for i in range(outputs)]
+    nodes = [helper.make_node("Conv", ["volume", "w"], ["conv" if custom_op else name])
+             for name in names]
+    if custom_op:
+        nodes.append(helper.make_node("Frobnicate", ["conv"], names, domain="com.example"))
+    channels = "C" if symbolic_classes else classes
+    graph = helper.make_graph(
+        nodes, "bad", [helper.make_tensor_value_info("volume", TensorProto.FLOAT,
+                                                     [1, 1, "D", "H", "W"])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, channels, "D", "H", "W"])
+         for name in names], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example", 1)])
+    model.ir_version = 8
+    save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ({"custom_op": True}, "uses operators outside the ONNX standard (com.example:Frobnicate)"),
+    ({"outputs": 2}, "expected one (1, 2, D, H, W) output, found 2 output(s)"),
+    ({"classes": 3}, "the model gives 3 classes; meshseg needs 2"),
+    ({"classes": 3, "symbolic_classes": True}, "the model gives 3 classes; meshseg needs 2")])
+def test_bad_onnx_models_end_in_one_line_naming_the_file(tmp_path, write_nifti, kind, expected):
+    """Issue 20 item 15: an unknown op or two outputs gave an onnxruntime traceback, three
+    classes exit 0 and an empty mask."""
+    model = bad_onnx(tmp_path / "bad.onnx", **kind)
+    scan = write_nifti(head()[0])
+    out = tmp_path / "out.nii.gz"
+    result = CliRunner().invoke(main, ["predict", str(scan), "-m", str(model),
+                                       "--backend", "onnx", "-o", str(out), "--no-qc"])
+    assert result.exit_code == 1, result.output
+    assert f"{model}: {expected}" in result.output
+    assert "Traceback" not in result.output and not out.exists()

@@ -121,9 +121,17 @@ def test_resolve_device_with_cuda(monkeypatch):
         resolve_device("cuda:2")
 
 
-@pytest.mark.parametrize("name", ["gpu", "CUDA", "cuda:", "mps", ""])
+@pytest.mark.parametrize("name", ["gpu", "CUDA", "cuda:", ""])
 def test_resolve_device_rejects_unknown_names(name):
     with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device(name)
+
+
+@pytest.mark.parametrize("name", ["mps", "mps:0"])
+def test_resolve_device_says_mps_is_not_supported(name):
+    """Issue 20 item 10: a Mac user's first try read "unknown device"."""
+    with pytest.raises(DeviceError, match=f"--device {name}: Apple's MPS is not supported; "
+                                          "use --device cpu"):
         resolve_device(name)
 
 

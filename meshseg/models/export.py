@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 from meshseg.errors import DeviceError, WeightsError
-from meshseg.io import atomic_path
+from meshseg.io import atomic_path, first_line
 from meshseg.models.meshnet import MAX_DILATION, FoldedLayer
 from meshseg.models.weights import check_finite
 
@@ -75,7 +75,7 @@ def verify_onnx(layers: list[FoldedLayer], path, shape: tuple[int, int, int] = (
     x = torch.from_numpy(np.random.default_rng(0).random((1, *shape), dtype=np.float32))
     device = torch.device("cpu")
     expected = run_layers(x, layers, device)
-    got = onnx_runner(read_onnx(path), device)(x)
+    got = onnx_runner(read_onnx(path), device, str(path))(x)
     error = float((got - expected).abs().max())
     if error > tolerance * max(1.0, float(expected.abs().max())):
         raise WeightsError(f"{path}: ONNX output differs from PyTorch by {error:.2e}")
@@ -83,10 +83,12 @@ def verify_onnx(layers: list[FoldedLayer], path, shape: tuple[int, int, int] = (
 
 
 def read_onnx(path) -> bytes:
-    """An .onnx file's bytes, checked to be a model with one volume input.
+    """An .onnx file's bytes, checked to be a model that maps one volume to two classes'
+    logits, with only standard ONNX operators (so neither runtime fails on it mid-run).
 
     Raises:
-        WeightsError: missing, not ONNX, not a single 5-D input, NaN/Inf weights, or a
+        WeightsError: missing, not ONNX, not a single 5-D input and output, a class count
+            other than 2, an operator outside the ONNX standard, NaN/Inf weights, or a
             dilation beyond MAX_DILATION.
     """
     try:
@@ -97,6 +99,12 @@ def read_onnx(path) -> bytes:
     inputs = model.graph.input
     if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 5:
         raise WeightsError(f"{path}: expected one (1, C, D, H, W) input")
+    check_output(path, model.graph.output)
+    unknown = sorted({f"{n.domain or 'ai.onnx'}:{n.op_type}" for n in model.graph.node
+                      if not onnx.defs.has(n.op_type, n.domain)})
+    if unknown:
+        raise WeightsError(f"{path}: uses operators outside the ONNX standard "
+                           f"({', '.join(unknown)}); meshseg runs standard ONNX only")
     for initializer in model.graph.initializer:
         check_finite(path, initializer.name, numpy_helper.to_array(initializer))
     for node in model.graph.node:
@@ -107,17 +115,41 @@ def read_onnx(path) -> bytes:
     return model.SerializeToString()
 
 
+def check_output(path, outputs) -> None:
+    """One (1, 2, D, H, W) output: background and lesion logits (a symbolic class count is
+    checked on the first volume, `check_classes`).
+
+    Raises:
+        WeightsError: not one 5-D output, or a fixed class count other than 2.
+    """
+    dims = outputs[0].type.tensor_type.shape.dim if len(outputs) == 1 else []
+    if len(dims) != 5:
+        raise WeightsError(f"{path}: expected one (1, 2, D, H, W) output, "
+                           f"found {len(outputs)} output(s)")
+    if dims[1].HasField("dim_value"):
+        check_classes(path, dims[1].dim_value)
+
+
+def check_classes(name, n_classes: int) -> None:
+    """Raises WeightsError unless the model gives two classes (background, lesion)."""
+    if n_classes != 2:
+        raise WeightsError(f"{name}: the model gives {n_classes} classes; meshseg needs 2 "
+                           "(background, lesion)")
+
+
 def onnx_parameters(model_bytes: bytes) -> int:
     """Number of weight values held by the graph's initializers."""
     model = onnx.load_from_string(model_bytes)
     return int(sum(np.prod(t.dims) for t in model.graph.initializer))
 
 
-def onnx_runner(model_bytes: bytes, device: torch.device):
-    """An infer.Runner on onnxruntime: (C, D, H, W) -> logits (n_classes, D, H, W).
+def onnx_runner(model_bytes: bytes, device: torch.device, name: str = "ONNX model"):
+    """An infer.Runner on onnxruntime: (C, D, H, W) -> logits (2, D, H, W).
 
     Raises:
         DeviceError: CUDA was asked for but this onnxruntime has no CUDA provider.
+        WeightsError: onnxruntime cannot load the graph, or (on a volume) it gives other than
+            two classes.
     """
     import onnxruntime as ort
 
@@ -130,10 +162,16 @@ def onnx_runner(model_bytes: bytes, device: torch.device):
         providers = ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(model_bytes, options, providers=providers)
+    try:
+        session = ort.InferenceSession(model_bytes, options, providers=providers)
+    except Exception as err:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise WeightsError(f"{name}: onnxruntime cannot load this model "
+                           f"({first_line(err)})") from err
+    feed, fetch = session.get_inputs()[0].name, session.get_outputs()[0].name
 
     def run(x: torch.Tensor, on_layer=None, keep=None) -> torch.Tensor:
-        logits = session.run([OUTPUT], {INPUT: x[None].numpy()})[0][0]
+        logits = session.run([fetch], {feed: x[None].numpy()})[0][0]
+        check_classes(name, logits.shape[0])
         if on_layer is not None:
             on_layer(1, 1)  # onnxruntime runs the whole graph in one call
         return torch.from_numpy(logits[(slice(None), *keep)] if keep else logits)

@@ -223,19 +223,18 @@ def with_qc(plan: Outputs, picture: bool, mni: bool) -> Outputs:
 
 
 def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
-               derivatives: Path | None = None) -> None:
+               output: Path | None = None, bids: bool = False) -> None:
     """Refuse, before any inference, a plan that could harm a user's file or fail late
     (inputs that do not exist fail later, on their own, and get no folder made).
 
     Raises:
         OutputError: an output (or the report) would replace an input of the run (symlinks
             followed), is an existing folder, is a JSON file that is not meshseg's, lies
-            inside a .git folder, or its folder cannot be created or written; or the
-            `derivatives` folder holds another tool's dataset_description.json.
+            inside a .git folder, or its folder cannot be created or written; or the -o
+            folder (`output`) is not one meshseg may fill (`check_dataset`).
     """
-    if derivatives is not None and not is_own_description(derivatives / DESCRIPTION):
-        raise OutputError(f"{derivatives / DESCRIPTION}: belongs to another dataset; give -o "
-                          "a folder of its own (e.g. DATASET/derivatives/meshseg)")
+    if output is not None and not is_nifti_path(output):
+        check_dataset(output, inputs, bids)
     given = {os.path.realpath(entry.path): entry.path for entry in inputs}
     targets = [target for entry, plan in zip(inputs, plans) if entry.path.exists()
                for target in plan.files()]
@@ -296,17 +295,47 @@ def remove_leftovers(plans: list[Outputs], report: Path | None = None) -> list[P
     return io_remove_leftovers(targets)
 
 
-def is_own_description(path: Path) -> bool:
-    """True when no dataset_description.json is there, or meshseg generated it."""
+def check_dataset(folder: Path, inputs: list[Input], bids: bool) -> None:
+    """-o FOLDER is never a BIDS raw dataset, named by its dataset_description.json (no
+    DatasetType, or "raw") or, without one, by holding this run's BIDS inputs outside its
+    derivatives/: derivatives belong in FOLDER/derivatives/NAME. BIDS outputs also never go
+    into another tool's derivatives dataset.
+
+    Raises:
+        OutputError: naming the folder and where to write instead.
+    """
+    kind = dataset_kind(folder / DESCRIPTION)
+    holds_inputs = bids and any(_under(entry.path, folder) and not _under(
+        entry.path, folder / "derivatives") for entry in inputs)
+    if kind == "raw" or (kind is None and holds_inputs):
+        raise OutputError(f"{folder}: is a BIDS raw dataset; meshseg writes derivatives "
+                          f"beside it, not into it: -o {folder / 'derivatives' / 'meshseg'}")
+    if bids and kind == "other":
+        raise OutputError(f"{folder / DESCRIPTION}: belongs to another dataset; give -o "
+                          "a folder of its own (e.g. DATASET/derivatives/meshseg)")
+
+
+def _under(path: Path, folder: Path) -> bool:
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
+def dataset_kind(path: Path) -> str | None:
+    """What a dataset_description.json describes: None (no such file), "meshseg" (meshseg
+    generated it), "raw" (no DatasetType, or "raw") or "other" (another tool's derivatives,
+    or unreadable)."""
     try:
         found = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return True
+        return None
     except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    made_by = found.get("GeneratedBy") if isinstance(found, dict) else None
-    return isinstance(made_by, list) and any(
-        isinstance(step, dict) and step.get("Name") == "meshseg" for step in made_by)
+        return "other"
+    if not isinstance(found, dict):
+        return "other"
+    made_by = found.get("GeneratedBy")
+    if isinstance(made_by, list) and any(
+            isinstance(step, dict) and step.get("Name") == "meshseg" for step in made_by):
+        return "meshseg"
+    return "raw" if found.get("DatasetType", "raw") == "raw" else "other"
 
 
 def write_description(folder: Path, model: str, model_sha256: str) -> Path:

@@ -460,12 +460,15 @@ def resolve_device(name: str) -> torch.device:
     "auto" -> the first CUDA device when CUDA works, else the CPU; "cpu"; "cuda" / "cuda:N".
 
     Raises:
-        DeviceError: an unknown name, or CUDA (or device N) that this machine does not have.
+        DeviceError: an unknown name, MPS, or CUDA (or device N) that this machine does not
+            have.
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
+    if name.split(":")[0] == "mps":  # a Mac user's first try
+        raise DeviceError(f"--device {name}: Apple's MPS is not supported; use --device cpu")
     if not _CUDA_NAME.fullmatch(name):
         raise DeviceError(f"--device {name}: unknown device (use auto, cpu, cuda or cuda:N)")
     if not torch.cuda.is_available():

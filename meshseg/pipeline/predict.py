@@ -39,6 +39,7 @@ from meshseg.io import (
     load_volume,
     made_by_meshseg,
     make_folder,
+    record_path,
     save_like,
 )
 from meshseg.metrics import CONNECTIVITY, largest_lesion, voxel_ml
@@ -192,7 +193,8 @@ def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
         # onnx takes ~1 s to import: only here
         from meshseg.models.export import onnx_runner, to_onnx
 
-        return onnx_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device)
+        return onnx_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device,
+                           model.name)
     if not model.layers:
         raise WeightsError(f"{model.name}: an ONNX model runs only with --backend onnx")
     return torch_runner(model.layers, device, slab=slab, precision=precision)
@@ -276,10 +278,11 @@ def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, 
     report = StageClock(progress)
     volume: Volume | None = None
     try:
-        if not overwrite:
-            kept = kept_record(outputs, result)
-            if kept is not None:
-                return kept
+        previous = read_sidecar(outputs.sidecar)
+        check_foreign(outputs, previous)  # --overwrite too: it replaces meshseg's files only
+        kept = None if overwrite else kept_record(outputs, previous, result)
+        if kept is not None:
+            return kept
         report("load", 0.0)
         volume = load_volume(path)
         result.warnings = WARNINGS_SEP.join(volume.warnings)
@@ -337,8 +340,8 @@ def quality_check(volume: Volume, prob: np.ndarray, mask: np.ndarray, outputs: O
 def new_record(path: Path, outputs: Outputs, model: LoadedModel, device: str,
                settings: Settings) -> Result:
     """The record of a run about to start: what will make the outputs and with what."""
-    return Result(input=str(path), output=str(outputs.mask), status="ok", model=model.name,
-                  device=device, prob=str(outputs.prob or ""),
+    return Result(input=record_path(path), output=record_path(outputs.mask), status="ok",
+                  model=model.name, device=device, prob=record_path(outputs.prob),
                   input_sha256=_sha256_or_empty(path),
                   model_sha256=model.sha256, threshold=settings.threshold,
                   postprocess=settings.postprocess or model.postprocess,
@@ -358,19 +361,14 @@ def _sha256_or_empty(path: Path) -> str:
         return ""
 
 
-def kept_record(outputs: Outputs, wanted: Result) -> Result | None:
-    """The earlier record to keep instead of segmenting again, or None to segment.
-
-    Raises:
-        ForeignOutputError: an output exists that meshseg did not make (`check_foreign`).
-    """
-    previous = read_sidecar(outputs.sidecar)
-    check_foreign(outputs, previous)
+def kept_record(outputs: Outputs, previous: Result | None, wanted: Result) -> Result | None:
+    """The earlier record (`previous`, from the sidecar) to keep instead of segmenting again,
+    or None to segment."""
     if previous is None:
         return None
     same = (previous.status == "ok" and previous.same_settings(wanted)
             and previous.input_sha256 == wanted.input_sha256
-            and previous.prob == wanted.prob and outputs.complete()
+            and record_path(previous.prob) == wanted.prob and outputs.complete()
             and _unchanged(outputs.mask, previous.output_sha256))
     return as_skipped(previous) if same else None
 
@@ -382,24 +380,25 @@ def _unchanged(mask: Path, recorded: str) -> bool:
 
 
 def check_foreign(outputs: Outputs, previous: Result | None) -> None:
-    """Refuse to replace (without --overwrite) an output file that holds something and that
+    """Refuse, --overwrite or not, to replace an output file that holds something and that
     neither carries meshseg's signature nor is listed in the record beside it: a user's own
-    mask, picture or MNI mask under meshseg's name. A NIfTI file that does not load (0 bytes,
-    truncated) holds nothing worth keeping.
+    scan, mask, picture or MNI mask under meshseg's name (--overwrite means "redo meshseg's
+    outputs", never "delete what meshseg did not write"). A NIfTI file that does not load
+    (0 bytes, truncated) holds nothing worth keeping.
 
     Raises:
         ForeignOutputError: naming the first such file.
     """
-    listed = set() if previous is None else {previous.output, previous.prob,
-                                              previous.picture, previous.mni}
+    listed = set() if previous is None else {record_path(p) for p in (
+        previous.output, previous.prob, previous.picture, previous.mni)}
     for path, role in outputs.files():
         if (role == "record"  # check_plan's is_foreign_json
-                or not path.is_file() or str(path) in listed or made_by_meshseg(path)
+                or not path.is_file() or record_path(path) in listed or made_by_meshseg(path)
                 or not _holds_data(path)):
             continue
-        raise ForeignOutputError(f"{path}: exists, but no meshseg record "
-                                 f"({outputs.sidecar.name}) says how it was made; "
-                                 f"--overwrite replaces this {role}")
+        raise ForeignOutputError(f"{path}: exists and is not meshseg's (no meshseg signature, "
+                                 f"no record {outputs.sidecar.name}); meshseg will not replace "
+                                 f"this {role}, even with --overwrite: move it or choose -o")
 
 
 def _holds_data(path: Path) -> bool:

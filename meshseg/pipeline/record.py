@@ -33,7 +33,7 @@ sidecar agrees with the current run on all of them."""
 class Result:
     """One input's outcome: its sidecar and its row of the cohort report."""
 
-    input: str  # the path as the user gave it (a symlink is not resolved)
+    input: str  # absolute, as are the other paths (`io.record_path`)
     output: str  # the mask
     status: str  # "ok", "skipped" (kept from an earlier run) or "failed"
     model: str
@@ -187,7 +187,8 @@ def as_skipped(result: Result) -> Result:
 def flat_row(result: Result) -> dict[str, Any]:
     """The record as one CSV row: THE rule for nested fields. A dict field becomes one column
     per key, named ``field.key`` (recursively: ``location.centroid.x``); a list field (e.g.
-    QC flags) becomes one column holding its JSON text. Scalars stay as they are."""
+    QC flags) becomes one column holding its JSON text, and the flags also give
+    ``flag_names``, their names space-separated. Scalars stay as they are."""
     row: dict[str, Any] = {}
 
     def put(name: str, value: Any) -> None:
@@ -201,6 +202,8 @@ def flat_row(result: Result) -> dict[str, Any]:
 
     for spec in fields(result):
         put(spec.name, getattr(result, spec.name))
+        if spec.name == "flags":  # the names alone, readable beside the full JSON
+            row["flag_names"] = " ".join(str(flag.get("name", "")) for flag in result.flags)
     return row
 
 

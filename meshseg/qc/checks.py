@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from meshseg.errors import InputError, MeshsegError
-from meshseg.io import Volume
+from meshseg.io import Volume, record_path
 from meshseg.qc import location, picture
 
 if TYPE_CHECKING:
@@ -122,10 +122,10 @@ def write_review(assessment: Assessment, volume: Volume, prob: np.ndarray, mask:
     if outputs.picture is not None:
         picture.draw(volume.data, volume.affine, mask, picture_title(result), outputs.picture,
                      prob=prob, low=UNCERTAIN[0], threshold=result.threshold)
-        result.picture = str(outputs.picture)
+        result.picture = record_path(outputs.picture)
     if outputs.mni is not None and assessment.mni_mask is not None:
         location.write_mni_mask(assessment.mni_mask, outputs.mni)
-        result.mni = str(outputs.mni)
+        result.mni = record_path(outputs.mni)
 
 
 def summary_line(result: Result) -> str:
