@@ -213,3 +213,22 @@ def test_a_bright_one_sided_region_outside_the_mask_is_a_missed_lesion_hint():
     assert hint is not None and hint.name == "asymmetry" and hint.value > checks.ASYMMETRY_ML
     assert "left" in hint.message
     assert checks.missed_lesion(image, ball & (np.cumsum(ball) < 50).reshape(ball.shape)) is None
+
+
+def test_a_ventricle_widened_on_one_side_is_no_missed_lesion_hint():
+    """Ex-vacuo widening (the left lateral ventricle grown by 4 mm into the white matter, as a
+    chronic stroke pulls it) is one-sided and fluid-bright too, but not a missed lesion."""
+    from scipy import ndimage
+
+    from meshseg.qc import location
+
+    space = location.mni_space()
+    grey = np.clip(space.brain - space.wm - space.csf, 0, 1)
+    image = (0.25 * space.wm + 0.55 * grey + 1.0 * space.csf).astype(np.float32)
+    ventricles = checks._tissue_masks()[0]
+    x = (space.affine @ np.vstack([np.indices(space.shape).reshape(3, -1),
+                                   np.ones(ventricles.size)]))[0].reshape(space.shape)
+    left = ndimage.binary_dilation(ventricles & (x < 0), iterations=4)
+    image[left] = 1.0
+    assert (left & ~ventricles).sum() / 1000 > checks.ASYMMETRY_ML  # large enough to count
+    assert checks.missed_lesion(image, np.zeros(space.shape, bool)) is None

@@ -57,14 +57,19 @@ POOR_REGISTRATION = 1.8
 # A missed lesion (issue 21 item 5): chronic T2 (and FLAIR) infarcts are brighter than the
 # same place in the other hemisphere. The registered scan, over the median of the template's
 # brain, smoothed by ASYMMETRY_SIGMA_MM, minus its mirror image across x = 0; the largest
-# region brighter by ASYMMETRY_CONTRAST, ASYMMETRY_DEPTH_MM inside the brain, not touching
-# the mask. Measured on ../shared/real-scans (docs/qc.md): M2208_T2w (a stroke the model
-# misses) 37.5 mL; healthy_T2w 2.3-2.7 mL (two runs), healthy_T1w none; lesion_FLAIR 4.4 mL
-# and stroke_T2w_mni 1.1 mL outside their masks. ASYMMETRY_ML lies between the healthy heads
-# and M2208 (about 4x from each); five scans are thin evidence: docs/qc.md says so.
+# region brighter by ASYMMETRY_CONTRAST, ASYMMETRY_DEPTH_MM inside the brain, away from the
+# lateral ventricles, not touching the mask. Measured on ../shared/real-scans (docs/qc.md):
+# M2208_T2w (a stroke the model misses) 33.7 mL; healthy_T2w 2.5 mL, healthy_T1w none;
+# lesion_FLAIR 0.4 mL and stroke_T2w_mni 1.2 mL outside their masks; the example head 0.6 mL.
+# ASYMMETRY_ML lies between the healthy heads and M2208 (3-4x from each); five scans are
+# thin evidence: docs/qc.md says so.
 ASYMMETRY_SIGMA_MM = 3.0
 ASYMMETRY_CONTRAST = 0.5
 ASYMMETRY_DEPTH_MM = 5
+# The lateral ventricles and this margin around them are left out: a chronic stroke widens
+# the ventricle on its side (ex vacuo), which is one-sided fluid-bright too; the example head
+# of `meshseg example` (such a widened ventricle, its lesion found) was flagged for it.
+ASYMMETRY_VENTRICLE_MARGIN_MM = 6
 ASYMMETRY_ML = 10.0
 TITLE_WIDTH = 140  # characters of a QC picture's title line (the picture is 960 px wide)
 
@@ -184,7 +189,7 @@ def missed_lesion(image_mni: np.ndarray, mni_mask: np.ndarray) -> Flag | None:
     bright one-sided lesions (chronic T2/FLAIR infarcts), not dark ones (T1) nor
     symmetric ones, and a registration error can mimic one."""
     space = location.mni_space()
-    brain = ndimage.binary_erosion(space.brain, iterations=ASYMMETRY_DEPTH_MM)
+    brain = _asymmetry_region()
     level = float(np.median(image_mni[brain]))
     if level <= 0:
         return None
@@ -213,6 +218,16 @@ def csf_to_white_matter(image_mni: np.ndarray) -> float:
     if white_level <= 0:
         return 0.0
     return round(float(np.median(image_mni[ventricles])) / white_level, 3)
+
+
+@functools.lru_cache(maxsize=1)
+def _asymmetry_region() -> np.ndarray:
+    """Where the asymmetry hint looks, on the MNI grid: ASYMMETRY_DEPTH_MM inside the brain,
+    away from the lateral ventricles (ASYMMETRY_VENTRICLE_MARGIN_MM)."""
+    space = location.mni_space()
+    ventricles = ndimage.binary_dilation(_tissue_masks()[0],
+                                         iterations=ASYMMETRY_VENTRICLE_MARGIN_MM)
+    return ndimage.binary_erosion(space.brain, iterations=ASYMMETRY_DEPTH_MM) & ~ventricles
 
 
 @functools.lru_cache(maxsize=1)
