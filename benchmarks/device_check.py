@@ -93,13 +93,13 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_predict(device: str, argv: list[str]) -> dict:
-    """`meshseg predict ARGV` in this process: its exit status, seconds and peak memory."""
+def child_command(command: str, device: str, argv: list[str]) -> dict:
+    """`meshseg COMMAND ARGV` in this process: its exit status, seconds and peak memory."""
     from meshseg.cli import main
 
     start = time.perf_counter()
     try:
-        main(["predict", *argv], standalone_mode=False)
+        main([command, *argv], standalone_mode=False)
         status = 0
     except SystemExit as stop:
         status = stop.code or 0
@@ -207,24 +207,12 @@ def check_train(args: argparse.Namespace, folder: Path) -> dict:
     train = run_child("train", args.device, "--data", str(data / "manifest.csv"), "--out",
                       str(run), "--device", args.device, *amp, "--epochs", "2",
                       "--val-fraction", "0.25", "--cache", str(folder / "cache"), "-q")
+    if train["status"] != 0:
+        raise RuntimeError(f"meshseg train on {args.device} failed with status "
+                           f"{train['status']}")
     metrics = (run / "metrics.csv").read_text().strip().splitlines()
     train["last_metrics"] = dict(zip(metrics[0].split(","), metrics[-1].split(",")))
     return train
-
-
-def child_train(device: str, argv: list[str]) -> dict:
-    """`meshseg train ARGV` in this process: exit status, seconds, peak memory."""
-    from meshseg.cli import main
-
-    start = time.perf_counter()
-    try:
-        main(["train", *argv], standalone_mode=False)
-        status = 0
-    except SystemExit as stop:
-        status = stop.code or 0
-    if status != 0:
-        raise SystemExit(f"meshseg train failed with status {status}")
-    return {"seconds": time.perf_counter() - start, "peak_mb": peak_memory_mb(device)}
 
 
 def summary_markdown(summary: dict) -> str:
@@ -263,12 +251,10 @@ def write_summary(summary: dict, out: Path) -> None:
 
 
 def child(kind: str, device: str, rest: list[str]) -> dict:
-    if kind == "predict":
-        return child_predict(device, rest)
+    if kind in ("predict", "train"):
+        return child_command(kind, device, rest)
     if kind == "forward":
         return child_forward(device, int(rest[0]))
-    if kind == "train":
-        return child_train(device, rest)
     raise SystemExit(f"unknown step {kind}")
 
 
