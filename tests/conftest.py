@@ -111,6 +111,20 @@ def head(shape=(40, 44, 24), center=(20, 22, 12), seed=0):
     return image.astype(np.float32), ball
 
 
+@pytest.fixture(scope="session")
+def wheel_files(tmp_path_factory) -> list[str]:
+    """The names inside a wheel built from this checkout (built once, for the tests that
+    check what the package ships)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    folder = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(Path(__file__).parents[1]),
+                    "--no-deps", "-q", "-w", str(folder)], check=True)
+    return zipfile.ZipFile(next(folder.glob("meshseg-*.whl"))).namelist()
+
+
 @pytest.fixture
 def restore_threads(monkeypatch):
     """Undo `set_threads` after a test: torch's thread count and the variables it sets."""

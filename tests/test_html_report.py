@@ -16,6 +16,17 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-sync"]
 
 
+def watched_page(browser, width: int, height: int) -> tuple[object, list[str]]:
+    """A new page of a playwright browser and the list its console errors, page errors and
+    failed requests are collected into (a page that opens offline has none)."""
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("requestfailed", lambda r: errors.append(f"failed {r.url}"))
+    return page, errors
+
+
 def chromium() -> str:
     """The Chromium binary (Debian's package puts it under /usr/lib, with a wrapper script on
     the PATH), or skip."""
@@ -129,13 +140,9 @@ def test_report_in_headless_chromium(tmp_path, write_nifti, threshold_model):
         "--report", json_path, "-q")
     same_rows = len(json.loads(json_path.read_text()))
 
-    errors: list[str] = []
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=binary, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("requestfailed", lambda r: errors.append(f"failed {r.url}"))
+        page, errors = watched_page(browser, 1400, 900)
         page.goto(page_path.as_uri())
         assert page.locator("#results > tbody > tr").count() == same_rows == 4
         assert page.locator("img").count() == 3  # the QC thumbnails of the 3 scans

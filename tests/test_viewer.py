@@ -13,7 +13,7 @@ import pytest
 from meshseg.qc import viewer
 from tests.conftest import head
 from tests.test_cli import run
-from tests.test_html_report import CHROMIUM_FLAGS, chromium
+from tests.test_html_report import CHROMIUM_FLAGS, chromium, watched_page
 
 # WebGL2 without a GPU: Chromium's software renderer, which it no longer enables by itself.
 WEBGL_FLAGS = CHROMIUM_FLAGS + ["--enable-unsafe-swiftshader", "--use-angle=swiftshader"]
@@ -104,13 +104,9 @@ def test_viewer_in_headless_chromium_from_a_copied_folder(tmp_path, write_nifti,
     shutil.rmtree(tmp_path / "out")
     scan.unlink()
 
-    errors: list[str] = []
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=binary, args=WEBGL_FLAGS)
-        page = browser.new_page(viewport={"width": 1000, "height": 800})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("requestfailed", lambda r: errors.append(f"failed {r.url}"))
+        page, errors = watched_page(browser, 1000, 800)
         page.goto((copy / "report.html").as_uri())
         links = page.eval_on_selector_all(".files a", "links => links.map(a => a.textContent)")
         assert links == ["3-D viewer", "mask", "probability", "MNI mask", "record"]
@@ -130,16 +126,7 @@ def test_viewer_in_headless_chromium_from_a_copied_folder(tmp_path, write_nifti,
 
 
 @pytest.mark.slow
-def test_wheel_ships_niivue(tmp_path):
+def test_wheel_ships_niivue(wheel_files):
     """The vendored NiiVue bundle, its license and its origin are inside the built wheel."""
-    import subprocess
-    import sys
-    import zipfile
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "-q",
-                    "-w", str(tmp_path)], check=True)
-    names = zipfile.ZipFile(next(tmp_path.glob("meshseg-*.whl"))).namelist()
     for name in (viewer.BUNDLE, "LICENSE", "README.md"):
-        assert f"meshseg/qc/niivue/{name}" in names
+        assert f"meshseg/qc/niivue/{name}" in wheel_files
