@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from meshseg.training.synth import smooth_noise
+
 CONTRASTS = ("t2", "flair", "t1", "any")
 
 # FreeSurfer aseg labels by tissue class (SynthSeg's maps use this numbering).
@@ -74,16 +76,6 @@ def draw_intensities(rng: np.random.Generator, labels: np.ndarray, contrast: str
     return np.clip(image, 0, None, out=image)
 
 
-def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], nodes: int,
-                 scale: float) -> np.ndarray:
-    """Gaussian noise on a coarse grid of `nodes` per axis, upsampled cubically to `shape`:
-    the smooth random field behind bias fields and elastic deformations."""
-    coarse = rng.normal(0, scale, (nodes,) * len(shape)).astype(np.float32)
-    zoom = [s / nodes for s in shape]
-    return ndimage.zoom(coarse, zoom, order=3, mode="nearest", grid_mode=True)[
-        tuple(slice(0, s) for s in shape)]
-
-
 def scanner(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """Blur (anisotropic, as a thick-slice acquisition resliced), bias field, gamma and
     noise; scaled 0..1 as the model space expects."""
@@ -91,7 +83,7 @@ def scanner(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     if rng.random() < 0.5:  # thick slices along one axis: 2-6 mm
         sigma[rng.integers(3)] = rng.uniform(2.0, 6.0) / 2.355
     image = ndimage.gaussian_filter(image, sigma)
-    image *= np.exp(smooth_field(rng, image.shape, 4, rng.uniform(0, 0.3)))
+    image *= np.exp(rng.uniform(0, 0.3) * smooth_noise(rng, image.shape, max(image.shape) / 4))
     image += rng.normal(0, rng.uniform(0, 8), image.shape).astype(np.float32)
     np.clip(image, 0, None, out=image)
     top = float(np.percentile(image[image > 0], 99.9)) if np.any(image > 0) else 1.0

@@ -36,7 +36,7 @@ from meshseg.metrics import ARC_QUARTILES_ML, voxel_ml
 from meshseg.progress import track
 from meshseg.qc.location import mni152_map
 from meshseg.training import appearance
-from meshseg.training.synth import draw_atlas_mask, place_mni_mask
+from meshseg.training.synth import draw_atlas_mask, place_mni_mask, smooth_noise
 
 PARENCHYMA = appearance.GREY + appearance.DEEP_GREY + appearance.WHITE
 # What a brain extraction keeps: parenchyma, the CSF spaces and the painted lesion
@@ -164,7 +164,7 @@ def _deform(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     del grid
     strength = rng.uniform(0, 3)
     for axis in range(3):
-        coords[axis] += appearance.smooth_field(rng, labels.shape, 5, strength).ravel()
+        coords[axis] += strength * smooth_noise(rng, labels.shape, max(labels.shape) / 5).ravel()
     out = ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0)
     return out.reshape(labels.shape)
 

@@ -291,7 +291,7 @@ def _brain_extraction(rng: np.random.Generator, atlas: _Atlas
     patients are often shared skull-stripped, e.g. after normalisation to MNI space)."""
     box = tuple(slice(max(b.start - 4, 0), min(b.stop + 4, n))
                 for b, n in zip(atlas.brain_box, atlas.outside_mm.shape))
-    margin = rng.uniform(0.0, 2.0) + 0.7 * _smooth_noise(rng, atlas.outside_mm[box].shape, 20.0)
+    margin = rng.uniform(0.0, 2.0) + 0.7 * smooth_noise(rng, atlas.outside_mm[box].shape, 20.0)
     return (atlas.outside_mm[box] <= np.clip(margin, 0.0, 3.0)).astype(np.float32), box
 
 
@@ -327,7 +327,7 @@ def _separable(coef: np.ndarray, matrices: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], spacing: float
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], spacing: float
                   ) -> np.ndarray:
     """Smooth Gaussian noise (std ~1) varying over `spacing` voxels: a cubic B-spline through
     random control points, or for fine noise (where that costs more) blurred white noise."""
@@ -403,7 +403,7 @@ def _draw_lesion(rng: np.random.Generator, atlas: _Atlas, volume_ml: float, side
     score = -_shape_distance(offsets, radii, axis)
     for spacing, low, high in ((max(radii.mean() * 0.7, 4.0), 0.15, 0.35), (8.0, 0.08, 0.2),
                                (3.0, 0.04, 0.12)):
-        score += rng.uniform(low, high) * _smooth_noise(rng, shape_box, spacing)
+        score += rng.uniform(low, high) * smooth_noise(rng, shape_box, spacing)
     below = _infratentorial(x, y, z)
     compartment = below if name == "cerebellar" else ~below
     # Grey and white matter, and the sulci between them: a chronic infarct is one cavity.
@@ -430,7 +430,7 @@ def _chronic(rng: np.random.Generator, core: np.ndarray, box: tuple[slice, slice
     core = core[around]
     depth = ndimage.distance_transform_edt(np.pad(core, 1))[1:-1, 1:-1, 1:-1]
     # Gliosis lines the cavity and remains in strands and patches inside it.
-    strands = _smooth_noise(rng, core.shape, 3.0) > rng.uniform(1.0, 2.5)
+    strands = smooth_noise(rng, core.shape, 3.0) > rng.uniform(1.0, 2.5)
     cavity = core & (depth > rng.uniform(0.5, 2.0)) & ~strands
     extent = ndimage.gaussian_filter(core.astype(np.float32), 0.5)
     cavity_frac = ndimage.gaussian_filter(cavity.astype(np.float32), 0.5)
@@ -672,8 +672,8 @@ def _add_white_matter_hyperintensities(rng: np.random.Generator, atlas: _Atlas,
     box = atlas.ventricle_box
     shape = atlas.ventricle_mm.shape
     reach = rng.uniform(1.5, 6.0)
-    score = (1.0 - atlas.ventricle_mm / reach + 0.5 * _smooth_noise(rng, shape, 5.0)
-             + np.maximum(_smooth_noise(rng, shape, 3.0) - rng.uniform(2.0, 3.0), 0.0) * 3)
+    score = (1.0 - atlas.ventricle_mm / reach + 0.5 * smooth_noise(rng, shape, 5.0)
+             + np.maximum(smooth_noise(rng, shape, 3.0) - rng.uniform(2.0, 3.0), 0.0) * 3)
     fraction = np.clip(score * 2.0, 0.0, 1.0) * wm[box]
     image[box] += fraction * (c["wmh"] - c["wm"])
 
@@ -683,7 +683,7 @@ def _add_head(rng: np.random.Generator, atlas: _Atlas, image: np.ndarray,
     """Add CSF, skull, scalp, neck and face around the brain, in place (intensities)."""
     # Skull and scalp thickness vary over the head (not at the brain's surface itself).
     d = atlas.outside_mm
-    d = d + np.minimum(d / 4.0, 1.0) * rng.uniform(0.5, 2.0) * _smooth_noise(rng, d.shape, 25.0)
+    d = d + np.minimum(d / 4.0, 1.0) * rng.uniform(0.5, 2.0) * smooth_noise(rng, d.shape, 25.0)
     # Layer boundaries (mm from the envelope): subarachnoid CSF | inner table | marrow | outer
     # table; each crossing is a 1 mm linear ramp, which is the partial volume.
     b1 = 0.5 + rng.uniform(1.2, 4.5)
@@ -711,7 +711,7 @@ def _add_head(rng: np.random.Generator, atlas: _Atlas, image: np.ndarray,
     deeper = np.clip(depth - scalp + 0.5, 0.0, 1.0)
     layers += deeper * c["muscle"]
     face = (slice(None), slice(None), slice(0, int(np.searchsorted(z, -10.0))))
-    fat_share = np.clip(_smooth_noise(rng, deeper[face].shape, 10.0) * 0.5
+    fat_share = np.clip(smooth_noise(rng, deeper[face].shape, 10.0) * 0.5
                         + rng.uniform(-0.1, 0.4), 0.0, 1.0)
     layers[face] += deeper[face] * fat_share * (c["fat"] - c["muscle"])
     image += soft * layers
@@ -947,7 +947,7 @@ class _Scan:
 def _scanner(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """Receive-coil bias, Rician magnitude noise and a scanner's storage (float32 or int16)."""
     spacing = max(image.shape) / 3.0
-    image *= np.exp(rng.uniform(0.0, 0.3) * _smooth_noise(rng, image.shape, spacing))
+    image *= np.exp(rng.uniform(0.0, 0.3) * smooth_noise(rng, image.shape, spacing))
     head = image[::3, ::3, ::3]  # a subsample sets the noise level at a fraction of the cost
     head = head[head > 0.05]
     sigma = np.float32((float(np.median(head)) if head.size else 1.0) * rng.uniform(0.01, 0.06))
