@@ -63,8 +63,7 @@ def is_companion(path: Path) -> bool:
 
 def is_output(path: Path) -> bool:
     """True for files meshseg itself writes, so re-runs over a folder don't segment masks."""
-    return stem(path).endswith((MASK_SUFFIX, PROB_SUFFIX, BIDS_MASK, BIDS_PROB,
-                                MASK_SUFFIX + MNI_SUFFIX, BIDS_MASK + MNI_SUFFIX))
+    return is_companion(path) or stem(path).endswith((MASK_SUFFIX, BIDS_MASK))
 
 
 def is_bids_root(folder: Path) -> bool:

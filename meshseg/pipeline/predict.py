@@ -133,14 +133,16 @@ class Outputs:
         """The NIfTI outputs: the mask, and the probability map when asked for."""
         return [self.mask] + ([self.prob] if self.prob is not None else [])
 
-    def complete(self) -> bool:
+    def complete(self, mask_verified: bool = False) -> bool:
         """True when every NIfTI output exists and loads to its last voxel (a 0-byte or
         truncated file is not complete) and the QC picture and MNI mask asked for exist (an
-        option added to a finished cohort redoes its inputs, not "skipped" with nothing)."""
+        option added to a finished cohort redoes its inputs, not "skipped" with nothing).
+        `mask_verified`: the mask's sha256 matched its record, so it is not read again."""
         if not all(path.is_file() for path in (self.picture, self.mni) if path is not None):
             return False
+        images = self.images()[1:] if mask_verified else self.images()
         try:
-            return all(load_volume(path) is not None for path in self.images())
+            return all(load_volume(path) is not None for path in images)
         except InputError:
             return False
 
@@ -182,19 +184,16 @@ def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
             raise WeightsError(f"{model.name}: the {backend} backend runs MeshNet models only "
                                f"({model.architecture})")
         return window_runner(model.network, model.window, device, precision)
-    if backend == "openvino":
-        from meshseg.models.export import openvino_runner, to_onnx
-
-        return openvino_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device,
-                               precision)
-    if backend == "onnx":
-        if precision != "fp32":
+    if backend in ("openvino", "onnx"):
+        if backend == "onnx" and precision != "fp32":
             raise DeviceError(f"--precision {precision}: the onnx backend runs in fp32 only")
         # onnx takes ~1 s to import: only here
-        from meshseg.models.export import onnx_runner, to_onnx
+        from meshseg.models.export import onnx_runner, openvino_runner, to_onnx
 
-        return onnx_runner(model.onnx or to_onnx(model.layers).SerializeToString(), device,
-                           model.name)
+        graph = model.onnx or to_onnx(model.layers).SerializeToString()
+        if backend == "openvino":
+            return openvino_runner(graph, device, precision)
+        return onnx_runner(graph, device, model.name)
     if not model.layers:
         raise WeightsError(f"{model.name}: an ONNX model runs only with --backend onnx")
     return torch_runner(model.layers, device, slab=slab, precision=precision)
@@ -368,8 +367,9 @@ def kept_record(outputs: Outputs, previous: Result | None, wanted: Result) -> Re
         return None
     same = (previous.status == "ok" and previous.same_settings(wanted)
             and previous.input_sha256 == wanted.input_sha256
-            and record_path(previous.prob) == wanted.prob and outputs.complete()
-            and _unchanged(outputs.mask, previous.output_sha256))
+            and record_path(previous.prob) == wanted.prob
+            and _unchanged(outputs.mask, previous.output_sha256)
+            and outputs.complete(mask_verified=bool(previous.output_sha256)))
     return as_skipped(previous) if same else None
 
 
