@@ -4,6 +4,7 @@ import json
 import time
 from dataclasses import asdict
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -200,11 +201,10 @@ def test_a_bright_one_sided_region_outside_the_mask_is_a_missed_lesion_hint():
     """On the MNI grid: a symmetric T2-like head has no hint; a 14 mL fluid-bright ball in
     one hemisphere gets it (left, outside the empty mask); a mask touching it silences it."""
     from meshseg.qc import location
-    from tests.test_location import territory_ball
+    from tests.test_location import t2_like_mni, territory_ball
 
     space = location.mni_space()
-    grey = np.clip(space.brain - space.wm - space.csf, 0, 1)
-    image = (0.25 * space.wm + 0.55 * grey + 1.0 * space.csf).astype(np.float32)
+    image = t2_like_mni()
     empty = np.zeros(space.shape, bool)
     assert checks.missed_lesion(image, empty) is None
     ball = territory_ball("MCAFL", 15.0)
@@ -221,10 +221,10 @@ def test_a_ventricle_widened_on_one_side_is_no_missed_lesion_hint():
     from scipy import ndimage
 
     from meshseg.qc import location
+    from tests.test_location import t2_like_mni
 
     space = location.mni_space()
-    grey = np.clip(space.brain - space.wm - space.csf, 0, 1)
-    image = (0.25 * space.wm + 0.55 * grey + 1.0 * space.csf).astype(np.float32)
+    image = t2_like_mni()
     ventricles = checks._tissue_masks()[0]
     x = (space.affine @ np.vstack([np.indices(space.shape).reshape(3, -1),
                                    np.ones(ventricles.size)]))[0].reshape(space.shape)
@@ -232,3 +232,16 @@ def test_a_ventricle_widened_on_one_side_is_no_missed_lesion_hint():
     image[left] = 1.0
     assert (left & ~ventricles).sum() / 1000 > checks.ASYMMETRY_ML  # large enough to count
     assert checks.missed_lesion(image, np.zeros(space.shape, bool)) is None
+
+
+def test_qc_maps_made_in_the_background_once_and_waited_for(monkeypatch):
+    """prepare_in_background starts one thread however often it is called, and assess
+    waits for it before reading the maps it makes."""
+    monkeypatch.setattr(checks, "_preparing", [])
+    checks.prepare_in_background()
+    checks.prepare_in_background()
+    assert len(checks._preparing) == 1
+    volume = Volume(np.zeros((8, 8, 8), np.float32), np.eye(4), nib.Nifti1Header())
+    empty = np.zeros((8, 8, 8), np.uint8)
+    checks.assess(volume, empty.astype(np.float32), empty, 0.0, 0)
+    assert not checks._preparing[0].is_alive()

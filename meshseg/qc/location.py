@@ -64,15 +64,13 @@ class Territory:
 
 @dataclass(frozen=True)
 class MniSpace:
-    """The MNI grid and what lives on it: atlas labels, template T1, tissue priors."""
+    """The MNI grid and what lives on it: atlas labels, template T1 and its brain mask."""
 
     affine: np.ndarray
     labels: np.ndarray  # int16 arterial territory per voxel (0 = none)
     territories: dict[int, Territory]
     t1: np.ndarray  # template T1, 0..1
     brain: np.ndarray  # bool: template brain mask
-    wm: np.ndarray  # white-matter prior, 0..1
-    csf: np.ndarray  # cerebrospinal-fluid prior (brain minus grey and white matter), 0..1
     territory_voxels: np.ndarray  # voxels per label (index 0 = none), counted once
 
     @property
@@ -119,7 +117,7 @@ def mni152_map(kind: str) -> nib.Nifti1Image:
 
 @functools.lru_cache(maxsize=1)
 def mni_space() -> MniSpace:
-    """Load the atlas and bring nilearn's template and tissue maps onto its grid (once)."""
+    """Load the atlas and bring nilearn's template onto its grid (once)."""
     try:
         atlas = nib.load(atlas_path())
         territories = read_territories(atlas_path(LABELS_FILE))
@@ -127,12 +125,19 @@ def mni_space() -> MniSpace:
         raise MeshsegError(f"{atlas_path()}: arterial atlas missing or unreadable "
                            f"({err}); reinstall meshseg") from err
     labels = np.asarray(atlas.dataobj, np.int16)
-    maps = {kind: _on_grid(mni152_map(kind), atlas.affine, labels.shape)
-            for kind in ("t1", "gm", "wm")}
-    brain = maps["t1"] > 0.2  # nilearn's own threshold for its brain mask
-    csf = np.clip(brain - maps["gm"] - maps["wm"], 0.0, 1.0)
+    t1 = _on_grid(mni152_map("t1"), atlas.affine, labels.shape)
+    brain = t1 > 0.2  # nilearn's own threshold for its brain mask
     sizes = np.bincount(labels.ravel(), minlength=len(territories) + 1)
-    return MniSpace(atlas.affine, labels, territories, maps["t1"], brain, maps["wm"], csf, sizes)
+    return MniSpace(atlas.affine, labels, territories, t1, brain, sizes)
+
+
+def tissue_priors() -> tuple[np.ndarray, np.ndarray]:
+    """(white-matter, cerebrospinal-fluid) priors, 0..1 on the atlas grid; CSF is the brain
+    minus grey and white matter. Not kept in MniSpace: QC needs only masks thresholded from
+    them (checks._tissue_masks keeps those), and 32 MB held through inference counted."""
+    space = mni_space()
+    grey, white = (_on_grid(mni152_map(kind), space.affine, space.shape) for kind in ("gm", "wm"))
+    return white, np.clip(space.brain - grey - white, 0.0, 1.0)
 
 
 def _on_grid(img: nib.Nifti1Image, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -155,7 +160,8 @@ def _on_grid(img: nib.Nifti1Image, affine: np.ndarray, shape: tuple[int, ...]) -
         raise MeshsegError(f"{img.get_filename()}: MNI152 map not on the atlas' 1 mm grid")
     index = tuple(slice(int(round(start)), None if stop < 0 else int(round(stop)), int(step))
                   for start, stop, step in zip(offset, ends + np.sign(steps), steps))
-    return np.asarray(img.dataobj, np.float32)[index] / 255
+    # sliced before the conversion to float: the maps are uint8, and a third of each is cut
+    return np.asanyarray(img.dataobj)[index].astype(np.float32) / 255
 
 
 # --- registration ------------------------------------------------------------------------
@@ -225,19 +231,34 @@ def register(volume: Volume) -> Registration:
     return Registration(scan_from_mni, quality, nmi, round(time.perf_counter() - start, 3))
 
 
-@functools.lru_cache(maxsize=1)
 def _template() -> tuple[np.ndarray, Any, Any]:
-    """(the template's brain grown by BRAIN_MARGIN_MM, as 0/1 float on the MNI grid; the
+    """(the template's brain grown by BRAIN_MARGIN_MM, a bool mask on the MNI grid; the
     template at REGISTRATION_MM as a SimpleITK image; the metric's mask on that image): the
-    fixed side of every registration, made once."""
+    fixed side of every registration."""
     import SimpleITK as sitk
 
+    brain, template, region = template_arrays()
+    fixed_mask = sitk.Cast(_sitk_image(*region) > 0.5, sitk.sitkUInt8)
+    return brain, _sitk_image(*template), fixed_mask
+
+
+@functools.lru_cache(maxsize=1)
+def template_arrays() -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray],
+                               tuple[np.ndarray, np.ndarray]]:
+    """The arrays behind `_template`, made once and without SimpleITK (so that they can be
+    made before SimpleITK's thread count is set, checks.prepare_in_background): the grown
+    brain, and (array, affine) of the template and of the grown brain at REGISTRATION_MM."""
     space = mni_space()
-    brain = ndimage.binary_dilation(space.brain, iterations=BRAIN_MARGIN_MM).astype(np.float32)
-    fixed = _sitk_image(*_coarse(space.t1, space.affine, REGISTRATION_MM))
-    fixed_mask = sitk.Cast(_sitk_image(*_coarse(brain, space.affine, REGISTRATION_MM)) > 0.5,
-                           sitk.sitkUInt8)
-    return brain, fixed, fixed_mask
+    brain = ndimage.binary_dilation(space.brain, iterations=BRAIN_MARGIN_MM)
+    return (brain, _coarse(space.t1, space.affine, REGISTRATION_MM),
+            _coarse(brain.astype(np.float32), space.affine, REGISTRATION_MM))
+
+
+def prepare() -> None:
+    """Make the MNI side of every registration (atlas, template, their coarse copies, the
+    metric's sample): the part of QC that needs no scan and no SimpleITK."""
+    template_arrays()
+    _brain_sample()
 
 
 @functools.lru_cache(maxsize=1)
@@ -359,8 +380,9 @@ def _matrix(transform) -> np.ndarray:
 def to_mni(data: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray,
            order: int = 1) -> np.ndarray:
     """A scan-space array resampled onto the MNI grid (0 outside the scan). Only the MNI box
-    that the array's nonzero voxels map into is resampled: outside it the interpolation
-    reads zeros only, so a lesion mask costs a small part of the grid."""
+    that the array's nonzero voxels map into is resampled, from the array's own nonzero box
+    (with the one voxel of zeros that the interpolation reaches): elsewhere it reads zeros
+    only, so a lesion mask costs a small part of either grid."""
     space = mni_space()
     out = np.zeros(space.shape, np.float32)
     spans = [np.flatnonzero(np.any(data, axis=tuple(a for a in range(3) if a != axis)))
@@ -375,10 +397,18 @@ def to_mni(data: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray,
     stop = np.clip(np.ceil(mni.max(1)).astype(int) + 1, 0, space.shape)
     if (stop <= start).any():
         return out
-    box = np.eye(4)
-    box[:3, 3] = start
-    out[tuple(map(slice, start, stop))] = _resample(data, affine, space.affine @ box,
+    low = [max(span[0] - 1, 0) for span in spans]
+    source = data[tuple(slice(lo, span[-1] + 2) for lo, span in zip(low, spans))]
+    out[tuple(map(slice, start, stop))] = _resample(source, affine @ _shift(low),
+                                                    space.affine @ _shift(start),
                                                     scan_from_mni, tuple(stop - start), order)
+    return out
+
+
+def _shift(voxels) -> np.ndarray:
+    """The voxel-to-voxel affine of a box starting at `voxels` (3 indices)."""
+    out = np.eye(4)
+    out[:3, 3] = voxels
     return out
 
 
@@ -404,14 +434,25 @@ def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
     T2, FLAIR and T1 alike."""
     if not a.any() or a.max() == a.min():
         return 1.0
-    joint = np.histogram2d(a, b, bins=bins)[0]
-    p = joint / joint.sum()
+    p = _joint_histogram(a, b, bins) / a.size
 
     def entropy(q: np.ndarray) -> float:
         q = q[q > 0]
         return float(-(q * np.log(q)).sum())
 
     return round((entropy(p.sum(0)) + entropy(p.sum(1))) / entropy(p), 4)
+
+
+def _joint_histogram(a: np.ndarray, b: np.ndarray, bins: int) -> np.ndarray:
+    """np.histogram2d's counts (`bins` equal bins over each sample's range, the top edge
+    included) from one bincount: histogram2d's searchsorted was a third of fit_quality."""
+
+    def bin_of(x: np.ndarray) -> np.ndarray:
+        low, high = float(x.min()), float(x.max())
+        scale = bins / (high - low) if high > low else 0.0
+        return np.minimum(((x - low) * scale).astype(np.int64), bins - 1)
+
+    return np.bincount(bin_of(a) * bins + bin_of(b), minlength=bins * bins).reshape(bins, bins)
 
 
 # --- location ----------------------------------------------------------------------------
@@ -446,8 +487,7 @@ def lesions(mask: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray) -> 
         return []
     space = mni_space()
     index = np.arange(1, count + 1)
-    sizes = np.bincount(labels.ravel())[1:]
-    centres = ndimage.center_of_mass(np.ones(mask.shape), labels, index)
+    centres, sizes = _centroids(labels, count)
     mni_labels = np.rint(to_mni(labels, affine, scan_from_mni, order=0)).astype(np.int32)
     boxes = ndimage.find_objects(mni_labels, max_label=count)  # each lesion's part of MNI
     volumes = split_rounded(sizes * voxel_ml(affine), 2)
@@ -467,6 +507,17 @@ def lesions(mask: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray) -> 
         rows.append({"ml": volumes[i], "side": side, "centroid_mni": centroid,
                      "territories": where})
     return rows
+
+
+def _centroids(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(voxel centroid of each label 1..count, as (count, 3); its voxel count), from the
+    labelled voxels' coordinates alone: ndimage.center_of_mass over a grid of ones read
+    every voxel of the scan (a third of a second)."""
+    index = np.nonzero(labels)
+    which = labels[index] - 1
+    sizes = np.bincount(which, minlength=count)
+    sums = np.stack([np.bincount(which, weights=axis, minlength=count) for axis in index], 1)
+    return sums / sizes[:, None], sizes
 
 
 def split_rounded(values: np.ndarray, decimals: int) -> list[float]:
