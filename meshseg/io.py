@@ -324,14 +324,15 @@ def write_csv(path: str | Path, columns: Sequence[str],
     return Path(path)
 
 
-def save_png(figure, path: Path, dpi: int = 150) -> None:
-    """Write a matplotlib figure as PNG through its Agg canvas (no pyplot), atomically.
-    matplotlib is imported here: it is slow to import and only pictures need it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def save_png(picture, path: Path) -> None:
+    """Write a PIL image as PNG atomically, with meshseg's `SIGNATURE` as its Software text
+    chunk (what `made_by_meshseg` reads back). Pillow is imported here: only pictures need it."""
+    from PIL.PngImagePlugin import PngInfo
 
-    FigureCanvasAgg(figure)
+    info = PngInfo()
+    info.add_text("Software", SIGNATURE)
     with atomic_path(path, suffix=".part.png") as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi, metadata={"Software": SIGNATURE})
+        picture.save(tmp, format="PNG", pnginfo=info)
 
 
 def _umask() -> int:

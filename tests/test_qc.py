@@ -1,6 +1,8 @@
 """QC flags, the QC picture, and --strict-contrast end to end."""
 
 import json
+import subprocess
+import sys
 import time
 from dataclasses import asdict
 
@@ -84,7 +86,7 @@ def test_picture_is_written_fast_for_any_orientation(tmp_path):
     image = np.where(blob(shape, (30, 35, 15), 25), 300.0, 0.0).astype(np.float32)
     lesion = blob(shape, (18, 35, 15), 5)
     affine = np.diag([-1.0, 1.0, 2.5, 1.0])
-    picture.draw(image, affine, lesion * 0, "empty", tmp_path / "b.png")  # imports matplotlib
+    picture.draw(image, affine, lesion * 0, "empty", tmp_path / "b.png")  # loads the font
     start = time.process_time()  # CPU time: a shared machine's load does not count
     unsure = np.where(blob(shape, (40, 35, 15), 4), 0.3, 0.01).astype(np.float32)
     picture.draw(image, affine, lesion, "scan.nii.gz | model | 1.0 mL\nQC: none",
@@ -92,6 +94,52 @@ def test_picture_is_written_fast_for_any_orientation(tmp_path):
     assert time.process_time() - start < 3.0  # under 1 s on an idle machine
     for name in ("a.png", "b.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_picture_shows_the_lesion_in_red_and_the_unsure_band_dashed_in_yellow(tmp_path):
+    """Drawn without matplotlib (slow to import), in a process of its own: the lesion's
+    colour lies on the lesion, the band's yellow on a ring beside it, broken into dashes."""
+    script = f"""
+import sys
+import numpy as np
+from PIL import Image
+from meshseg.qc import picture
+shape = (60, 70, 30)
+x, y, z = np.indices(shape)
+image = np.where((x - 30) ** 2 + (y - 35) ** 2 < 25 ** 2, 300.0, 0.0).astype(np.float32)
+lesion = (x - 20) ** 2 + (y - 35) ** 2 + (z - 15) ** 2 < 6 ** 2
+prob = np.where((x - 40) ** 2 + (y - 35) ** 2 + (z - 15) ** 2 < 6 ** 2, 0.3, 0.9 * lesion)
+picture.draw(image, np.eye(4), lesion, "t", {str(tmp_path / 'p.png')!r}, prob=prob)
+assert "matplotlib" not in sys.modules
+pixels = np.asarray(Image.open({str(tmp_path / 'p.png')!r}), int)
+red = (np.abs(pixels - picture._rgb(picture.LESION)).sum(axis=2) == 0)
+yellow = (np.abs(pixels - picture._rgb(picture.UNSURE)).sum(axis=2) == 0)
+print(red.sum(), yellow.sum())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+    red, yellow = map(int, done.stdout.split())
+    assert red > 200 and yellow > 200  # outlines in the axial row and the lower panels
+
+
+def test_picture_outlines_and_dashes_where_the_masks_are():
+    """The panel's pixels: the lesion's outline red, its inside tinted, the band's contour
+    dashed yellow beside it and nothing of either elsewhere."""
+    image = np.full((40, 40), 100.0)
+    lesion = np.zeros((40, 40), bool)
+    lesion[5:15, 5:15] = True
+    prob = np.zeros((40, 40))
+    prob[5:35, 25:35] = 0.3  # first axis x, second y
+    rgb = picture._panel(image, lesion, prob, (0.2, 0.5), (1.0, 1.0), (0.0, 200.0), (80, 80))
+    assert rgb.shape == (80, 80, 3)  # 2 pixels a voxel
+    # the lesion: columns 10-29, rows 50-69 (the second axis is shown bottom to top)
+    assert (rgb[50:70, 10] == picture._rgb(picture.LESION)).all()  # its left edge
+    inside = rgb[60, 20]
+    assert inside[0] > inside[1] == inside[2] and inside[1] < 127  # tinted red
+    yellow = (rgb == picture._rgb(picture.UNSURE)).all(axis=2)  # band: rows 10-29
+    assert not yellow[:, :10].any() and not yellow[30:].any() and not yellow[14:26, 14:66].any()
+    assert 10 < yellow[10, 10:70].sum() < 50  # its top edge: dashed
+    assert (rgb[0, 0] == 127).all()  # the scan's grey where neither is
 
 
 def test_empty_mask_slices_go_through_the_middle_of_the_brain():

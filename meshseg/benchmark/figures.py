@@ -2,7 +2,8 @@
 
 matplotlib is imported inside the functions (it is slow to import and only these need it)
 and drawn through its Agg canvas directly, never through pyplot, so no display, backend
-choice or global figure state is involved.
+choice or global figure state is involved; the pixels are written by `meshseg.io.save_png`
+like the QC pictures.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def box_plot(groups: Mapping[str, Sequence[float]], path: Path, *, ylabel: str =
     axes.tick_params(axis="x", labelrotation=30)
     axes.set_ylabel(ylabel)
     _finish(axes, title, limits)
-    save_png(figure, path)
+    save_png(_pixels(figure), path)
 
 
 def pareto_front(points: Mapping[str, ModelPoint]) -> list[str]:
@@ -89,7 +90,7 @@ def size_plot(points: Mapping[str, ModelPoint], path: Path, *, ylabel: str = "me
     axes.set_ylabel(ylabel)
     axes.legend(loc="lower left")
     _finish(axes, title, limits)
-    save_png(figure, path)
+    save_png(_pixels(figure), path)
 
 
 def _finish(axes, title: str | None, limits: tuple[float, float] | None) -> None:
@@ -98,3 +99,14 @@ def _finish(axes, title: str | None, limits: tuple[float, float] | None) -> None
     if limits is not None:
         axes.set_ylim(*limits)
     axes.set_title(title or "", wrap=True)
+
+
+def _pixels(figure, dpi: int = 150):
+    """The figure drawn at `dpi` through its Agg canvas, as a PIL image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    figure.set_dpi(dpi)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
