@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.util import find_spec
@@ -66,6 +67,7 @@ from meshseg.pipeline.record import (
 )
 from meshseg.pipeline.validate import check_volume
 from meshseg.progress import bars
+from meshseg.qc import picture
 from meshseg.qc.checks import Checks, review, summary_line, write_review
 
 Progress = Callable[[str, float], None]
@@ -331,9 +333,13 @@ def quality_check(volume: Volume, prob: np.ndarray, mask: np.ndarray, outputs: O
     Raises:
         InputError: `checks.strict_contrast` and the scan does not look T2-weighted.
     """
-    assessment = review(volume, prob, mask, result, checks)
-    make_folder(outputs.mask.parent)
-    write_review(assessment, volume, prob, mask, outputs, result)
+    with ThreadPoolExecutor(1) as pool:  # the picture's scene is found while the scan registers
+        shown = (pool.submit(picture.scene, volume.data, volume.affine, mask, prob)
+                 if outputs.picture is not None else None)
+        assessment = review(volume, prob, mask, result, checks)
+        make_folder(outputs.mask.parent)
+        write_review(assessment, volume, prob, mask, outputs, result,
+                     shown.result() if shown is not None else None)
 
 
 def new_record(path: Path, outputs: Outputs, model: LoadedModel, device: str,

@@ -122,12 +122,12 @@ def review(volume: Volume, prob: np.ndarray, mask: np.ndarray, result: Result,
 
 
 def write_review(assessment: Assessment, volume: Volume, prob: np.ndarray, mask: np.ndarray,
-                 outputs: Outputs, result: Result) -> None:
-    """Write the QC picture (with the model's low-confidence band of `prob`) and the
-    MNI-space mask where `outputs` asks for them."""
+                 outputs: Outputs, result: Result, shown: picture.Scene | None = None) -> None:
+    """Write the QC picture (with the model's low-confidence band of `prob`; `shown`: its
+    scene, when already found) and the MNI-space mask where `outputs` asks for them."""
     if outputs.picture is not None:
         picture.draw(volume.data, volume.affine, mask, picture_title(result), outputs.picture,
-                     prob=prob, low=UNCERTAIN[0], threshold=result.threshold)
+                     prob=prob, low=UNCERTAIN[0], threshold=result.threshold, shown=shown)
         result.picture = record_path(outputs.picture)
     if outputs.mni is not None and assessment.mni_mask is not None:
         location.write_mni_mask(assessment.mni_mask, outputs.mni)
@@ -190,8 +190,7 @@ def assess(volume: Volume, prob: np.ndarray, mask: np.ndarray, lesion_ml: float,
     except MeshsegError as err:  # the mask is still good: flag it, do not fail the input
         flags.append(Flag("poor_registration", 0.0, POOR_REGISTRATION, str(err)))
         return Assessment(flags)
-    # the whole registered scan: the asymmetry hint compares it with its mirror image
-    image = location.to_mni(volume.data, volume.affine, registration.scan_from_mni)
+    image = registration.image  # the asymmetry hint compares it with its mirror image
     ratio = csf_to_white_matter(image)
     if ratio < NOT_T2_CSF_WM:
         flags.insert(0, Flag("not_t2", ratio, NOT_T2_CSF_WM,

@@ -16,10 +16,12 @@ import functools
 import importlib.util
 import itertools
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -41,6 +43,8 @@ BRAIN_MARGIN_MM = 6  # the template brain grown by this much: the metric's regio
 PEAK_SHIFT_MM = 10.0  # the fit is compared with itself moved this far along each axis
 SAMPLE_STRIDE = 2  # ...at every 2nd template brain voxel along each axis (1/8 of them)
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS+ (nibabel) <-> LPS (ITK) world coordinates
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Registration:
     scan_from_mni: np.ndarray  # 4x4
     quality: float  # sharpness of the metric's peak at the fit (fit_quality)
     nmi: float  # normalised mutual information with the template in its brain mask
+    image: np.ndarray  # the scan on the MNI grid (float32; QC's contrast and asymmetry checks)
     seconds: float
 
 
@@ -209,10 +214,10 @@ def register(volume: Volume) -> Registration:
     start = time.perf_counter()
     space = mni_space()
     brain, fixed, fixed_mask = _template()
-    data, affine = _coarse(volume.data, volume.affine, REGISTRATION_MM)
-    fine, fine_affine = _coarse(volume.data, volume.affine, SKULL_GAP_MM / SKULL_GAP_VOXELS)
-    data = data * (_resample(_rough_brain(fine), fine_affine, affine, np.eye(4), data.shape)
-                   > 0.5)
+    (data, affine), (rough, fine_affine) = _alongside(
+        lambda: _coarse(volume.data, volume.affine, REGISTRATION_MM),
+        lambda: _rough_brain_of(volume))
+    data = data * (_resample(rough, fine_affine, affine, np.eye(4), data.shape) > 0.5)
     moving = _sitk_image(data, affine)
     try:
         fit = _optimise(fixed, moving, fixed_mask, sitk.CenteredTransformInitializer(
@@ -227,8 +232,31 @@ def register(volume: Volume) -> Registration:
         why = lines[0].split(": ", 2)[-1].strip()
         raise MeshsegError(f"{volume.name}: registration to MNI failed ({why})") from err
     scan_from_mni = LPS @ _matrix(fit) @ LPS
-    quality, nmi = fit_quality(volume, scan_from_mni)
-    return Registration(scan_from_mni, quality, nmi, round(time.perf_counter() - start, 3))
+    (quality, nmi), image = _alongside(
+        lambda: fit_quality(volume, scan_from_mni),
+        lambda: to_mni(volume.data, volume.affine, scan_from_mni))
+    return Registration(scan_from_mni, quality, nmi, image,
+                        round(time.perf_counter() - start, 3))
+
+
+def _rough_brain_of(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """(`_rough_brain` of the scan at SKULL_GAP_MM / SKULL_GAP_VOXELS spacing, its affine)."""
+    fine, affine = _coarse(volume.data, volume.affine, SKULL_GAP_MM / SKULL_GAP_VOXELS)
+    return _rough_brain(fine), affine
+
+
+def _alongside(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
+    """(first(), second()), first in a helper thread while second runs here, where the
+    registration may use two threads or more: their smoothing and interpolation release the
+    GIL, and most of QC otherwise keeps one core of two idle (docs/benchmarks.md)."""
+    import SimpleITK as sitk
+
+    if sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() < 2:
+        return first(), second()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(first)
+        out = second()
+        return pending.result(), out
 
 
 def _template() -> tuple[np.ndarray, Any, Any]:

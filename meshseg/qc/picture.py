@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -52,19 +53,47 @@ HEAD_MARGIN = 4  # voxels kept around the head when the panels are cropped to it
 DISCLAIMER = "meshseg - research use only, not a medical device"
 
 
-def draw(data: np.ndarray, affine: np.ndarray, mask: np.ndarray, title: str, path: Path,
-         prob: np.ndarray | None = None, low: float = 0.2, threshold: float = 0.5) -> None:
-    """Write the QC picture of `data` (3-D, any orientation) and its 0/1 `mask` to `path`;
-    `title` may hold several lines (file and figures first, then the QC flags)."""
+@dataclass(frozen=True)
+class Scene:
+    """What a QC picture shows, before any layout: the scan, lesion and probability in RAS
+    order, their voxel sizes and world map, the display window, the head's box, the centre
+    and the axial slices. It needs nothing from QC's flags, so predict finds it while the
+    scan registers (the title, which holds the flags, is the layout's business)."""
+
+    image: np.ndarray
+    lesion: np.ndarray
+    unsure: np.ndarray | None
+    zooms: np.ndarray
+    world: np.ndarray
+    window: tuple[float, float]
+    crop: tuple[slice, slice, slice]
+    centre: tuple[int, int, int]
+    slices: list[int]
+
+
+def scene(data: np.ndarray, affine: np.ndarray, mask: np.ndarray,
+          prob: np.ndarray | None = None) -> Scene:
+    """The Scene of `data` (3-D, any orientation), its 0/1 `mask` and probability map."""
     image, lesion, zooms = _to_ras(data, affine, mask)
-    unsure = None if prob is None else _to_ras(prob, affine, mask)[0]
     world = affine @ nib.orientations.inv_ornt_aff(nib.orientations.io_orientation(affine),
                                                    data.shape)
-    low_high = _window(image)
-    head = _head(image, low_high[1])
+    window = _window(image)
+    head = _head(image, window[1])
     middle = _brain_middle(head, zooms)
-    centre = _centre(lesion, middle)
-    crop = _head_box(head)
+    return Scene(image, lesion, None if prob is None else _to_ras(prob, affine, mask)[0],
+                 zooms, world, window, _head_box(head), _centre(lesion, middle),
+                 _axial_slices(lesion, middle, zooms))
+
+
+def draw(data: np.ndarray, affine: np.ndarray, mask: np.ndarray, title: str, path: Path,
+         prob: np.ndarray | None = None, low: float = 0.2, threshold: float = 0.5,
+         shown: Scene | None = None) -> None:
+    """Write the QC picture of `data` (3-D, any orientation) and its 0/1 `mask` to `path`;
+    `title` may hold several lines (file and figures first, then the QC flags). `shown`: the
+    `scene` of these arrays, when already found."""
+    shown = shown or scene(data, affine, mask, prob)
+    image, lesion, unsure, zooms = shown.image, shown.lesion, shown.unsure, shown.zooms
+    world, low_high, crop, centre = shown.world, shown.window, shown.crop, shown.centre
     canvas = Image.new("RGB", SIZE, "black")
     pen = ImageDraw.Draw(canvas)
     lines = title.splitlines() or [""]
@@ -81,14 +110,14 @@ def draw(data: np.ndarray, affine: np.ndarray, mask: np.ndarray, title: str, pat
                      (zooms[axes_pair[0]], zooms[axes_pair[1]]), low_high, cell[2:])
         _place(canvas, pen, rgb, cell, sides, label)
 
-    for column, k in enumerate(_axial_slices(lesion, middle, zooms)):
+    for column, k in enumerate(shown.slices):
         panel(axial_box(column), (slice(None), slice(None), k), (0, 1), ("L", "R"),
               f"z {_mm(world, centre, 2, k):+.0f} mm")
     panel(lower_box(0), (centre[0],), (1, 2), ("P", "A"),
           f"sagittal x {_mm(world, centre, 0, centre[0]):+.0f} mm")
     panel(lower_box(1), (slice(None), centre[1]), (0, 2), ("L", "R"),
           f"coronal y {_mm(world, centre, 1, centre[1]):+.0f} mm")
-    _key(pen, prob is not None, low, threshold)
+    _key(pen, unsure is not None, low, threshold)
     pen.text((SIZE[0] - MARGIN_PX, SIZE[1] - KEY_PX // 2), DISCLAIMER, fill="#bbbbbb",
              font=_font(13), anchor="rm")
     save_png(canvas, path)
