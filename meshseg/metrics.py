@@ -32,9 +32,22 @@ def voxel_ml(affine: np.ndarray) -> float:
     return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000
 
 
+def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """(26-connected lesion labels of a mask, as ndimage.label gives them; their count),
+    labelled inside the mask's bounding box only: a stroke is a small part of a head, and
+    labelling the whole scan was most of the work."""
+    labels = np.zeros(np.shape(mask), np.int32)
+    found = ndimage.find_objects((np.asarray(mask) > 0).astype(np.uint8))
+    if not found:
+        return labels, 0
+    labels[found[0]], count = ndimage.label(np.asarray(mask)[found[0]] > 0,
+                                            structure=CONNECTIVITY)
+    return labels, int(count)
+
+
 def largest_lesion(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected lesion of a mask, as a boolean mask (empty stays empty)."""
-    labels, count = ndimage.label(np.asarray(mask) > 0, structure=CONNECTIVITY)
+    labels, count = label_lesions(mask)
     if count < 2:
         return labels > 0
     sizes = np.bincount(labels.ravel())
@@ -44,14 +57,9 @@ def largest_lesion(mask: np.ndarray) -> np.ndarray:
 
 def largest_lesion_centre(mask: np.ndarray) -> np.ndarray | None:
     """Voxel coordinates of the centre of mass of the largest 26-connected lesion (None when
-    there is none), labelled only inside the mask's bounding box, which is a small part of a
-    head for a stroke lesion."""
-    found = ndimage.find_objects((np.asarray(mask) > 0).astype(np.uint8))
-    if not found:
-        return None
-    box = found[0]
-    return np.add(ndimage.center_of_mass(largest_lesion(np.asarray(mask)[box])),
-                  [s.start for s in box])
+    there is none)."""
+    largest = largest_lesion(mask)
+    return np.argwhere(largest).mean(axis=0) if largest.any() else None
 
 
 def largest_lesion_side(mask: np.ndarray, affine: np.ndarray) -> str:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from meshseg import metrics
 from meshseg.metrics import LesionCounts, avd, confusion, dice, hd95, lesion_counts, mcc
 
 
@@ -117,3 +118,14 @@ def test_identical_full_masks_score_mcc_one():
     some[0] = False
     assert mcc(full, full) == 1.0
     assert mcc(some, full) == 0.0 and mcc(full, some) == 0.0
+
+
+def test_lesions_labelled_in_their_box_are_labelled_as_on_the_whole_grid():
+    rng = np.random.default_rng(5)
+    mask = np.zeros((40, 50, 30), np.uint8)
+    mask[10:30, 5:40, 8:20] = rng.random((20, 35, 12)) > 0.7
+    labels, count = metrics.label_lesions(mask)
+    expected, expected_count = ndimage.label(mask, structure=metrics.CONNECTIVITY)
+    assert count == expected_count > 1
+    np.testing.assert_array_equal(labels, expected)
+    assert metrics.label_lesions(mask * 0)[1] == 0

@@ -19,7 +19,6 @@ import click
 import numpy as np
 import torch
 from rich.console import Console
-from scipy import ndimage
 from torch import nn
 
 from meshseg import __version__
@@ -43,7 +42,7 @@ from meshseg.io import (
     record_path,
     save_like,
 )
-from meshseg.metrics import CONNECTIVITY, largest_lesion, voxel_ml
+from meshseg.metrics import label_lesions, largest_lesion, voxel_ml
 from meshseg.models.catalog import LoadedModel
 from meshseg.models.weights import sha256_file
 from meshseg.pipeline.conform import conform, to_unit_range, unconform
@@ -261,7 +260,7 @@ def to_mask(prob: np.ndarray, postprocess: str = "none", threshold: float = 0.5)
 def lesion_stats(mask: np.ndarray, affine: np.ndarray) -> tuple[float, int, int]:
     """(volume in mL, voxel count, number of 26-connected lesions) of a 0/1 mask."""
     voxels = int(mask.sum())
-    components = ndimage.label(mask, structure=CONNECTIVITY)[1] if voxels else 0
+    components = label_lesions(mask)[1] if voxels else 0
     return voxels * voxel_ml(affine), voxels, int(components)
 
 

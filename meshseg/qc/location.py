@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from meshseg.errors import MeshsegError
 from meshseg.io import Volume, save_array
-from meshseg.metrics import CONNECTIVITY, voxel_ml
+from meshseg.metrics import label_lesions, voxel_ml
 
 ATLAS_FILE = "ArterialAtlas136.nii.gz"
 LABELS_FILE = "ArterialAtlas136.txt"
@@ -510,7 +510,7 @@ def lesions(mask: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray) -> 
     drew), so their mL add up to the scan's; each is carried to MNI as the label it gives
     its nearest voxels (one resampling for all of them). A lesion too small to keep an MNI
     voxel takes its side from its centroid and has no territory rows."""
-    labels, count = ndimage.label(mask, structure=CONNECTIVITY)
+    labels, count = label_lesions(mask)
     if count == 0:
         return []
     space = mni_space()
