@@ -11,7 +11,7 @@ Every measurement runs in a fresh Python process so that its peak resident memor
   infer, un-conform, QC, write), timed from outside, with each step's share of it: start-up
   is the wall time outside the record's `seconds` (Python, imports, model loading), the other
   steps are the record's `stage_seconds`;
-- noqc: the same command with --no-qc;
+- noqc: the same command with --no-qc, and what QC adds: (e2e - noqc) / e2e;
 - matmul: a 4096^2 float32 (and bfloat16) matrix product, the rate the convolutions could at
   best reach on this machine. Each network row states the FLOPs it computed (meshseg skips
   the background and the outer shell) and its GFLOP/s, against that limit.
@@ -221,7 +221,9 @@ def bench(scan: Path, name: str, model: str, backend: str, repeat: int,
 
     return {"scan": scan.name.split(".")[0], "model": name, "backend": backend,
             "plain": plain, "model_only": mine, "e2e": e2e, "noqc": noqc,
-            "ratio_model": ratio(1), "ratio_e2e": ratio(2), "ratio_noqc": ratio(3)}
+            "ratio_model": ratio(1), "ratio_e2e": ratio(2), "ratio_noqc": ratio(3),
+            # what QC adds to the wall time, start-up included: (default - --no-qc) / default
+            "qc_added": statistics.median(1 - r[3]["seconds"] / r[2]["seconds"] for r in rounds)}
 
 
 def main() -> None:
@@ -276,11 +278,12 @@ def report(rows: list[dict], limits: dict, args: argparse.Namespace) -> None:
              f"{meta['threads']} threads, torch {meta['torch']}, median of {meta['repeat']} "
              f"runs. A float32 matrix product reached {limits['fp32_gflops']:.0f} GFLOP/s "
              f"(bfloat16: {limits['bf16_gflops']:.0f}).", "",
-             "e2e is `meshseg predict` as run by default (QC on); noqc adds --no-qc.", "",
+             "e2e is `meshseg predict` as run by default (QC on); noqc adds --no-qc; QC added "
+             "is (e2e - noqc) / e2e, per round.", "",
              "| scan | model | backend | plain s | plain MB | plain GFLOP/s | model s | model MB | "
              "model GFLOP | model GFLOP/s | model/plain | e2e s | e2e MB | e2e/plain | "
-             "noqc s | noqc MB | noqc/plain |",
-             "|" + " --- |" * 17]
+             "noqc s | noqc MB | noqc/plain | QC added |",
+             "|" + " --- |" * 18]
     for r in rows:
         plain, mine, e2e, noqc = r["plain"], r["model_only"], r["e2e"], r["noqc"]
         lines.append(
@@ -290,7 +293,8 @@ def report(rows: list[dict], limits: dict, args: argparse.Namespace) -> None:
             f"{mine['peak_rss_mb']:.0f} | {mine['gflop']:.0f} | "
             f"{mine['gflop'] / mine['seconds']:.0f} | {r['ratio_model']:.2f} | "
             f"{e2e['seconds']:.1f} | {e2e['peak_rss_mb']:.0f} | {r['ratio_e2e']:.2f} | "
-            f"{noqc['seconds']:.1f} | {noqc['peak_rss_mb']:.0f} | {r['ratio_noqc']:.2f} |")
+            f"{noqc['seconds']:.1f} | {noqc['peak_rss_mb']:.0f} | {r['ratio_noqc']:.2f} | "
+            f"{100 * r['qc_added']:.0f}% |")
     lines += ["", "Each step's share of the default command's time (median seconds):", "",
               "| scan | model | backend | " + " | ".join(STEP_NAMES.get(s, s) for s in STEPS)
               + " |", "|" + " --- |" * (3 + len(STEPS))]
