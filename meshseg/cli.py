@@ -102,8 +102,8 @@ def main() -> None:
                    "own choice (brainchop models keep the largest).")
 @click.option("--backend", type=click.Choice(["torch", "openvino", "onnx"]), default=None,
               help="torch (layer by layer, least memory), openvino (OpenVINO on the CPU, "
-                   "fastest; the openvino extra) or onnx (onnxruntime). Default: onnx for an "
-                   ".onnx model, else openvino on the CPU when installed, else torch.")
+                   "whole volume at once; the openvino extra) or onnx (onnxruntime). "
+                   "Default: onnx for an .onnx model, else torch.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
               show_default=True,
               help="Arithmetic of the torch backend: bf16 halves activation memory and may be "
@@ -130,15 +130,12 @@ def predict(inputs: tuple[str, ...], output: Path | None, model_spec: str | None
     Each mask gets a JSON record beside it (model, settings, versions, results); a rerun
     keeps the masks its records show were made the same way and redoes the rest.
     """
-    from meshseg.qc.checks import Checks, prepare_in_background
-
-    if qc:
-        prepare_in_background()  # before torch is imported: both then run at once
     from meshseg.models import catalog
     from meshseg.pipeline import cohort
     from meshseg.pipeline.infer import resolve_device, set_threads
     from meshseg.pipeline.predict import Settings, default_backend, run_cohort, runner
     from meshseg.pipeline.record import REPORT_SUFFIXES
+    from meshseg.qc.checks import Checks
 
     if report is not None and report.suffix.lower() not in REPORT_SUFFIXES:
         raise click.BadParameter("must end in .json, .csv or .html", param_hint="--report")

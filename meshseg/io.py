@@ -16,8 +16,9 @@ import re
 import tempfile
 import time
 import warnings
+import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -340,6 +341,41 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def cache_home() -> Path:
+    """meshseg's cache folder (models, conformed training volumes, QC's maps): $MESHSEG_HOME,
+    else $XDG_CACHE_HOME/meshseg, else ~/.cache/meshseg."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("MESHSEG_HOME") or Path(cache) / "meshseg")
+
+
+def kept_arrays(name: str, key: str, make: Callable[[], Sequence[np.ndarray]]
+                ) -> list[np.ndarray]:
+    """The arrays `make()` returns, kept in the cache folder as arrays/<name>-<key>.npz, so
+    that later processes read them instead of making them again (QC's maps of the MNI grid:
+    half a second to make, milliseconds to read). `key` must change whenever the arrays
+    would (the code and data they are made from). A file that does not read is made again;
+    one that cannot be written is not kept, and older keys of `name` are removed: the cache
+    never stops the work it serves."""
+    folder = cache_home() / "arrays"
+    path = folder / f"{name}-{key}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass
+    arrays = list(make())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".part.npz") as tmp:
+            np.savez(tmp, *arrays)
+        for older in folder.glob(f"{name}-*.npz"):
+            if older != path:
+                older.unlink(missing_ok=True)
+    except (OSError, OutputError):
+        pass
+    return arrays
 
 
 def first_line(err: BaseException) -> str:

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from meshseg import io
 from meshseg.errors import InputError, OutputError
 from meshseg.io import atomic_path, bids_entities, load_volume, save_like, write_csv
 from meshseg.pipeline.validate import check_volume
@@ -153,3 +154,27 @@ def test_csv_cells_never_run_as_formulas(tmp_path):
                       {"input": "a.nii.gz", "lesion_ml": 2, "note": "+cmd"}])
     lines = path.read_text(encoding="utf-8").splitlines()
     assert lines[1:] == ["'=1+1.nii.gz,-1.5,'@SUM(A1)", "a.nii.gz,2,'+cmd"]
+
+
+def test_kept_arrays_are_made_once_remade_when_damaged_and_never_in_the_way(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("MESHSEG_HOME", str(tmp_path / "home"))
+    made = []
+
+    def make():
+        made.append(1)
+        return np.arange(6, dtype=np.int16).reshape(2, 3), np.ones(4, bool)
+
+    first = io.kept_arrays("maps", "k1", make)
+    again = io.kept_arrays("maps", "k1", make)
+    assert len(made) == 1 and [a.dtype for a in again] == [np.int16, bool]
+    np.testing.assert_array_equal(again[0], first[0])
+    stored = tmp_path / "home" / "arrays" / "maps-k1.npz"
+    stored.write_bytes(b"half a file")  # damaged: made again, and rewritten
+    np.testing.assert_array_equal(io.kept_arrays("maps", "k1", make)[1], first[1])
+    assert len(made) == 2 and io.kept_arrays("maps", "k1", make) and len(made) == 2
+    io.kept_arrays("maps", "k2", make)  # a new key replaces the old file
+    assert sorted(p.name for p in stored.parent.iterdir()) == ["maps-k2.npz"]
+    monkeypatch.setenv("MESHSEG_HOME", str(tmp_path / "a file"))
+    (tmp_path / "a file").write_text("not a folder")  # nothing can be kept: still the arrays
+    assert io.kept_arrays("maps", "k3", make)[0].shape == (2, 3)

@@ -6,7 +6,6 @@ import sys
 import time
 from dataclasses import asdict
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -281,15 +280,3 @@ def test_a_ventricle_widened_on_one_side_is_no_missed_lesion_hint():
     assert (left & ~ventricles).sum() / 1000 > checks.ASYMMETRY_ML  # large enough to count
     assert checks.missed_lesion(image, np.zeros(space.shape, bool)) is None
 
-
-def test_qc_maps_made_in_the_background_once_and_waited_for(monkeypatch):
-    """prepare_in_background starts one thread however often it is called, and assess
-    waits for it before reading the maps it makes."""
-    monkeypatch.setattr(checks, "_preparing", [])
-    checks.prepare_in_background()
-    checks.prepare_in_background()
-    assert len(checks._preparing) == 1
-    volume = Volume(np.zeros((8, 8, 8), np.float32), np.eye(4), nib.Nifti1Header())
-    empty = np.zeros((8, 8, 8), np.uint8)
-    checks.assess(volume, empty.astype(np.float32), empty, 0.0, 0)
-    assert not checks._preparing[0].is_alive()

@@ -19,7 +19,7 @@ from torch import nn
 
 from meshseg import archs
 from meshseg.errors import OutputError, WeightsError
-from meshseg.io import atomic_path, remove_leftovers
+from meshseg.io import atomic_path, cache_home, remove_leftovers
 from meshseg.models.meshnet import FoldedLayer, count_parameters, fold
 from meshseg.models.tfjs import load_tfjs
 from meshseg.models.weights import load_network, sha256_file
@@ -47,7 +47,7 @@ class CatalogEntry:
 
     @property
     def folder(self) -> Path:
-        return bundled_dir() if self.source == "bundled" else home() / "models" / self.name
+        return bundled_dir() if self.source == "bundled" else cache_home() / "models" / self.name
 
     def is_local(self) -> bool:
         """True when every file is present with the expected checksum."""
@@ -84,13 +84,6 @@ class LoadedModel:
     network: nn.Module | None = None  # a non-MeshNet architecture, run whole in window^3 tiles
     window: int | None = None
     sha256: str = ""  # of the file it was loaded from (model.json for a TF.js model)
-
-
-def home() -> Path:
-    """meshseg's cache folder (models, conformed training volumes): $MESHSEG_HOME, else
-    $XDG_CACHE_HOME/meshseg, else ~/.cache/meshseg."""
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("MESHSEG_HOME") or Path(cache) / "meshseg")
 
 
 def bundled_dir() -> Path:

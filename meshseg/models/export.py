@@ -186,9 +186,9 @@ def openvino_runner(model_bytes: bytes, device: torch.device, precision: str = "
     """An infer.Runner on OpenVINO's CPU plugin: the ONNX graph compiled for the CPU's own
     kernels, (C, D, H, W) -> logits inside `keep` (n_classes, d, h, w).
 
-    It runs the whole crop in one call (about twice as fast as the layer-by-layer torch
-    backend on the CPUs measured, docs/benchmarks.md), so its activations are whole volumes:
-    more memory than torch's slabs. It uses torch's thread count (`infer.set_threads`).
+    It runs the whole crop in one call, so its activations are whole volumes: 1.3-2.2x the
+    memory of torch's slabs, for 0.9-1.3x their time on the 2-core machine measured
+    (docs/benchmarks.md). It uses torch's thread count (`infer.set_threads`).
 
     Raises:
         DeviceError: a device other than the CPU, or bf16 on a CPU without bf16 instructions.

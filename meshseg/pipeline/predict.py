@@ -158,10 +158,10 @@ class Settings:
 
 
 def default_backend(model: LoadedModel, device: torch.device) -> str:
-    """onnx for an ONNX-only model, else torch, OpenVINO installed or not: with 16 MiB slabs
-    torch's layer-by-layer run took as long end to end as OpenVINO's whole-volume call on
-    the real scans, in half the memory (OpenVINO 1.45 GB, over the 1 GB the main job keeps
-    to; docs/benchmarks.md). `--backend openvino` stays for those who have the memory."""
+    """onnx for an ONNX-only model, else torch, OpenVINO installed or not: on the five real
+    scans torch's layer-by-layer run (16 MiB slabs) was as fast as OpenVINO's whole-volume
+    call or faster, in half its memory (OpenVINO 1.0-1.8 GB; docs/benchmarks.md).
+    `--backend openvino` stays for those who have the memory."""
     if model.onnx and not model.layers:
         return "onnx"
     return "torch"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import textwrap
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from meshseg.errors import InputError, MeshsegError
-from meshseg.io import Volume, record_path
+from meshseg.io import Volume, kept_arrays, record_path
 from meshseg.qc import location, picture
 
 if TYPE_CHECKING:
@@ -155,35 +154,9 @@ def picture_title(result: Result) -> str:
     return head + "\n" + textwrap.fill(f"QC: {flags}", TITLE_WIDTH)
 
 
-_preparing: list[threading.Thread] = []  # the one thread of prepare_in_background
-
-
-def prepare_in_background() -> None:
-    """Start making QC's maps that need no scan (`_prepare`) in a daemon thread, so that
-    they are ready by the first scan's QC: about 0.7 s of a single scan's QC, which runs
-    while the command imports torch and loads the model (work that leaves a core idle;
-    docs/benchmarks.md). `assess` waits for it; calling this again does nothing."""
-    if not _preparing:
-        _preparing.append(threading.Thread(target=_prepare, name="meshseg-qc-prepare",
-                                           daemon=True))
-        _preparing[0].start()
-
-
-def _prepare() -> None:
-    """The MNI side of QC, made once (each function caches its result). A failure is left
-    for the QC of each scan to meet and report, from the same call."""
-    try:
-        location.prepare()
-        _asymmetry_region()  # and, through it, _tissue_masks
-    except Exception:  # noqa: BLE001, S110 - reported when assess makes the same call
-        pass
-
-
 def assess(volume: Volume, prob: np.ndarray, mask: np.ndarray, lesion_ml: float,
            components: int) -> Assessment:
     """Flags and location of one segmentation (registering the scan to MNI)."""
-    if _preparing:  # the cached maps must not be made twice, nor read half-made
-        _preparing[0].join()
     flags = lesion_flags(prob, mask, lesion_ml, components)
     try:
         registration = location.register(volume)
@@ -250,18 +223,25 @@ def csf_to_white_matter(image_mni: np.ndarray) -> float:
 def _asymmetry_region() -> np.ndarray:
     """Where the asymmetry hint looks, on the MNI grid: ASYMMETRY_DEPTH_MM inside the brain,
     away from the lateral ventricles (ASYMMETRY_VENTRICLE_MARGIN_MM)."""
-    space = location.mni_space()
-    ventricles = ndimage.binary_dilation(_tissue_masks()[0],
-                                         iterations=ASYMMETRY_VENTRICLE_MARGIN_MM)
-    return ndimage.binary_erosion(space.brain, iterations=ASYMMETRY_DEPTH_MM) & ~ventricles
+    def make() -> tuple[np.ndarray]:
+        ventricles = ndimage.binary_dilation(_tissue_masks()[0],
+                                             iterations=ASYMMETRY_VENTRICLE_MARGIN_MM)
+        brain = location.mni_space().brain
+        return (ndimage.binary_erosion(brain, iterations=ASYMMETRY_DEPTH_MM) & ~ventricles,)
+
+    return kept_arrays("asymmetry-region", location.maps_key(), make)[0]
 
 
 @functools.lru_cache(maxsize=1)
 def _tissue_masks() -> tuple[np.ndarray, np.ndarray]:
     """(ventricles, deep white matter) on the MNI grid."""
-    white, csf = location.tissue_priors()
-    return (deeper_than(location.mni_space().brain, csf > VENTRICLE_PRIOR, VENTRICLE_DEPTH_MM),
-            white > WHITE_MATTER_PRIOR)
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        white, csf = location.tissue_priors()
+        return (deeper_than(location.mni_space().brain, csf > VENTRICLE_PRIOR,
+                            VENTRICLE_DEPTH_MM), white > WHITE_MATTER_PRIOR)
+
+    ventricles, white = kept_arrays("tissue-masks", location.maps_key(), make)
+    return ventricles, white
 
 
 def deeper_than(brain: np.ndarray, where: np.ndarray, mm: float) -> np.ndarray:

@@ -13,6 +13,7 @@ mirrors the head, and the side with it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import itertools
 import time
@@ -28,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from meshseg.errors import MeshsegError
-from meshseg.io import Volume, save_array
+from meshseg.io import Volume, kept_arrays, save_array
 from meshseg.metrics import label_lesions, voxel_ml
 
 ATLAS_FILE = "ArterialAtlas136.nii.gz"
@@ -129,11 +130,32 @@ def mni_space() -> MniSpace:
     except (OSError, ValueError) as err:
         raise MeshsegError(f"{atlas_path()}: arterial atlas missing or unreadable "
                            f"({err}); reinstall meshseg") from err
-    labels = np.asarray(atlas.dataobj, np.int16)
-    t1 = _on_grid(mni152_map("t1"), atlas.affine, labels.shape)
+
+    def make() -> tuple[np.ndarray, ...]:
+        labels = np.asarray(atlas.dataobj, np.int16)
+        t1 = _on_grid(mni152_map("t1"), atlas.affine, labels.shape)
+        return labels, t1, np.bincount(labels.ravel(), minlength=len(territories) + 1)
+
+    labels, t1, sizes = kept_arrays("mni-space", maps_key(), make)
     brain = t1 > 0.2  # nilearn's own threshold for its brain mask
-    sizes = np.bincount(labels.ravel(), minlength=len(territories) + 1)
     return MniSpace(atlas.affine, labels, territories, t1, brain, sizes)
+
+
+@functools.lru_cache(maxsize=1)
+def maps_key() -> str:
+    """What QC's maps of the MNI grid are made from, as a key of their cache files
+    (io.kept_arrays): the code of meshseg's QC, the atlas, and nilearn's templates by its
+    version. Reading and hashing them takes a few milliseconds."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.sha256()
+    for path in (Path(__file__), Path(__file__).with_name("checks.py"), atlas_path()):
+        digest.update(path.read_bytes())
+    try:
+        digest.update(version("nilearn").encode())
+    except PackageNotFoundError:
+        digest.update(b"no nilearn")
+    return digest.hexdigest()[:16]
 
 
 def tissue_priors() -> tuple[np.ndarray, np.ndarray]:
@@ -273,20 +295,18 @@ def _template() -> tuple[np.ndarray, Any, Any]:
 @functools.lru_cache(maxsize=1)
 def template_arrays() -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray],
                                tuple[np.ndarray, np.ndarray]]:
-    """The arrays behind `_template`, made once and without SimpleITK (so that they can be
-    made before SimpleITK's thread count is set, checks.prepare_in_background): the grown
-    brain, and (array, affine) of the template and of the grown brain at REGISTRATION_MM."""
+    """The arrays behind `_template`, kept on disk (io.kept_arrays): the grown brain, and
+    (array, affine) of the template and of the grown brain at REGISTRATION_MM."""
     space = mni_space()
-    brain = ndimage.binary_dilation(space.brain, iterations=BRAIN_MARGIN_MM)
-    return (brain, _coarse(space.t1, space.affine, REGISTRATION_MM),
-            _coarse(brain.astype(np.float32), space.affine, REGISTRATION_MM))
 
+    def make() -> tuple[np.ndarray, ...]:
+        brain = ndimage.binary_dilation(space.brain, iterations=BRAIN_MARGIN_MM)
+        return (brain, *_coarse(space.t1, space.affine, REGISTRATION_MM),
+                *_coarse(brain.astype(np.float32), space.affine, REGISTRATION_MM))
 
-def prepare() -> None:
-    """Make the MNI side of every registration (atlas, template, their coarse copies, the
-    metric's sample): the part of QC that needs no scan and no SimpleITK."""
-    template_arrays()
-    _brain_sample()
+    brain, template, template_affine, region, region_affine = kept_arrays(
+        "registration-template", maps_key(), make)
+    return brain, (template, template_affine), (region, region_affine)
 
 
 @functools.lru_cache(maxsize=1)

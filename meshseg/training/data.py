@@ -30,12 +30,12 @@ from meshseg.io import (
     Volume,
     atomic_path,
     bids_entities,
+    cache_home,
     is_nifti_path,
     load_volume,
     stem,
     write_csv,
 )
-from meshseg.models.catalog import home
 from meshseg.models.weights import sha256_file
 from meshseg.pipeline.conform import (
     CONFORMED_SHAPE,
@@ -295,8 +295,8 @@ def conform_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
 
 
 def default_cache_dir() -> Path:
-    """``conformed/`` in meshseg's cache folder (`catalog.home`): shared by runs."""
-    return home() / "conformed"
+    """``conformed/`` in meshseg's cache folder (`io.cache_home`): shared by runs."""
+    return cache_home() / "conformed"
 
 
 class ConformedCache:
