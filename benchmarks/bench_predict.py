@@ -50,11 +50,18 @@ sys.path.insert(0, str(ROOT))  # this checkout's meshseg (`-m meshseg` runs with
 REAL_SCANS = ROOT.parent / "shared" / "real-scans"
 DEFAULT_SCANS = ("stroke_T2w_mni.nii.gz", "M2208_T2w.nii.gz")
 RANDOM_MODELS = {"meshnet5": 5, "meshnet16": 16, "meshnet26": 26}
-# `meshseg predict` flags per benchmark backend (default: none, predict's own choice).
-PREDICT_FLAGS = {"default": [], "torch": ["--backend", "torch"],
-                 "openvino": ["--backend", "openvino"], "onnx": ["--backend", "onnx"],
-                 "bf16": ["--backend", "torch", "--precision", "bf16"],
-                 "cuda": ["--device", "cuda", "--backend", "torch"]}
+# (device, predict's --backend or None for its own choice, --precision) per benchmark backend
+BACKENDS = {"default": ("cpu", None, "fp32"), "torch": ("cpu", "torch", "fp32"),
+            "openvino": ("cpu", "openvino", "fp32"), "onnx": ("cpu", "onnx", "fp32"),
+            "bf16": ("cpu", "torch", "bf16"), "cuda": ("cuda", "torch", "fp32")}
+
+
+def predict_flags(backend: str) -> list[str]:
+    """`meshseg predict` flags of a benchmark backend; the device always named, since
+    predict's own --device auto would take a GPU that plain and model do not use."""
+    device, engine, precision = BACKENDS[backend]
+    return (["--device", device] + (["--backend", engine] if engine else [])
+            + ["--precision", precision])
 STEPS = ("start-up", "load", "conform", "layers", "unconform", "qc", "write")
 STEP_NAMES = {"layers": "inference", "unconform": "un-conform", "qc": "QC", "write": "writing"}
 
@@ -76,7 +83,8 @@ def child(kind: str, model: str, backend: str, scan: str) -> dict:
     from meshseg.pipeline.predict import default_backend, runner
 
     loaded = catalog.load(None if model == "default" else model)
-    device = resolve_device("cuda" if backend == "cuda" else "cpu")
+    device_name, engine, precision = BACKENDS[backend]
+    device = resolve_device(device_name)
     volume01 = to_unit_range(conform(load_volume(scan))[0])
     start = time.perf_counter()
     if kind == "plain":
@@ -94,10 +102,7 @@ def child(kind: str, model: str, backend: str, scan: str) -> dict:
             net(x).softmax(1).cpu()
         flops = sum(layer_flops(loaded.layers)) * volume01.size
     else:
-        engine, precision = {"onnx": ("onnx", "fp32"), "bf16": ("torch", "bf16"),
-                             "openvino": ("openvino", "fp32"),
-                             "default": (default_backend(loaded, device), "fp32")}.get(
-            backend, ("torch", "fp32"))
+        engine = engine or default_backend(loaded, device)
         network, seen = runner(loaded, device, engine, precision=precision), {}
 
         def run(x, on_layer, keep):
@@ -156,7 +161,7 @@ def end_to_end(model: str, backend: str, scan: Path, folder: Path, qc: bool = Tr
     """`meshseg predict` as a user runs it, timed from outside, peak RSS from wait4; each
     step's seconds from the record (start-up: the wall time the record does not cover)."""
     cmd = [sys.executable, "-m", "meshseg", "predict", str(scan), "-q", "--overwrite",
-           "-o", str(folder / "mask.nii.gz"), *PREDICT_FLAGS[backend],
+           "-o", str(folder / "mask.nii.gz"), *predict_flags(backend),
            *([] if qc else ["--no-qc"])]
     cmd += [] if model == "default" else ["-m", model]
     start = time.perf_counter()

@@ -19,6 +19,7 @@ from meshseg.errors import DeviceError, WeightsError
 from meshseg.io import atomic_path, first_line
 from meshseg.models.meshnet import MAX_DILATION, FoldedLayer
 from meshseg.models.weights import check_finite
+from meshseg.pipeline.infer import check_classes
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17; newer onnx writes versions older runtimes refuse
@@ -117,7 +118,7 @@ def read_onnx(path) -> bytes:
 
 def check_output(path, outputs) -> None:
     """One (1, 2, D, H, W) output: background and lesion logits (a symbolic class count is
-    checked on the first volume, `check_classes`).
+    checked on every volume by predict's runner, `infer.check_classes`).
 
     Raises:
         WeightsError: not one 5-D output, or a fixed class count other than 2.
@@ -128,13 +129,6 @@ def check_output(path, outputs) -> None:
                            f"found {len(outputs)} output(s)")
     if dims[1].HasField("dim_value"):
         check_classes(path, dims[1].dim_value)
-
-
-def check_classes(name, n_classes: int) -> None:
-    """Raises WeightsError unless the model gives two classes (background, lesion)."""
-    if n_classes != 2:
-        raise WeightsError(f"{name}: the model gives {n_classes} classes; meshseg needs 2 "
-                           "(background, lesion)")
 
 
 def onnx_parameters(model_bytes: bytes) -> int:
@@ -171,7 +165,6 @@ def onnx_runner(model_bytes: bytes, device: torch.device, name: str = "ONNX mode
 
     def run(x: torch.Tensor, on_layer=None, keep=None) -> torch.Tensor:
         logits = session.run([fetch], {feed: x[None].numpy()})[0][0]
-        check_classes(name, logits.shape[0])
         if on_layer is not None:
             on_layer(1, 1)  # onnxruntime runs the whole graph in one call
         return torch.from_numpy(logits[(slice(None), *keep)] if keep else logits)
@@ -182,7 +175,8 @@ def onnx_runner(model_bytes: bytes, device: torch.device, name: str = "ONNX mode
 OPENVINO_HINT = "OpenVINO is not installed: pip install 'meshseg[openvino]'"
 
 
-def openvino_runner(model_bytes: bytes, device: torch.device, precision: str = "fp32"):
+def openvino_runner(model_bytes: bytes, device: torch.device, precision: str = "fp32",
+                    name: str = "ONNX model"):
     """An infer.Runner on OpenVINO's CPU plugin: the ONNX graph compiled for the CPU's own
     kernels, (C, D, H, W) -> logits inside `keep` (n_classes, d, h, w).
 
@@ -206,9 +200,13 @@ def openvino_runner(model_bytes: bytes, device: torch.device, precision: str = "
     except ImportError as err:
         raise WeightsError(OPENVINO_HINT) from err
     core = openvino.Core()
-    compiled = core.compile_model(core.read_model(model_bytes, b""), "CPU", {
-        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    try:
+        compiled = core.compile_model(core.read_model(model_bytes, b""), "CPU", {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    except RuntimeError as err:  # OpenVINO's errors are RuntimeErrors with a long text
+        raise WeightsError(f"{name}: OpenVINO cannot load this model "
+                           f"({first_line(err)})") from err
 
     def run(x: torch.Tensor, on_layer=None, keep=None) -> torch.Tensor:
         logits = compiled({0: x[None].numpy()})[0][0]

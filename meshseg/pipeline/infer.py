@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from meshseg.errors import DeviceError
+from meshseg.errors import DeviceError, WeightsError
 from meshseg.models.meshnet import ACTIVATIONS, FoldedLayer
 
 # Automatic slab size: rows whose input + output activations of a layer fill this many bytes.
@@ -359,6 +359,14 @@ logits inside the box (n_classes, d, h, w) on the CPU; on_layer(done, total) rep
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_classes(name: str, n_classes: int) -> None:
+    """Raises WeightsError unless the model gives two classes (background, lesion): any
+    other count would still give a mask, of the wrong class."""
+    if n_classes != 2:
+        raise WeightsError(f"{name}: the model gives {n_classes} classes; meshseg needs 2 "
+                           "(background, lesion)")
 
 
 def cpu_has_bf16() -> bool:

@@ -50,6 +50,7 @@ from meshseg.pipeline.infer import (
     Box,
     OnLayer,
     Runner,
+    check_classes,
     check_precision,
     lesion_probability,
     torch_runner,
@@ -169,6 +170,25 @@ def default_backend(model: LoadedModel, device: torch.device) -> str:
 
 def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
            slab: int | None = None, precision: str = "fp32") -> Runner:
+    """The network on the chosen backend (`backend_runner`), its logits checked on every
+    volume for the two classes meshseg reads, whatever the backend.
+
+    Raises:
+        WeightsError, DeviceError: see `backend_runner`; running it, WeightsError for a
+            model that gives other than two classes.
+    """
+    run = backend_runner(model, device, backend, slab, precision)
+
+    def checked(x: torch.Tensor, on_layer: OnLayer | None, keep: Box) -> torch.Tensor:
+        logits = run(x, on_layer, keep)
+        check_classes(model.name, logits.shape[0])
+        return logits
+
+    return checked
+
+
+def backend_runner(model: LoadedModel, device: torch.device, backend: str = "torch",
+                   slab: int | None = None, precision: str = "fp32") -> Runner:
     """The network on the chosen backend: layer-by-layer torch, OpenVINO or onnxruntime; a
     non-MeshNet architecture runs whole on torch, in tiles (`window_runner`; `slab` does not
     apply).
@@ -191,7 +211,7 @@ def runner(model: LoadedModel, device: torch.device, backend: str = "torch",
 
         graph = model.onnx or to_onnx(model.layers).SerializeToString()
         if backend == "openvino":
-            return openvino_runner(graph, device, precision)
+            return openvino_runner(graph, device, precision, model.name)
         return onnx_runner(graph, device, model.name)
     if not model.layers:
         raise WeightsError(f"{model.name}: an ONNX model runs only with --backend onnx")
@@ -258,8 +278,7 @@ def to_mask(prob: np.ndarray, postprocess: str = "none", threshold: float = 0.5)
 def lesion_stats(mask: np.ndarray, affine: np.ndarray) -> tuple[float, int, int]:
     """(volume in mL, voxel count, number of 26-connected lesions) of a 0/1 mask."""
     voxels = int(mask.sum())
-    components = label_lesions(mask)[1] if voxels else 0
-    return voxels * voxel_ml(affine), voxels, int(components)
+    return voxels * voxel_ml(affine), voxels, label_lesions(mask)[1]
 
 
 def segment_file(path: Path, outputs: Outputs, model: LoadedModel, run: Runner, device: str, *,

@@ -248,8 +248,9 @@ def deeper_than(brain: np.ndarray, where: np.ndarray, mm: float) -> np.ndarray:
     """The voxels of `where` more than `mm` inside `brain` (a 1 mm grid), within about 1.6 mm.
 
     Hand-written because scipy's exact distance transform of the whole grid took 0.9 s (in
-    every process, before QC's maps were kept on disk): the distance is computed at 2 mm (a 2 mm voxel is brain where all eight of its
-    1 mm voxels are) and read, linearly interpolated, at the `where` voxels only. A distance
+    every process, before QC's maps were kept on disk): the distance is computed at 2 mm (a
+    2 mm voxel is brain where all eight of its 1 mm voxels are) and read, linearly
+    interpolated, at the `where` voxels only. A distance
     map changes by at most its step between samples, so the error stays under one 2 mm
     voxel's half-diagonal; the ventricles of the template kept 97% of their voxels."""
     even = [n + n % 2 for n in brain.shape]

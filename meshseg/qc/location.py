@@ -160,8 +160,8 @@ def maps_key() -> str:
 
 def tissue_priors() -> tuple[np.ndarray, np.ndarray]:
     """(white-matter, cerebrospinal-fluid) priors, 0..1 on the atlas grid; CSF is the brain
-    minus grey and white matter. Not kept in MniSpace: QC needs only masks thresholded from
-    them (checks._tissue_masks keeps those), and 32 MB held through inference counted."""
+    minus grey and white matter. Not kept in MniSpace: QC needs only the masks thresholded
+    from them (checks._tissue_masks)."""
     space = mni_space()
     grey, white = (_on_grid(mni152_map(kind), space.affine, space.shape) for kind in ("gm", "wm"))
     return white, np.clip(space.brain - grey - white, 0.0, 1.0)
@@ -546,9 +546,7 @@ def lesions(mask: np.ndarray, affine: np.ndarray, scan_from_mni: np.ndarray) -> 
         side, where = "none", []
         if boxes[i] is not None:
             region = mni_labels[boxes[i]] == index[i]
-            corner = np.eye(4)
-            corner[:3, 3] = [s.start for s in boxes[i]]
-            side = hemispheres(region, space.affine @ corner)["side"]
+            side = hemispheres(region, space.affine @ _shift([s.start for s in boxes[i]]))["side"]
             where = territories(region, space, boxes[i])
         if side == "none":
             side = "left" if centroid[0] < 0 else "right"
