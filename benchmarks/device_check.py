@@ -68,19 +68,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def scans_of(spec: str) -> list[Path]:
     """The NIfTI files of a folder, or a comma-separated list of files."""
+    from meshseg.io import is_nifti_path
+
     path = Path(spec)
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+        return sorted(p for p in path.iterdir() if is_nifti_path(p))
     return [Path(s) for s in spec.split(",")]
 
 
 def device_problem(device: str) -> str | None:
     """Why this machine cannot run the check on `device`, or None."""
-    import torch
+    from meshseg.errors import DeviceError
+    from meshseg.pipeline.infer import resolve_device
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return ("no CUDA device here (torch.cuda.is_available() is False); run this on a GPU "
-                "machine, or with --device cpu to check the script itself")
+    try:
+        resolve_device(device)
+    except DeviceError as err:
+        return (f"no CUDA device here ({err}); run this on a GPU machine, or with --device cpu "
+                "to check the script itself")
     return None
 
 

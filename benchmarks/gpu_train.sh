@@ -26,7 +26,8 @@ meshseg synth "$out/heads" -n "$heads" --seed 5000 --label-maps "$shared/label-m
   --lesions "$shared/lesion-atlas/soop-lesions" --contrast any --skull-stripped 0.5 \
   -j "$(nproc)" 2>&1 | tee "$out/synth.log"
 
-# exit 143 (the deadline's SIGTERM) is the expected end; anything else is a failure
+# exit 124 (timeout's deadline) is the expected end, 143 if the job itself is sent SIGTERM;
+# anything else is a failure
 status=0
 timeout --signal=TERM "${minutes}m" meshseg train --data "$out/heads/manifest.csv" \
   --out "$out/run" --channels "$channels" --device cuda --amp --epochs 50 \

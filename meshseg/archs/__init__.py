@@ -202,9 +202,11 @@ def info() -> list[dict[str, Any]]:
         arch = ARCHITECTURES[MESHNET if name in MESHNET_PRESETS else name]
         options = {"size": COUNT_SIZE} if "size" in arch.options else {}
         try:
-            parameters, missing = count_parameters(name, options), ""
+            require(name)
         except InputError as err:  # a package it needs is missing: listed, not counted
             parameters, missing = None, str(err)
+        else:
+            parameters, missing = count_parameters(name, options), ""
         rows.append({"name": name, "parameters": parameters, "source": arch.source,
                      "unavailable": missing})
     return rows

@@ -46,14 +46,15 @@ class TrainConfig:
     architecture: str = _help("Network to train: meshnet, or a baseline that `meshseg arch` "
                               "lists (e.g. segresnet, mednext-s, umamba-bot).", archs.MESHNET)
     channels: int = _help("MeshNet channels per layer (paper: 26; 16 and 5 are smaller).", 26)
-    activation: str = _help("MeshNet activation after each batch norm: relu (paper) or elu.",
+    activation: str = _help("MeshNet activation after each batch norm (each convolution "
+                            "without batchnorm): relu (paper) or elu.",
                             "relu")
     batchnorm: bool = _help("MeshNet with batch norm after each convolution (paper); false "
                             "builds the norm-folded form of brainchop's models, e.g. to "
                             "fine-tune arc-t2-lesion with init.", True)
     init: Path | None = _help("Start every restart from this meshseg checkpoint's weights "
                               "(fine-tuning) instead of random ones; it must have this run's "
-                              "architecture, channels and activation.")
+                              "architecture, channels, activation and batchnorm.")
     teacher: str | None = _help("Distil from this model (a name `meshseg models list` shows, "
                                 "or a path, as predict -m takes it): its lesion probabilities, "
                                 "mixed with the masks by teacher_weight, are the training "
