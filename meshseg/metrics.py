@@ -67,10 +67,9 @@ def largest_lesion_side(mask: np.ndarray, affine: np.ndarray) -> str:
     centroid's world x (RAS: x < 0 is the subject's left). Needs no registration, so it is
     only as good as the scan's own world origin (near mid-brain on scanner and standard
     grids)."""
-    largest = largest_lesion(mask)
-    if not largest.any():
+    centroid = largest_lesion_centre(mask)
+    if centroid is None:
         return ""
-    centroid = np.argwhere(largest).mean(axis=0)
     x = (np.asarray(affine)[:3, :3] @ centroid + np.asarray(affine)[:3, 3])[0]
     return "left" if x < 0 else "right"
 

@@ -240,7 +240,8 @@ def check_plan(inputs: list[Input], plans: list[Outputs], report: Path | None,
     if report is not None and os.path.abspath(report) in {os.path.abspath(p) for p, _ in targets}:
         raise OutputError(f"{report}: --report would replace an output of this run; "
                           "name another file")
-    targets += [(report, "report")] if report is not None else []
+    # the report and the per-lesion table written beside it
+    targets += [(report, "report"), (lesions_path(report), "report")] if report is not None else []
     for path, role in targets:
         check_target(path, role, given)
     for folder in sorted({path.parent for path, _ in targets}):

@@ -24,9 +24,10 @@ from urllib.parse import quote
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
-from scipy import ndimage
 
-from meshseg.io import atomic_path, stem
+from meshseg.errors import InputError
+from meshseg.io import atomic_path, load_volume, stem
+from meshseg.metrics import largest_lesion_centre
 from meshseg.qc.checks import UNCERTAIN
 
 NIIVUE = Path(__file__).with_name("niivue")
@@ -92,7 +93,7 @@ def write_pages(rows: list[dict], page: Path) -> list[str]:
         target = folder / page_name(row)
         try:
             made = _write_page(row, target, page) if row.get("status") != "failed" else False
-        except (OSError, ImageFileError, ValueError):
+        except (OSError, ImageFileError, ValueError, InputError):
             made = False
         links.append(f"{folder.name}/{target.name}" if made else "")
     if any(links):
@@ -138,10 +139,10 @@ def _volumes(scan: Path, mask: Path, prob: Path | None) -> tuple[list[dict], lis
     The scan is put on the mask's grid header (the mask was written with the scan's
     repaired affine), so scan and overlays line up as they did for the model.
     """
-    mask_image = nib.load(mask)
-    affine = mask_image.affine
-    labels = np.asanyarray(mask_image.dataobj) > 0
-    data = np.squeeze(np.asanyarray(nib.load(scan).dataobj)).astype(np.float32)
+    mask_volume = load_volume(mask)  # read as predict read the scan: headers repaired, 3-D
+    affine = mask_volume.affine
+    labels = mask_volume.data > 0
+    data = load_volume(scan).data
     if data.shape != labels.shape:
         raise ValueError(f"{scan}: not on its mask's grid")
     step = 2 if labels.size > MAX_VOXELS else 1
@@ -156,7 +157,7 @@ def _volumes(scan: Path, mask: Path, prob: Path | None) -> tuple[list[dict], lis
     volumes.append(_volume("mask", labels.astype(np.uint8), affine, 1.0, "red", 0.6, 0.5, 1))
     if not labels.any():
         return volumes, None
-    centre = affine @ np.append(ndimage.center_of_mass(labels), 1.0)
+    centre = affine @ np.append(largest_lesion_centre(labels), 1.0)  # as the QC picture
     return volumes, [round(float(v), 2) for v in centre[:3]]
 
 
